@@ -1,0 +1,199 @@
+"""Model configuration: one frozen dataclass with the SPEC field names, and named presets.
+
+`get_config("tiny", window=32)` returns a validated config; every invalid combination raises a
+`ValueError` that names the offending field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jax.numpy as jnp
+
+KIND_WINDOW, KIND_CSA, KIND_HCA = "window", "csa", "hca"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # vocabulary / widths
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 4
+    # attention (one shared KV head, many query heads)
+    n_heads: int = 4
+    head_dim: int = 32
+    rope_dim: int = 8
+    q_lora_rank: int = 32
+    o_groups: int = 2
+    o_lora_rank: int = 32
+    window: int = 16
+    # compression: compress_ratios[l] in {0, csa_ratio, hca_ratio}
+    compress_ratios: tuple[int, ...] = (0, 4, 16, 4)
+    csa_ratio: int = 4
+    hca_ratio: int = 16
+    # Lightning Indexer (CSA layers)
+    n_index_heads: int = 4
+    index_head_dim: int = 16
+    index_topk: int = 8
+    # RoPE (YaRN, interleaved pairs)
+    rope_base: float = 10000.0
+    compress_rope_base: float = 160000.0
+    rope_factor: float = 16.0
+    rope_original_len: int = 65536
+    beta_fast: int = 32
+    beta_slow: int = 1
+    max_seq_len: int = 4096  # length of the precomputed RoPE tables; positions must stay below it
+    # SPEC (verify): RoPE position of a compressed entry: its first or its last token
+    compress_rope_position: Literal["first", "last"] = "first"
+    # FFN
+    ffn: Literal["dense", "moe"] = "dense"
+    dense_inter_dim: int = 128
+    n_routed_experts: int = 4
+    n_shared_experts: int = 1
+    moe_top_k: int = 2
+    moe_inter_dim: int = 64
+    # residual: hc_mult = 1 is the plain residual; > 1 enables hyper-connections (SPEC verify)
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 8
+    norm_eps: float = 1e-6
+    # LSA paging: 1 page = page_entries CSA entries
+    page_entries: int = 8
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        _validate(self)
+
+    # ---- derived quantities (one definition each) ----
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def layer_kind(self, layer: int) -> str:
+        r = self.compress_ratios[layer]
+        if r == 0:
+            return KIND_WINDOW
+        return KIND_CSA if r == self.csa_ratio else KIND_HCA
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return tuple(self.layer_kind(i) for i in range(self.n_layers))
+
+    @property
+    def csa_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == KIND_CSA)
+
+    @property
+    def index_key_bytes(self) -> int:
+        """Bytes of one packed index key: index_head_dim fp8 values + one fp32 scale."""
+        return self.index_head_dim + 4
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_heads // self.o_groups
+
+    def rope_base_for(self, layer: int) -> float:
+        return self.rope_base if self.compress_ratios[layer] == 0 else self.compress_rope_base
+
+    def replace(self, **overrides) -> "ModelConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _validate(c: ModelConfig) -> None:
+    def bad(name, why):
+        raise ValueError(f"invalid config field `{name}`={getattr(c, name)!r}: {why}")
+
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                 "o_lora_rank", "window", "n_index_heads", "index_head_dim", "index_topk", "max_seq_len",
+                 "page_entries", "hc_mult", "csa_ratio", "hca_ratio"):
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(name, "must be a positive int")
+    if c.rope_dim <= 0 or c.rope_dim % 2:
+        bad("rope_dim", "must be a positive even int")
+    if c.rope_dim >= c.head_dim:
+        bad("rope_dim", f"must be < head_dim={c.head_dim}")
+    if c.rope_dim >= c.index_head_dim:
+        bad("rope_dim", f"must be < index_head_dim={c.index_head_dim}")
+    if not _is_pow2(c.index_head_dim):
+        bad("index_head_dim", "must be a power of two (Hadamard rotation)")
+    if c.n_heads % c.o_groups:
+        bad("o_groups", f"must divide n_heads={c.n_heads}")
+    if c.csa_ratio == c.hca_ratio:
+        bad("hca_ratio", "must differ from csa_ratio")
+    if len(c.compress_ratios) != c.n_layers:
+        bad("compress_ratios", f"needs one entry per layer (n_layers={c.n_layers})")
+    allowed = {0, c.csa_ratio, c.hca_ratio}
+    for r in c.compress_ratios:
+        if r not in allowed:
+            bad("compress_ratios", f"entry {r} is outside {{0, csa_ratio, hca_ratio}} = {sorted(allowed)}")
+    if c.max_seq_len % c.hca_ratio or c.max_seq_len % c.csa_ratio:
+        bad("max_seq_len", "must be a multiple of csa_ratio and hca_ratio")
+    if c.rope_factor < 1.0:
+        bad("rope_factor", "must be >= 1")
+    if c.compress_rope_position not in ("first", "last"):
+        bad("compress_rope_position", "must be 'first' or 'last'")
+    if c.ffn not in ("dense", "moe"):
+        bad("ffn", "must be 'dense' or 'moe'")
+    if c.ffn == "moe":
+        for name in ("n_routed_experts", "moe_top_k", "moe_inter_dim"):
+            if getattr(c, name) <= 0:
+                bad(name, "must be positive when ffn='moe'")
+        if c.moe_top_k > c.n_routed_experts:
+            bad("moe_top_k", f"must be <= n_routed_experts={c.n_routed_experts}")
+        if c.n_shared_experts < 0:
+            bad("n_shared_experts", "must be >= 0")
+    elif c.dense_inter_dim <= 0:
+        bad("dense_inter_dim", "must be positive when ffn='dense'")
+    if c.dtype not in ("float32", "bfloat16"):
+        bad("dtype", "must be 'float32' or 'bfloat16'")
+    if c.hc_sinkhorn_iters <= 0:
+        bad("hc_sinkhorn_iters", "must be positive")
+
+
+def _v4_flash_ratios() -> tuple[int, ...]:
+    # SPEC says "43 layers = 3 window-only + 21 CSA + 20 HCA", which sums to 44 (verify). We keep 43
+    # layers, 21 CSA and 20 HCA: 2 window-only layers, then CSA/HCA alternating from layer 2, so that
+    # the Memory Indexer's default target layers 10, 12, 20 are CSA layers.
+    return (0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(41))
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(),
+    "small": dict(
+        vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=128, rope_dim=32,
+        q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128,
+        compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4), csa_ratio=4, hca_ratio=128,
+        n_index_heads=8, index_head_dim=64, index_topk=128, max_seq_len=262144,
+        ffn="moe", n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_inter_dim=512,
+        page_entries=64,
+    ),
+    "v4_flash": dict(
+        vocab_size=129280, d_model=4096, n_layers=43, n_heads=64, head_dim=512, rope_dim=64,
+        q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window=128,
+        compress_ratios=_v4_flash_ratios(), csa_ratio=4, hca_ratio=128,
+        n_index_heads=64, index_head_dim=128, index_topk=512, max_seq_len=1048576,
+        ffn="moe", n_routed_experts=256, n_shared_experts=1, moe_top_k=6, moe_inter_dim=2048,
+        page_entries=64, hc_mult=4, dtype="bfloat16",
+    ),
+}
+
+
+def get_config(name: str = "tiny", **overrides) -> ModelConfig:
+    """Preset `name` (`tiny`, `small`, `v4_flash`) with field overrides, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for k in overrides:
+        if k not in fields:
+            raise ValueError(f"unknown config field `{k}`")
+    kw = {**PRESETS[name], **overrides}
+    if "n_layers" in overrides and "compress_ratios" not in overrides:
+        base = kw["compress_ratios"] if "compress_ratios" in PRESETS[name] else ModelConfig.compress_ratios
+        kw["compress_ratios"] = tuple(base[i % len(base)] for i in range(kw["n_layers"]))
+    return ModelConfig(name=name, **kw)

@@ -1,0 +1,1 @@
+"""Pure-function layers over parameter pytrees (plain dicts of arrays)."""
