@@ -1,0 +1,241 @@
+"""The DeepSeek-V4 backbone layers: one attention+FFN block over a sequence (uncached) or one token
+(decode against the cache). Public entry points are in `fm_jax.model`."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fm_jax.cache import n_visible_entries
+from fm_jax.config import KIND_CSA, KIND_WINDOW
+from fm_jax.layers import compressor
+from fm_jax.layers.attention import output_projection, project_kv, project_q
+from fm_jax.layers.ffn import ffn
+from fm_jax.layers.hyper import hc_input, hc_output
+from fm_jax.layers.indexer import index_query, pack_entry_keys, select_topk
+from fm_jax.layers.norm import rms_norm
+from fm_jax.layers.rope import inv_freq_for_layer
+from pallas_kernels import indexer_scores, sparse_attention
+
+QUERY_CHUNK = 256  # uncached attention processes queries in chunks of this size to bound memory
+
+
+# ---------------------------------------------------------------- residual / hyper-connections
+def embed_residual(c, h: jax.Array) -> jax.Array:
+    """Embedding [..., d] -> residual state ([..., d], or [..., hc_mult, d] with hyper-connections)."""
+    return h if c.hc_mult == 1 else jnp.repeat(h[..., None, :], c.hc_mult, axis=-2)
+
+
+def residual_input(lp, c, name: str, state: jax.Array) -> jax.Array:
+    return state if c.hc_mult == 1 else hc_input(lp[f"hc_{name}"], state)
+
+
+def residual_add(lp, c, name: str, state: jax.Array, out: jax.Array) -> jax.Array:
+    if c.hc_mult == 1:
+        return state + out.astype(state.dtype)
+    return hc_output(lp[f"hc_{name}"], state, out, c.hc_sinkhorn_iters)
+
+
+def final_hidden(c, state: jax.Array) -> jax.Array:
+    return state if c.hc_mult == 1 else jnp.mean(state.astype(jnp.float32), axis=-2).astype(state.dtype)
+
+
+def block(lp, c, h, attend):
+    """One pre-norm layer: attention (`attend(x_normed) -> (out, aux)`) then FFN, each with its residual.
+    Returns (new residual state, the layer's attention input before its norm, aux)."""
+    x_in = residual_input(lp, c, "attn", h)
+    out, aux = attend(rms_norm(x_in, lp["attn_norm"], c.norm_eps))
+    h = residual_add(lp, c, "attn", h, out)
+    x_f = residual_input(lp, c, "ffn", h)
+    h = residual_add(lp, c, "ffn", h, ffn(lp["ffn"], c, rms_norm(x_f, lp["ffn_norm"], c.norm_eps)))
+    return h, x_in, aux
+
+
+def lm_logits(params, c, h) -> jax.Array:
+    hf = rms_norm(final_hidden(c, h), params["final_norm"], c.norm_eps)
+    return (hf @ params["lm_head"]).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- uncached (whole sequence)
+def _window_gather(kv: jax.Array, window: int):
+    """kv: [B, T, D] -> (window keys of every query [B, T, W, D], newest first; valid lengths [T])."""
+    t = kv.shape[1]
+    pos = jnp.arange(t)[:, None] - jnp.arange(window)[None, :]  # [T, W]
+    return kv[:, jnp.clip(pos, 0, t - 1)], jnp.minimum(jnp.arange(t) + 1, window).astype(jnp.int32)
+
+
+def _attend_sequence(q, kv_pool, sel, window_kv, window_len, sink, scale, impl):
+    """Per-query sparse attention over a sequence, chunked over queries.
+    q [B,T,H,D], kv_pool [B,N,D], sel [B,T,K], window_kv [B,T,W,D], window_len [T] -> [B,T,H,D] f32."""
+    b, t = q.shape[:2]
+    qc = min(QUERY_CHUNK, t)
+    n_chunks = -(-t // qc)
+    pad = n_chunks * qc - t
+
+    def padt(x, axis=1, value=0):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        return jnp.pad(x, widths, constant_values=value)
+
+    wl = jnp.broadcast_to(window_len[None, :], (b, t))
+    args = (padt(q), padt(sel, value=-1), padt(window_kv), padt(wl))
+    args = [a.reshape(b, n_chunks, qc, *a.shape[2:]).swapaxes(0, 1) for a in args]  # [n_chunks, B, qc, ...]
+
+    def one_chunk(xs):
+        qq, ss, ww, ll = xs
+        f = lambda q1, s1, w1, l1: sparse_attention(q1, kv_pool, s1, w1, l1, sink, scale=scale, impl=impl)[0]
+        return jax.vmap(f, in_axes=(1, 1, 1, 1), out_axes=1)(qq, ss, ww, ll)
+
+    out = jax.lax.map(one_chunk, args)  # [n_chunks, B, qc, H, D]
+    return out.swapaxes(0, 1).reshape(b, n_chunks * qc, *out.shape[3:])[:, :t]
+
+
+def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
+    """Causal attention of one layer over a whole sequence. x: [B, T, d_model] (normed).
+
+    Returns (out [B, T, d_model], aux) with aux = {"cache": the layer's decode cache after `lengths[b]`
+    tokens (only when `max_len` is given, else None), "index_keys": packed keys [B, T // r, D + 4] and
+    "topk": the Lightning Indexer's picks int32 [B, T, index_topk] (-1 = none) for CSA layers}.
+    """
+    b, t, _ = x.shape
+    kind, r = c.layer_kind(layer), c.compress_ratios[layer]
+    inv = inv_freq_for_layer(c, layer)
+    positions = jnp.arange(t)
+    q, q_lora = project_q(p, c, x, positions, inv)
+    kv = project_kv(p, c, x, positions, inv)
+    window_kv, window_len = _window_gather(kv, c.window)
+    entries = keys = None
+    if kind != KIND_WINDOW:
+        entries = compressor.compress_sequence(p["compressor"], x, r, kind == KIND_CSA, inv,
+                                               c.compress_rope_position, c.norm_eps).astype(kv.dtype)
+    n = 0 if entries is None else entries.shape[1]
+    if n == 0:  # nothing compressed yet: an empty (all-padding) selection over a dummy pool
+        pool, sel = jnp.zeros((b, 1, c.head_dim), kv.dtype), jnp.full((b, t, 1), -1, jnp.int32)
+    else:
+        pool, n_vis, ids = entries, n_visible_entries(positions, r), jnp.arange(n)
+        if kind == KIND_CSA:
+            keys = pack_entry_keys(compressor.compress_sequence(
+                p["indexer"]["compressor"], x, r, True, inv, c.compress_rope_position, c.norm_eps))
+            q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
+            scores = indexer_scores(q_i, w_i, keys, jnp.broadcast_to(n_vis, (b, t)).astype(jnp.int32),
+                                    act="none", impl=impl)
+            sel = select_topk(scores, c.index_topk)
+        else:
+            sel = jnp.broadcast_to(jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1), (b, t, n))
+    o = _attend_sequence(q, pool, sel.astype(jnp.int32), window_kv, window_len, p["sink"],
+                         c.head_dim ** -0.5, impl)
+    out = output_projection(p, c, o, positions, inv)
+    aux = {"cache": None if max_len is None else
+           _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_len)}
+    if kind == KIND_CSA:
+        aux["index_keys"] = keys if keys is not None else jnp.zeros((b, 0, c.index_key_bytes), jnp.uint8)
+        aux["topk"] = sel if n else jnp.full((b, t, c.index_topk), -1, jnp.int32)
+    return out, aux
+
+
+def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_len):
+    """The decode cache of one layer after `lengths[b]` tokens. entries / keys: all compressed entries
+    and packed index keys of the sequence ([B, T // r, ...]; None where the layer has none)."""
+    b, t, _ = x.shape
+    kind, r = c.layer_kind(layer), c.compress_ratios[layer]
+    last = lengths[:, None] - 1
+    pos = last - jnp.mod(last - jnp.arange(c.window)[None, :], c.window)  # newest p < length, p % W == slot
+    window = jnp.take_along_axis(kv, jnp.clip(pos, 0, t - 1)[..., None], axis=1)
+    lc = {"window": jnp.where((pos >= 0)[..., None], window, 0).astype(c.compute_dtype)}
+    if kind == KIND_WINDOW:
+        return lc
+    n_cap = max_len // r
+    complete = (jnp.arange(n_cap)[None, :] + 1) * r <= lengths[:, None]  # [B, n_cap]
+
+    def place(e):  # pad [B, n, ...] to capacity and keep only entries complete for each request
+        e = jnp.pad(e, [(0, 0), (0, n_cap - e.shape[1])] + [(0, 0)] * (e.ndim - 2))
+        return jnp.where(complete.reshape(b, n_cap, *([1] * (e.ndim - 2))), e, 0).astype(e.dtype)
+
+    lc["comp_kv"] = place(entries.astype(c.compute_dtype))
+    lc["comp_state"] = compressor.state_from_sequence(p["compressor"], x, lengths, r, kind == KIND_CSA)
+    if kind == KIND_CSA:
+        if keys is None:  # fewer than r tokens: no entry exists yet
+            keys = jnp.zeros((b, 0, c.index_key_bytes), jnp.uint8)
+        lc["index_keys"] = place(keys)
+        lc["index_state"] = compressor.state_from_sequence(p["indexer"]["compressor"], x, lengths, r, True)
+    return lc
+
+
+def run_sequence(params, c, tokens, lengths=None, max_len=None, impl="auto"):
+    """tokens [B, T] -> (logits [B, T, V] float32, tuple of layer caches or None, aux per layer).
+    aux[l] holds "hidden" (layer l's residual input before its norm, [B, T, d_model]) and, for CSA
+    layers, "index_keys" and "topk" (see `attention_sequence`); unused outputs are removed by jit."""
+    h = embed_residual(c, params["embed"][tokens])
+    caches, aux = [], []
+    for layer, lp in enumerate(params["layers"]):
+        h, x_in, a = block(lp, c, h, lambda x: attention_sequence(lp["attn"], c, layer, x, lengths, max_len, impl))
+        caches.append(a.pop("cache"))
+        aux.append({"hidden": x_in, **a})
+    return lm_logits(params, c, h), (tuple(caches) if max_len is not None else None), aux
+
+
+# ---------------------------------------------------------------- decode (one token per request)
+def _write_rows(buf, rows, values, mask=None):
+    """buf[b, rows[b]] = values[b] (where mask[b]); rows past the buffer are dropped."""
+    bidx = jnp.arange(buf.shape[0])
+    if mask is not None:
+        old = buf[bidx, jnp.clip(rows, 0, buf.shape[1] - 1)]
+        values = jnp.where(mask.reshape(-1, *([1] * (values.ndim - 1))), values.astype(buf.dtype), old)
+    return buf.at[bidx, rows].set(values.astype(buf.dtype), mode="drop")
+
+
+def attention_step(p, c, layer: int, lc, x, positions, resident, impl):
+    """One decode step of one layer's attention. x: [B, d_model] (normed), positions: [B].
+    `resident`: optional bool [B, n_entries] (CSA only): entries the Lightning Indexer may pick.
+    Returns (out [B, d_model], new layer cache)."""
+    kind, r = c.layer_kind(layer), c.compress_ratios[layer]
+    inv = inv_freq_for_layer(c, layer)
+    q, q_lora = project_q(p, c, x, positions, inv)
+    kv = project_kv(p, c, x, positions, inv)
+    lc = dict(lc)
+    lc["window"] = _write_rows(lc["window"], positions % c.window, kv)
+    window_len = jnp.minimum(positions + 1, c.window).astype(jnp.int32)
+    if kind == KIND_WINDOW:
+        pool = jnp.zeros((x.shape[0], 1, c.head_dim), lc["window"].dtype)
+        sel = jnp.full((x.shape[0], 1), -1, jnp.int32)
+    else:
+        overlap = kind == KIND_CSA
+        lc["comp_state"], entry, eid, emit = compressor.decode_update(
+            p["compressor"], lc["comp_state"], x, positions, r, overlap, inv, c.compress_rope_position, c.norm_eps)
+        lc["comp_kv"] = _write_rows(lc["comp_kv"], eid, entry, emit)
+        pool = lc["comp_kv"]
+        n_vis = n_visible_entries(positions, r).astype(jnp.int32)
+        ids = jnp.arange(pool.shape[1])
+        if kind == KIND_CSA:
+            lc["index_state"], ientry, _, _ = compressor.decode_update(
+                p["indexer"]["compressor"], lc["index_state"], x, positions, r, True, inv,
+                c.compress_rope_position, c.norm_eps)
+            lc["index_keys"] = _write_rows(lc["index_keys"], eid, pack_entry_keys(ientry), emit)
+            q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
+            scores = indexer_scores(q_i, w_i, lc["index_keys"], n_vis, act="none", impl=impl)
+            if resident is not None:
+                scores = jnp.where(resident, scores, -jnp.inf)
+            sel = select_topk(scores, c.index_topk)
+        else:
+            sel = jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1).astype(jnp.int32)
+    o, _ = sparse_attention(q, pool, sel, lc["window"], window_len, p["sink"], scale=c.head_dim ** -0.5,
+                            impl=impl)
+    return output_projection(p, c, o, positions, inv), lc
+
+
+def run_step(params, c, cache, tokens, resident=None, impl="auto", collect_hidden=False):
+    """tokens [B] at positions cache["lengths"] -> (logits [B, V] float32, new cache, hidden list or None)."""
+    positions = cache["lengths"]
+    h = embed_residual(c, params["embed"][tokens])
+    new_layers, hidden = [], []
+    for layer, lp in enumerate(params["layers"]):
+        res = resident if c.layer_kind(layer) == KIND_CSA else None
+        h, x_in, lc = block(lp, c, h, lambda x: attention_step(lp["attn"], c, layer, cache["layers"][layer], x,
+                                                               positions, res, impl))
+        new_layers.append(lc)
+        hidden.append(x_in)
+    logits = lm_logits(params, c, h)
+    # Past capacity the cache cannot hold the token: poison the logits instead of returning garbage
+    # (the eager wrapper raises before this; this covers user-jitted loops).
+    logits = jnp.where((positions < cache["capacity"])[:, None], logits, jnp.nan)
+    new_cache = {"lengths": positions + 1, "capacity": cache["capacity"], "layers": tuple(new_layers)}
+    return logits, new_cache, (hidden if collect_hidden else None)
