@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fm_jax.cache import n_visible_entries
+from fm_jax.cache import entry_capacity, n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 from fm_jax.layers.attention import output_projection, project_kv, project_q
@@ -143,7 +143,7 @@ def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_l
     lc = {"window": jnp.where((pos >= 0)[..., None], window, 0).astype(c.compute_dtype)}
     if kind == KIND_WINDOW:
         return lc
-    n_cap = max_len // r
+    n_cap = entry_capacity(c, layer, max_len)
     complete = (jnp.arange(n_cap)[None, :] + 1) * r <= lengths[:, None]  # [B, n_cap]
 
     def place(e):  # pad [B, n, ...] to capacity and keep only entries complete for each request
@@ -183,9 +183,25 @@ def _write_rows(buf, rows, values, mask=None):
     return buf.at[bidx, rows].set(values.astype(buf.dtype), mode="drop")
 
 
-def attention_step(p, c, layer: int, lc, x, positions, resident, impl):
+def _entry_cells(tier, entry_ids, page_entries: int, n_cells: int):
+    """Reserve cell of each entry [B] (n_cells = dropped when its page is not resident)."""
+    slot = jnp.take_along_axis(tier["page_slot"], (entry_ids // page_entries)[:, None], axis=1)[:, 0]
+    return jnp.where(slot >= 0, slot * page_entries + entry_ids % page_entries, n_cells)
+
+
+def _cell_entries(tier, page_entries: int):
+    """Entry held by every reserve cell [B, n_slots * page_entries] (-1 = empty)."""
+    sp = tier["slot_page"]
+    e = sp[:, :, None] * page_entries + jnp.arange(page_entries)[None, None, :]
+    return jnp.where(sp[:, :, None] >= 0, e, -1).reshape(sp.shape[0], -1)
+
+
+def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
     """One decode step of one layer's attention. x: [B, d_model] (normed), positions: [B].
-    `resident`: optional bool [B, n_entries] (CSA only): entries the Lightning Indexer may pick.
+
+    `tier` (CSA layers under LSA, else None): {"page_slot" [B, n_pages], "slot_page" [B, n_slots]} maps
+    pages of `page_entries` entries to reserve slots; then `comp_kv`/`index_keys` are the reserve
+    (cell = slot * page_entries + offset) and the Lightning Indexer picks among resident entries only.
     Returns (out [B, d_model], new layer cache)."""
     kind, r = c.layer_kind(layer), c.compress_ratios[layer]
     inv = inv_freq_for_layer(c, layer)
@@ -201,41 +217,49 @@ def attention_step(p, c, layer: int, lc, x, positions, resident, impl):
         overlap = kind == KIND_CSA
         lc["comp_state"], entry, eid, emit = compressor.decode_update(
             p["compressor"], lc["comp_state"], x, positions, r, overlap, inv, c.compress_rope_position, c.norm_eps)
-        lc["comp_kv"] = _write_rows(lc["comp_kv"], eid, entry, emit)
+        n_cells = lc["comp_kv"].shape[1]
+        cell = eid if tier is None else _entry_cells(tier, eid, c.page_entries, n_cells)
+        lc["comp_kv"] = _write_rows(lc["comp_kv"], cell, entry, emit)
         pool = lc["comp_kv"]
         n_vis = n_visible_entries(positions, r).astype(jnp.int32)
-        ids = jnp.arange(pool.shape[1])
         if kind == KIND_CSA:
             lc["index_state"], ientry, _, _ = compressor.decode_update(
                 p["indexer"]["compressor"], lc["index_state"], x, positions, r, True, inv,
                 c.compress_rope_position, c.norm_eps)
-            lc["index_keys"] = _write_rows(lc["index_keys"], eid, pack_entry_keys(ientry), emit)
+            lc["index_keys"] = _write_rows(lc["index_keys"], cell, pack_entry_keys(ientry), emit)
             q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
-            scores = indexer_scores(q_i, w_i, lc["index_keys"], n_vis, act="none", impl=impl)
-            if resident is not None:
-                scores = jnp.where(resident, scores, -jnp.inf)
+            if tier is None:  # entry-indexed cache: visible entries are a prefix
+                scores = indexer_scores(q_i, w_i, lc["index_keys"], n_vis, act="none", impl=impl)
+            else:
+                scores = indexer_scores(q_i, w_i, lc["index_keys"], jnp.full_like(n_vis, n_cells),
+                                        act="none", impl=impl)
+                held = _cell_entries(tier, c.page_entries)
+                scores = jnp.where((held >= 0) & (held < n_vis[:, None]), scores, -jnp.inf)
             sel = select_topk(scores, c.index_topk)
         else:
+            ids = jnp.arange(pool.shape[1])
             sel = jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1).astype(jnp.int32)
     o, _ = sparse_attention(q, pool, sel, lc["window"], window_len, p["sink"], scale=c.head_dim ** -0.5,
                             impl=impl)
     return output_projection(p, c, o, positions, inv), lc
 
 
-def run_step(params, c, cache, tokens, resident=None, impl="auto", collect_hidden=False):
-    """tokens [B] at positions cache["lengths"] -> (logits [B, V] float32, new cache, hidden list or None)."""
+def run_step(params, c, cache, tokens, impl="auto"):
+    """tokens [B] at positions cache["lengths"] -> (logits [B, V] float32, new cache, hidden per layer
+    [B, d_model] (residual input before the norm)). With cache["tier"], CSA layers read their reserve."""
     positions = cache["lengths"]
+    tier = cache.get("tier")
     h = embed_residual(c, params["embed"][tokens])
     new_layers, hidden = [], []
     for layer, lp in enumerate(params["layers"]):
-        res = resident if c.layer_kind(layer) == KIND_CSA else None
+        t = tier if c.layer_kind(layer) == KIND_CSA else None
         h, x_in, lc = block(lp, c, h, lambda x: attention_step(lp["attn"], c, layer, cache["layers"][layer], x,
-                                                               positions, res, impl))
+                                                               positions, t, impl))
         new_layers.append(lc)
         hidden.append(x_in)
     logits = lm_logits(params, c, h)
     # Past capacity the cache cannot hold the token: poison the logits instead of returning garbage
     # (the eager wrapper raises before this; this covers user-jitted loops).
     logits = jnp.where((positions < cache["capacity"])[:, None], logits, jnp.nan)
-    new_cache = {"lengths": positions + 1, "capacity": cache["capacity"], "layers": tuple(new_layers)}
-    return logits, new_cache, (hidden if collect_hidden else None)
+    new_cache = {**cache, "lengths": positions + 1, "layers": tuple(new_layers)}
+    return logits, new_cache, hidden

@@ -6,13 +6,16 @@ cache = {"lengths": int32 [batch],          # tokens held per request = position
          "layers": ( per layer:
              {"window":   [batch, window, head_dim]                ring buffer, slot = position % window
               # compressed layers (ratio r):
-              "comp_kv":    [batch, max_len // r, head_dim]        complete entries only
+              "comp_kv":    [batch, n_entries, head_dim]           complete entries only
               "comp_state": {"kv", "score"} [batch, coff*r, coff*head_dim]  partial window (compressor)
               # CSA layers:
-              "index_keys":  uint8 [batch, max_len // r, index_head_dim + 4]   fp8 + scale layout
+              "index_keys":  uint8 [batch, n_entries, index_head_dim + 4]   fp8 + scale layout
               "index_state": {"kv", "score"} [batch, 2r, 2*index_head_dim]} ) }
 ```
-Every array keeps its shape for the whole generation, so a jitted `decode_step` compiles once.
+`n_entries = entry_capacity(config, layer, max_len)`: `max_len // r`, rounded up to whole pages of
+`page_entries` for CSA layers (LSA moves CSA entries in pages, and an LSA reserve that holds every page
+then has exactly the full cache's shape). Every array keeps its shape for the whole generation, so a
+jitted `decode_step` compiles once.
 """
 from __future__ import annotations
 
@@ -22,6 +25,14 @@ from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 
 
+def entry_capacity(c, layer: int, max_len: int) -> int:
+    """Compressed entries a layer's cache holds for `max_len` tokens (see module doc)."""
+    n = max_len // c.compress_ratios[layer]
+    if c.layer_kind(layer) == KIND_CSA:
+        n = -(-n // c.page_entries) * c.page_entries
+    return n
+
+
 def init_layer_cache(c, layer: int, batch: int, max_len: int):
     kind = c.layer_kind(layer)
     lc = {"window": jnp.zeros((batch, c.window, c.head_dim), c.compute_dtype)}
@@ -29,10 +40,11 @@ def init_layer_cache(c, layer: int, batch: int, max_len: int):
         return lc
     r = c.compress_ratios[layer]
     overlap = kind == KIND_CSA
-    lc["comp_kv"] = jnp.zeros((batch, max_len // r, c.head_dim), c.compute_dtype)
+    n = entry_capacity(c, layer, max_len)
+    lc["comp_kv"] = jnp.zeros((batch, n, c.head_dim), c.compute_dtype)
     lc["comp_state"] = compressor.init_state(batch, r, overlap, c.head_dim)
     if kind == KIND_CSA:
-        lc["index_keys"] = jnp.zeros((batch, max_len // r, c.index_key_bytes), jnp.uint8)
+        lc["index_keys"] = jnp.zeros((batch, n, c.index_key_bytes), jnp.uint8)
         lc["index_state"] = compressor.init_state(batch, r, True, c.index_head_dim)
     return lc
 

@@ -98,11 +98,27 @@ def forward(params, config: ModelConfig, tokens: jax.Array, *, impl: str = "auto
     return _forward(params, config, tokens, impl)
 
 
+def check_prefill_inputs(config, tokens, max_len, lengths=None) -> jax.Array:
+    """Validate prefill inputs (ValueError naming the limit); returns int32 lengths [B]."""
+    _check_tokens(config, tokens, 2)
+    b, t = tokens.shape
+    if not isinstance(max_len, (int, np.integer)) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if t > max_len:
+        raise ValueError(f"prompt length {t} exceeds max_len={max_len}")
+    if max_len > config.max_seq_len:
+        raise ValueError(f"max_len={max_len} is past the RoPE table (max_seq_len={config.max_seq_len})")
+    return jnp.full((b,), t, jnp.int32) if lengths is None else _check_lengths(config, lengths, b, t)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl"))
-def _prefill(params, config, tokens, lengths, max_len, impl):
-    logits, layer_caches, _ = backbone.run_sequence(params, config, tokens, lengths, max_len, impl)
+def prefill_with_hidden(params, config, tokens, lengths, max_len, impl="auto"):
+    """`prefill` without input checks, also returning every layer's residual input at each request's
+    last prompt token ([B, d_model] per layer; the engine's first Memory Indexer query)."""
+    logits, layer_caches, aux = backbone.run_sequence(params, config, tokens, lengths, max_len, impl)
     cache = init_cache(config, tokens.shape[0], max_len)
-    return logits, {**cache, "lengths": lengths, "layers": layer_caches}
+    last = [jnp.take_along_axis(a["hidden"], (lengths - 1)[:, None, None], axis=1)[:, 0] for a in aux]
+    return logits, {**cache, "lengths": lengths, "layers": layer_caches}, last
 
 
 def prefill(params, config: ModelConfig, tokens: jax.Array, max_len: int, *, lengths=None, impl: str = "auto"):
@@ -112,16 +128,8 @@ def prefill(params, config: ModelConfig, tokens: jax.Array, max_len: int, *, len
     Returns (logits float32 [B, T, vocab_size] — positions >= lengths[b] are padding —, cache) where the
     cache has room for `max_len` tokens per request.
     """
-    _check_tokens(config, tokens, 2)
-    b, t = tokens.shape
-    if not isinstance(max_len, (int, np.integer)) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    if t > max_len:
-        raise ValueError(f"prompt length {t} exceeds max_len={max_len}")
-    if max_len > config.max_seq_len:
-        raise ValueError(f"max_len={max_len} is past the RoPE table (max_seq_len={config.max_seq_len})")
-    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else _check_lengths(config, lengths, b, t)
-    return _prefill(params, config, tokens, lengths, int(max_len), impl)
+    lengths = check_prefill_inputs(config, tokens, max_len, lengths)
+    return prefill_with_hidden(params, config, tokens, lengths, int(max_len), impl)[:2]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))

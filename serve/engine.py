@@ -1,0 +1,383 @@
+"""The LSA decode engine (SPEC §5): prefill, then windows of `tau` decode steps.
+
+Each window runs as one jitted `lax.scan` (no host sync inside). At a cycle boundary the Memory
+Indexer scores the full history of its target layers' index keys, the engine picks the pages to keep
+resident (score >= threshold, plus recency tail, attention sink and the pages the window will write),
+recalls from the host mirror only the pages not already in the device reserve (LRU), and hands the
+decode step its page tables. With `stale_by_one` the pages for window n+1 are chosen and their
+transfer issued at boundary n, before window n runs, so the copy overlaps compute.
+
+Modes: "full" (the plain backbone, whole CSA cache on the device), "lsa" (Memory Indexer), and the
+paper's same-budget baselines "recency" (newest pages) and "random" (uniform pages).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fm_jax import backbone
+from fm_jax import kv_tiers as kt
+from fm_jax import memory_indexer as mi
+from fm_jax.config import KIND_CSA, KIND_HCA
+from fm_jax.model import check_prefill_inputs, prefill_with_hidden
+
+MODES = ("full", "lsa", "recency", "random")
+
+
+@dataclass(frozen=True)
+class LSAConfig:
+    tau: int = 64                  # decode steps per cycle
+    threshold: float = 0.5         # keep entries with Memory Indexer score >= threshold
+    ensemble: str = "max"          # across target layers: "max" | "mean"
+    kmax_pages: int = 16           # pages chosen by the indexer (or baseline) per cycle
+    page_entries: int | None = None  # CSA entries per page; None = the model config's page_entries
+    recency_tail_pages: int = 2    # newest complete pages always resident
+    sink_pages: int = 1            # first pages always resident (attention sink)
+    stale_by_one: bool = True      # choose window n+1's pages at boundary n (transfer overlaps compute)
+    seed: int = 0                  # for mode="random"
+
+    def __post_init__(self):
+        for name in ("tau", "kmax_pages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"LSAConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("recency_tail_pages", "sink_pages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"LSAConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.page_entries is not None and (not isinstance(self.page_entries, int) or self.page_entries <= 0):
+            raise ValueError(f"LSAConfig.page_entries must be a positive int, got {self.page_entries!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"LSAConfig.threshold must be in [0, 1], got {self.threshold}")
+        if self.ensemble not in ("max", "mean"):
+            raise ValueError(f"LSAConfig.ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+
+
+@dataclass
+class GenerateResult:
+    tokens: np.ndarray             # [B, n] int32
+    logits: np.ndarray | None      # [B, n, V] float32 when asked
+    stats: dict
+
+
+# ------------------------------------------------------------------------------------------ jitted
+@functools.partial(jax.jit, static_argnames=("config", "n_steps", "greedy", "return_logits", "impl",
+                                             "hidden_layers"), donate_argnames=("cache",))
+def run_window(params, config, cache, token, key, n_steps: int, greedy: bool, return_logits: bool, impl: str,
+               hidden_layers: tuple):
+    """`n_steps` decode steps as one scan, feeding back the chosen token.
+    token [B] -> (cache, next token [B], tokens [n_steps, B], logits [n_steps, B, V] or None,
+    hidden of `hidden_layers` at the last step {layer: [B, d_model]}, key)."""
+    b = token.shape[0]
+
+    def step(carry, _):
+        cache, tok, key, _ = carry
+        logits, cache, hidden = backbone.run_step(params, config, cache, tok, impl=impl)
+        key, sub = jax.random.split(key)
+        nxt = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logits)
+        nxt = nxt.astype(jnp.int32)
+        last = {l: hidden[l] for l in hidden_layers}
+        return (cache, nxt, key, last), (nxt, logits if return_logits else None)
+
+    init_hidden = {l: jnp.zeros((b, config.d_model), params["embed"].dtype) for l in hidden_layers}
+    (cache, tok, key, last), (toks, logits) = jax.lax.scan(step, (cache, token, key, init_hidden), None,
+                                                          length=n_steps)
+    return cache, tok, toks, logits, last, key
+
+
+@functools.partial(jax.jit, static_argnames=("page_entries",), donate_argnames=("layers",))
+def _apply_recall(layers, staged, slots, page_entries: int):
+    """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, hd], keys)},
+    staged: {l: (kv [B, M, P, hd], keys [B, M, P, Dk])}, slots [B, M] (n_slots = padding, dropped)."""
+    out = {}
+    bidx = jnp.arange(slots.shape[0])[:, None]
+    for l, (kv, keys) in layers.items():
+        b, cells = kv.shape[:2]
+        n_slots = cells // page_entries
+        skv, skeys = staged[l]
+        kv = kv.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skv.astype(kv.dtype), mode="drop")
+        keys = keys.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skeys, mode="drop")
+        out[l] = (kv.reshape(b, cells, -1), keys.reshape(b, cells, -1))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("page_entries",))
+def _read_slots(layers, slots, page_entries: int):
+    """Gather reserve pages for write-through: {l: (kv, keys)} [B, cells, ...], slots [B, M] ->
+    {l: (kv [B, M, P, hd], keys [B, M, P, Dk])}."""
+    bidx = jnp.arange(slots.shape[0])[:, None]
+    out = {}
+    for l, (kv, keys) in layers.items():
+        b, cells = kv.shape[:2]
+        n = cells // page_entries
+        out[l] = (kv.reshape(b, n, page_entries, -1)[bidx, slots], keys.reshape(b, n, page_entries, -1)[bidx, slots])
+    return out
+
+
+@functools.partial(jax.jit, donate_argnames=("full_keys",))
+def _update_full_keys(full_keys, pages_keys, pages):
+    """Write pages [B, M] (-1 = skip) of index keys into the device copy of a target layer's keys."""
+    b, n_pages = full_keys.shape[:2]
+    bidx = jnp.arange(b)[:, None]
+    return full_keys.at[bidx, jnp.where(pages >= 0, pages, n_pages)].set(pages_keys, mode="drop")
+
+
+# ------------------------------------------------------------------------------------------ bytes
+def _per_entry_bytes(config):
+    item = config.compute_dtype.itemsize
+    return config.head_dim * item, config.index_key_bytes
+
+
+def kv_bytes(config, n_tokens: np.ndarray, *, reserve_cells: int | None = None, target_layers=()) -> dict:
+    """Device KV bytes per request for contexts of `n_tokens` [B]: full cache, or with the CSA layers
+    holding `reserve_cells` cells each plus the full index keys of the Memory Indexer's target layers."""
+    kv_b, key_b = _per_entry_bytes(config)
+    n_tokens = np.asarray(n_tokens, np.int64)
+    window = np.full_like(n_tokens, 0)
+    hca = np.zeros_like(n_tokens)
+    csa_full = np.zeros_like(n_tokens)
+    for l in range(config.n_layers):
+        window += np.minimum(n_tokens, config.window) * kv_b
+        kind = config.layer_kind(l)
+        if kind == KIND_HCA:
+            hca += n_tokens // config.compress_ratios[l] * kv_b
+        elif kind == KIND_CSA:
+            csa_full += n_tokens // config.csa_ratio * (kv_b + key_b)
+    if reserve_cells is None:
+        csa_dev = csa_full
+    else:
+        n_csa = len(config.csa_layers)
+        csa_dev = np.full_like(n_tokens, reserve_cells * (kv_b + key_b) * n_csa)
+        csa_dev += n_tokens // config.csa_ratio * key_b * len(target_layers)
+    return {"window": window, "hca": hca, "csa_full": csa_full, "csa_device": csa_dev,
+            "full": window + hca + csa_full, "device": window + hca + csa_dev}
+
+
+# ------------------------------------------------------------------------------------------ engine
+def _check_generate(config, mode, indexer, lsa, max_new_tokens):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if mode != "full" and not config.csa_layers:
+        raise ValueError(f"mode={mode!r} needs CSA layers; config has compress_ratios={config.compress_ratios}")
+    if mode == "lsa":
+        if indexer is None:
+            raise ValueError("mode='lsa' needs indexer=(indexer_config, indexer_params)")
+        icfg, iparams = indexer
+        for l in icfg.target_layers:
+            if l >= config.n_layers or config.layer_kind(l) != KIND_CSA:
+                raise ValueError(f"Memory Indexer target layer {l} is not a CSA layer of the model")
+            if f"l{l}" not in iparams:
+                raise ValueError(f"indexer params have no scorer 'l{l}'")
+        if icfg.head_dim != config.index_head_dim:
+            raise ValueError(f"indexer head_dim={icfg.head_dim} != model index_head_dim={config.index_head_dim}")
+
+
+def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
+             lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
+             lengths=None, key=None, impl: str = "auto") -> GenerateResult:
+    """Prefill `prompt` [B, T] (right-padded with `lengths` [B] when ragged) and generate
+    `max_new_tokens` tokens per request. Returns `.tokens` [B, n], `.logits` [B, n, V] (when
+    `return_logits`) and `.stats` (bytes and times; see README)."""
+    if lsa.page_entries is not None and lsa.page_entries != config.page_entries:
+        config = config.replace(page_entries=lsa.page_entries)
+    _check_generate(config, mode, indexer, lsa, max_new_tokens)
+    prompt = jnp.asarray(prompt)
+    n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
+    # every window runs the full tau steps (one compilation); room for the tokens past the request
+    max_len = prompt.shape[1] + 1 + n_windows_total * lsa.tau
+    lengths = check_prefill_inputs(config, prompt, max_len, lengths)
+    key = jax.random.PRNGKey(0) if key is None else key
+    b = prompt.shape[0]
+    times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
+             "first_window_s": 0.0}
+
+    t0 = time.perf_counter()
+    logits0, cache, hidden = prefill_with_hidden(params, config, prompt, lengths, max_len, impl)
+    last_logits = jnp.take_along_axis(logits0, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    key, sub = jax.random.split(key)
+    token = (jnp.argmax(last_logits, -1) if greedy else jax.random.categorical(sub, last_logits)).astype(jnp.int32)
+    token.block_until_ready()
+    times["prefill_s"] = time.perf_counter() - t0
+
+    icfg, iparams = indexer if mode == "lsa" else (None, None)
+    hidden_layers = tuple(icfg.target_layers) if icfg is not None else ()
+    hidden = {l: hidden[l] for l in hidden_layers}
+    cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl) if mode != "full" else None
+    if cycle is not None:
+        cache = cycle.cache
+    pos = np.asarray(lengths).astype(np.int64)  # position of the next token (= tokens held)
+    out_tokens, out_logits = [np.asarray(token)], [np.asarray(last_logits)] if return_logits else []
+    n = lsa.tau
+    for n_windows in range(n_windows_total):
+        if cycle is not None:
+            cache = cycle.boundary(cache, hidden, pos, n, times)
+        t0 = time.perf_counter()
+        cache, token, toks, logits, hidden, key = run_window(params, config, cache, token, key, n, greedy,
+                                                             return_logits, impl, hidden_layers)
+        toks.block_until_ready()
+        # the first window includes compilation: kept apart so tokens/s is the steady state
+        times["first_window_s" if n_windows == 0 else "decode_s"] += time.perf_counter() - t0
+        out_tokens.append(np.asarray(toks).T)
+        if return_logits:
+            out_logits.append(np.asarray(logits).transpose(1, 0, 2))
+        if cycle is not None:
+            cache = cycle.after_window(cache, pos, n, times)
+        pos = pos + n
+    tokens = np.concatenate([out_tokens[0][:, None]] + out_tokens[1:], axis=1)[:, :max_new_tokens]
+    logits = None
+    if return_logits:
+        logits = np.concatenate([out_logits[0][:, None]] + out_logits[1:], axis=1)[:, :max_new_tokens]
+    stats = _stats(config, mode, cycle, pos, times, n_windows_total, b, lsa.tau, icfg)
+    return GenerateResult(tokens, logits, stats)
+
+
+def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
+    if cycle is None:
+        by = kv_bytes(config, pos)
+        recalled, resident_fraction = 0, 1.0
+    else:
+        by = kv_bytes(config, pos, reserve_cells=cycle.layout.n_cells,
+                      target_layers=icfg.target_layers if icfg is not None else ())
+        recalled = cycle.recalled_pages * kt.page_bytes(config)
+        resident_fraction = float(np.mean(cycle.resident_fractions)) if cycle.resident_fractions else 1.0
+    steady_windows = n_windows - 1  # decode_s excludes the first window (compilation)
+    decode_tokens = batch * tau * steady_windows
+    st = {
+        "mode": mode, "batch": batch, "context_end": pos.tolist(),
+        "device_kv_bytes": int(by["device"].sum()), "full_kv_bytes": int(by["full"].sum()),
+        "device_csa_bytes": int(by["csa_device"].sum()), "full_csa_bytes": int(by["csa_full"].sum()),
+        "device_kv_fraction": float(by["device"].sum() / by["full"].sum()),
+        "device_csa_fraction": float(by["csa_device"].sum() / max(by["csa_full"].sum(), 1)),
+        "resident_fraction": resident_fraction, "recalled_bytes": int(recalled),
+        "cycles": n_windows, **{k: float(v) for k, v in times.items()},
+        "decode_tokens_per_s": decode_tokens / times["decode_s"] if steady_windows > 0 else float("nan"),
+        "per_request": {"device_kv_bytes": by["device"].tolist(), "full_kv_bytes": by["full"].tolist()},
+    }
+    if cycle is not None:
+        st["reserve_pages"] = cycle.layout.n_slots
+        st["host_mirror_bytes"] = cycle.mirror.nbytes()
+    return st
+
+
+class _Cycle:
+    """Host-side state of the tiered CSA cache across cycle boundaries."""
+
+    def __init__(self, config, cache, lsa, mode, icfg, iparams, max_len, impl):
+        self.c, self.lsa, self.mode, self.icfg, self.iparams, self.impl = config, lsa, mode, icfg, iparams, impl
+        self.layout = kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages,
+                                     recency_tail_pages=lsa.recency_tail_pages, sink_pages=lsa.sink_pages,
+                                     tau=lsa.tau)
+        b = cache["lengths"].shape[0]
+        self.mirror = kt.HostMirror.from_cache(cache, config, self.layout)
+        # Target layers' index keys stay whole on the device: the Memory Indexer scores all of them.
+        self.full_keys = {} if icfg is None else {
+            l: cache["layers"][l]["index_keys"].reshape(b, self.layout.n_pages, self.layout.page_entries, -1)
+            for l in icfg.target_layers}
+        layers = list(cache["layers"])
+        for l in config.csa_layers:  # the full CSA buffers leave the device; an empty reserve replaces them
+            lc = dict(layers[l])
+            lc["comp_kv"] = jnp.zeros((b, self.layout.n_cells, config.head_dim), lc["comp_kv"].dtype)
+            lc["index_keys"] = jnp.zeros((b, self.layout.n_cells, config.index_key_bytes), jnp.uint8)
+            layers[l] = lc
+        self.state = kt.ReserveState.empty(b, self.layout)
+        self.cache = {**cache, "layers": tuple(layers)}
+        self.cache["tier"] = kt.device_tables(self.state, self.layout)
+        self.rng = np.random.default_rng(lsa.seed)
+        self.staged = None           # (plan, device arrays, state after it, tables) for stale_by_one
+        self.tables_host = None      # page_slot of the window that just ran (for write-through)
+        self.recalled_pages = 0
+        self.resident_fractions = []
+
+    # -- page choice
+    def _chosen(self, hidden, pos, times):
+        p, r = self.layout.page_entries, self.layout.ratio
+        n_complete = pos // r
+        if self.mode == "lsa":
+            t0 = time.perf_counter()
+            keys = {l: k.reshape(k.shape[0], -1, k.shape[-1]) for l, k in self.full_keys.items()}
+            scores = mi.ensemble_scores(
+                mi.score_all(self.iparams, self.icfg, hidden, keys, jnp.asarray(pos - 1, jnp.int32),
+                             jnp.asarray(n_complete, jnp.int32), impl=self.impl), self.lsa.ensemble)
+            scores = np.asarray(scores)
+            times["scoring_s"] += time.perf_counter() - t0
+            return [kt.pages_by_score(scores[b], int(n_complete[b]), self.lsa.threshold, p, self.lsa.kmax_pages)
+                    for b in range(len(pos))]
+        if self.mode == "recency":
+            return [kt.pages_recency(int(n), p, self.lsa.kmax_pages) for n in n_complete]
+        return [kt.pages_random(int(n), p, self.lsa.kmax_pages, self.rng) for n in n_complete]
+
+    def _plan(self, chosen, pos, n_steps):
+        wanted = [np.union1d(ch, kt.required_pages(int(q), self.layout, n_steps)) for ch, q in zip(chosen, pos)]
+        written_pages = -(-(pos // self.layout.ratio) // self.layout.page_entries)
+        self.state, plan = kt.plan_recall(self.state, wanted, self.layout, written_pages)
+        tables = kt.device_tables(self.state, self.layout)
+        staged = None
+        if plan.pages.shape[1]:
+            staged = {l: tuple(kt.to_device(a) for a in pair) for l, pair in self.mirror.gather(plan).items()}
+        self.recalled_pages += plan.n_pages * len(self.c.csa_layers)
+        return plan, staged, tables, wanted
+
+    def _apply(self, cache, plan, staged, tables):
+        layers = list(cache["layers"])
+        if staged is not None:
+            res = _apply_recall({l: (layers[l]["comp_kv"], layers[l]["index_keys"]) for l in self.c.csa_layers},
+                                staged, jnp.asarray(plan.slots, jnp.int32), self.layout.page_entries)
+            for l, (kv, keys) in res.items():
+                layers[l] = {**layers[l], "comp_kv": kv, "index_keys": keys}
+        return {**cache, "layers": tuple(layers), "tier": tables}
+
+    def _resident_fraction(self, wanted, pos):
+        n_complete = pos // self.layout.ratio
+        fr = []
+        for w, n in zip(wanted, n_complete):
+            if n:
+                ent = np.clip((np.asarray(w)[:, None] * self.layout.page_entries + np.arange(self.layout.page_entries)), 0, None)
+                fr.append(float(np.sum(ent < n)) / float(n))
+        if fr:
+            self.resident_fractions.append(float(np.mean(fr)))
+
+    # -- the boundary before a window of n_steps starting at positions pos
+    def boundary(self, cache, hidden, pos, n_steps, times):
+        t0 = time.perf_counter()
+        if self.lsa.stale_by_one and self.staged is not None:
+            plan, staged, tables, wanted = self.staged
+            cache = self._apply(cache, plan, staged, tables)
+        times["recall_s"] += time.perf_counter() - t0
+        chosen = self._chosen(hidden, pos, times)
+        t0 = time.perf_counter()
+        if not self.lsa.stale_by_one or self.staged is None:
+            plan, staged, tables, wanted = self._plan(chosen, pos, n_steps)
+            cache = self._apply(cache, plan, staged, tables)
+        self.tables_host = np.asarray(cache["tier"]["page_slot"])
+        self._resident_fraction(wanted, pos)
+        if self.lsa.stale_by_one:  # next window's pages from this boundary's scores; transfer starts now
+            self.staged = self._plan(chosen, pos + n_steps, self.lsa.tau)
+        times["recall_s"] += time.perf_counter() - t0
+        return cache
+
+    # -- write-through of the entries completed during the window [pos, pos + n_steps)
+    def after_window(self, cache, pos, n_steps, times):
+        t0 = time.perf_counter()
+        p, r = self.layout.page_entries, self.layout.ratio
+        first, last = pos // r // p, (pos + n_steps) // r // p
+        m = int(np.max(last - first)) + 1
+        pages = first[:, None] + np.arange(m)[None, :]
+        pages = np.where(pages <= last[:, None], pages, -1)
+        pages = np.where(pages < self.layout.n_pages, pages, -1)
+        bidx = np.arange(len(pos))[:, None]
+        slots = np.where(pages >= 0, self.tables_host[bidx, np.maximum(pages, 0)], -1)
+        pages = np.where(slots >= 0, pages, -1)
+        layers = {l: (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]) for l in self.c.csa_layers}
+        read = _read_slots(layers, jnp.asarray(np.maximum(slots, 0), jnp.int32), p)
+        for l, (kv, keys) in read.items():
+            self.mirror.write_through(l, np.asarray(kv), np.asarray(keys), pages)
+            if l in self.full_keys:
+                self.full_keys[l] = _update_full_keys(self.full_keys[l], keys, jnp.asarray(pages, jnp.int32))
+        times["write_through_s"] += time.perf_counter() - t0
+        return cache
