@@ -43,7 +43,7 @@ class ModelConfig:
     rope_original_len: int = 65536
     beta_fast: int = 32
     beta_slow: int = 1
-    max_seq_len: int = 4096  # length of the precomputed RoPE tables; positions must stay below it
+    max_seq_len: int = 16384  # length of the precomputed RoPE tables; positions must stay below it
     # SPEC (verify): RoPE position of a compressed entry: its first or its last token
     compress_rope_position: Literal["first", "last"] = "first"
     # FFN
