@@ -41,13 +41,14 @@ def final_hidden(c, state: jax.Array) -> jax.Array:
 
 def block(lp, c, h, attend):
     """One pre-norm layer: attention (`attend(x_normed) -> (out, aux)`) then FFN, each with its residual.
-    Returns (new residual state, the layer's attention input before its norm, aux)."""
-    x_in = residual_input(lp, c, "attn", h)
-    out, aux = attend(rms_norm(x_in, lp["attn_norm"], c.norm_eps))
+    Returns (new residual state, the layer's normed attention input, aux). The normed input is what the
+    Lightning Indexer reads, hence the Memory Indexer's query input ("hidden")."""
+    x = rms_norm(residual_input(lp, c, "attn", h), lp["attn_norm"], c.norm_eps)
+    out, aux = attend(x)
     h = residual_add(lp, c, "attn", h, out)
     x_f = residual_input(lp, c, "ffn", h)
     h = residual_add(lp, c, "ffn", h, ffn(lp["ffn"], c, rms_norm(x_f, lp["ffn_norm"], c.norm_eps)))
-    return h, x_in, aux
+    return h, x, aux
 
 
 def lm_logits(params, c, h) -> jax.Array:
@@ -162,7 +163,7 @@ def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_l
 
 def run_sequence(params, c, tokens, lengths=None, max_len=None, impl="auto"):
     """tokens [B, T] -> (logits [B, T, V] float32, tuple of layer caches or None, aux per layer).
-    aux[l] holds "hidden" (layer l's residual input before its norm, [B, T, d_model]) and, for CSA
+    aux[l] holds "hidden" (layer l's normed attention input, [B, T, d_model]) and, for CSA
     layers, "index_keys" and "topk" (see `attention_sequence`); unused outputs are removed by jit."""
     h = embed_residual(c, params["embed"][tokens])
     caches, aux = [], []
@@ -246,7 +247,7 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
 
 def run_step(params, c, cache, tokens, impl="auto"):
     """tokens [B] at positions cache["lengths"] -> (logits [B, V] float32, new cache, hidden per layer
-    [B, d_model] (residual input before the norm)). With cache["tier"], CSA layers read their reserve."""
+    [B, d_model] (the normed attention input)). With cache["tier"], CSA layers read their reserve."""
     positions = cache["lengths"]
     tier = cache.get("tier")
     h = embed_residual(c, params["embed"][tokens])

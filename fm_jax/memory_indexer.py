@@ -8,8 +8,10 @@ position ``t`` and the layer's frozen index keys ``K`` (packed ``[D + 4]``-byte 
     k_s   = fp8(K[s]).astype(f32) * scale(K[s])                              [head_dim]
     score = sigmoid(sum_h w[h] * relu(q[h] . k_s))                           in [0, 1]
 
-Entries ``s >= lengths[b]`` are masked to 0.0. Per-entry scores of the target layers are ensembled by
-``max`` (default) or ``mean``; the keep set is ``score >= threshold`` (SPEC §5).
+The projections and RoPE live here; ``sum_h w * relu(q . k)`` and the sigmoid are computed by
+``pallas_kernels.indexer_scores`` (``impl`` passed through). Entries ``s >= lengths[b]`` are masked to
+0.0. Per-entry scores of the target layers are ensembled by ``max`` (default) or ``mean``; the keep set
+is ``score >= threshold`` (SPEC §5).
 
 Parameters are a plain dict pytree in JAX ``[in, out]`` layout::
 
@@ -33,7 +35,10 @@ Matched (read from the release's PyTorch source):
 * Angles ``float32(position) * float32(inv_freq)`` rounded to float32 (``torch.outer`` on float32).
   YaRN table with base 160000, factor 16, original length 65536, beta 32/1: ``yarn_inv_freq`` gives a
   table bit-identical to the release's ``precompute_freqs_cis`` at these constants with rope_dim 64
-  (checked against a PyTorch 2.13 re-statement; see the optional torch test).
+  (checked against PyTorch 2.13 CPU with numpy 2.4; see the optional torch test) -- but only where
+  numpy's float32 ``pow`` is correctly rounded: on an AVX-512 host (numpy 2.5.2) 6 of 32 entries were
+  one ulp off the release's table, which at positions near 1M moves a float32 angle by ~0.03 rad.
+  ``yarn_inv_freq`` (fm_jax.layers.rope) would need its pow in float64 to be platform-independent.
 * ``weights_proj`` scale ``head_dim**-0.5 * n_heads**-0.5`` with ``n_heads = wq_b.rows // head_dim``
   and ``head_dim`` 128 by default; no softmax scale on ``q . k``.
 * Score ``sigmoid(sum_h w_h * relu(q_h . k))`` in float32; keys dequantised as ``fp8 * scale`` from
@@ -57,7 +62,12 @@ Differences and what could not be verified:
   dims they may differ (those configs do not exist in the release).
 * RMSNorm divides by ``sqrt(mean + eps)`` in the release and multiplies by ``rsqrt`` here; Hadamard
   divides by ``sqrt(d)`` there and multiplies by ``d**-0.5`` here; reduction orders differ. These are
-  float32 rounding differences; after the bf16 cast of q a rare element can land one bf16 ulp apart.
+  float32 rounding differences, but q is then rounded to bf16, so a rare element (about 40 of 16384 per
+  query at the release's dims, measured) lands one bf16 ulp apart; the logits then agree to ~2e-6 of
+  their scale (median) and ~3e-4 (worst entry), sigmoid scores to ~4e-4 at worst.
+* The head-weighted relu sum runs in ``pallas_kernels.indexer_scores`` (the single implementation shared
+  with the engine); its off-GPU XLA path splits the float32 q into two bf16 parts (~2^-17 relative),
+  and it factors the fp8 per-entry scale out of the relu (exact for scale >= 0).
 * The released weights themselves (``flashmemory_ds_v4.safetensors``) are not reachable from here, so
   loading was verified on files written in the same key/shape/dtype layout, not on the real file.
   Whether the release's safetensors carries ``__metadata__`` (e.g. ``head_dim``) is unknown: without
@@ -72,8 +82,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +92,8 @@ import numpy as np
 
 from fm_jax.layers.hadamard import hadamard
 from fm_jax.layers.norm import rms_norm
-from fm_jax.layers.quant import dequantize_index_keys
 from fm_jax.layers.rope import apply_rope, yarn_inv_freq
+from pallas_kernels import indexer_scores
 
 PARAM_NAMES = ("wq_a", "q_norm_weight", "wq_b", "weights_proj")
 # checkpoint tensor name (within "retrievers.l{ID}.") -> our param name, and whether it is [out, in]
@@ -156,7 +167,7 @@ class IndexerConfig:
             "weights_proj": (self.d_model, self.n_heads),
         }
 
-    def replace(self, **overrides) -> "IndexerConfig":
+    def replace(self, **overrides) -> IndexerConfig:
         _check_field_names(overrides)
         return dataclasses.replace(self, **overrides)
 
@@ -226,14 +237,15 @@ def config_from_model(model_config, **overrides) -> IndexerConfig:
         targets = V4_FLASH_TARGET_LAYERS
     else:
         targets = csa
-    kw = dict(
-        d_model=model_config.d_model, q_lora_rank=model_config.q_lora_rank,
-        n_heads=model_config.n_index_heads, head_dim=model_config.index_head_dim,
-        rope_dim=model_config.rope_dim, rope_base=float(model_config.compress_rope_base),
-        rope_factor=float(model_config.rope_factor), rope_original_len=model_config.rope_original_len,
-        beta_fast=float(model_config.beta_fast), beta_slow=float(model_config.beta_slow),
-        max_seq_len=model_config.max_seq_len, target_layers=targets, norm_eps=float(model_config.norm_eps),
-    )
+    kw = {
+        "d_model": model_config.d_model, "q_lora_rank": model_config.q_lora_rank,
+        "n_heads": model_config.n_index_heads, "head_dim": model_config.index_head_dim,
+        "rope_dim": model_config.rope_dim, "rope_base": float(model_config.compress_rope_base),
+        "rope_factor": float(model_config.rope_factor), "rope_original_len": model_config.rope_original_len,
+        "beta_fast": float(model_config.beta_fast), "beta_slow": float(model_config.beta_slow),
+        "max_seq_len": model_config.max_seq_len, "target_layers": targets,
+        "norm_eps": float(model_config.norm_eps),
+    }
     kw.update(overrides)
     cfg = IndexerConfig(**kw)
     not_csa = [i for i in cfg.target_layers if i not in csa]
@@ -332,7 +344,7 @@ def init_from_lightning_indexer(indexer_config: IndexerConfig, model_params, mod
 
 def _check_layer_params(layer_params, c: IndexerConfig, where: str = "layer_params") -> None:
     if not isinstance(layer_params, Mapping):
-        raise ValueError(f"{where} must be a dict with keys {PARAM_NAMES}")
+        raise ValueError(f"{where} must be a dict with keys {PARAM_NAMES}")  # noqa: TRY004
     for pname, shape in c.param_shapes().items():
         if pname not in layer_params:
             raise ValueError(f"{where} is missing `{pname}`")
@@ -368,32 +380,12 @@ def query_tower(layer_params, indexer_config: IndexerConfig, hidden: jax.Array, 
     return q, w
 
 
-def _jnp_indexer_scores(q, weights, keys, lengths, act):
-    """Local jnp statement of ``sum_h w[h] * relu(q[h] . k[s])`` (+ sigmoid), masked past ``lengths``."""
-    if keys.dtype == jnp.uint8:
-        k = dequantize_index_keys(keys)
-    else:
-        k = keys.astype(jnp.float32)
-    dots = jnp.einsum("bhd,bnd->bnh", q.astype(jnp.float32), k, precision=_HIGHEST)
-    logits = jnp.sum(jax.nn.relu(dots) * weights.astype(jnp.float32)[:, None, :], axis=-1)
-    valid = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] < lengths.astype(jnp.int32)[:, None]
-    if act == "sigmoid":
-        return jnp.where(valid, jax.nn.sigmoid(logits), jnp.float32(0.0))
-    return jnp.where(valid, logits, -jnp.inf)
-
-
 def _kernel_scores(q, weights, keys, lengths, act, impl):
-    """Route through ``pallas_kernels.indexer_scores`` when that module is present (one implementation
-    of the head-weighted relu score for the engine, training and the native indexer), else jnp."""
-    try:
-        from pallas_kernels import indexer_scores  # noqa: PLC0415 (optional sibling package)
-    except ImportError:
-        indexer_scores = None
-    if indexer_scores is not None:
-        return indexer_scores(q, weights, keys, lengths, act=act, impl=impl)
-    if impl not in ("auto", "jnp", "xla", "reference"):
-        raise ValueError(f"impl={impl!r} needs pallas_kernels.indexer_scores, which is not available")
-    return _jnp_indexer_scores(q, weights, keys, lengths, act)
+    """``sum_h w[h] * relu(q[h] . k[s])`` (+ sigmoid), masked past ``lengths``: the one implementation,
+    ``pallas_kernels.indexer_scores`` (Pallas on GPU, XLA elsewhere; ``impl`` "auto" | "pallas" | "xla")."""
+    if keys.dtype != jnp.uint8 and keys.dtype not in (jnp.bfloat16, jnp.float32):
+        keys = keys.astype(jnp.float32)
+    return indexer_scores(q, weights, keys, lengths, act=act, impl=impl)
 
 
 def _score_impl(layer_params, hidden, index_keys, positions, lengths, c: IndexerConfig, impl: str, act: str):
@@ -557,22 +549,22 @@ def select(scores, threshold: float, lengths=None) -> jax.Array:
 # FlashMemory joint checkpoints
 # ----------------------------------------------------------------------------------------------------
 def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     tensors = {}
     with safe_open(path, framework="numpy") as f:
         meta = dict(f.metadata() or {})
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             tensors[k] = f.get_tensor(k)
     return tensors, meta
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch  # noqa: PLC0415
+    import torch
 
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes  # noqa: PLC0415
+        import ml_dtypes
 
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -580,7 +572,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 def _read_pt(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError as e:
         raise ImportError(f"reading {path!r} (a .pt checkpoint) needs torch, which is not importable; "
                           "convert it to .safetensors or install torch") from e
@@ -588,7 +580,7 @@ def _read_pt(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")  # noqa: TRY004
     return {k: _torch_to_numpy(v) for k, v in state.items() if hasattr(v, "detach")}, {}
 
 
@@ -728,7 +720,7 @@ def save_flashmemory_checkpoint(path, indexer_config: IndexerConfig, params) -> 
     Tensors keep their dtype (so save -> load is bit-exact); metadata records ``head_dim`` and the full
     ``IndexerConfig`` as JSON under ``"fm_jax.indexer_config"``, which the release's loader ignores.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    from safetensors.numpy import save_file
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):

@@ -113,7 +113,7 @@ def check_prefill_inputs(config, tokens, max_len, lengths=None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl"))
 def prefill_with_hidden(params, config, tokens, lengths, max_len, impl="auto"):
-    """`prefill` without input checks, also returning every layer's residual input at each request's
+    """`prefill` without input checks, also returning every layer's normed attention input at each request's
     last prompt token ([B, d_model] per layer; the engine's first Memory Indexer query)."""
     logits, layer_caches, aux = backbone.run_sequence(params, config, tokens, lengths, max_len, impl)
     cache = init_cache(config, tokens.shape[0], max_len)

@@ -188,14 +188,11 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
         config = config.replace(page_entries=lsa.page_entries)
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
     prompt = jnp.asarray(prompt)
-    n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
     # every window runs the full tau steps (one compilation); room for the tokens past the request
-    max_len = prompt.shape[1] + 1 + n_windows_total * lsa.tau
+    max_len = prompt.shape[1] + 1 + -(-(max_new_tokens - 1) // lsa.tau) * lsa.tau
     lengths = check_prefill_inputs(config, prompt, max_len, lengths)
     key = jax.random.PRNGKey(0) if key is None else key
-    b = prompt.shape[0]
-    times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
-             "first_window_s": 0.0}
+    times = {}
 
     t0 = time.perf_counter()
     logits0, cache, hidden = prefill_with_hidden(params, config, prompt, lengths, max_len, impl)
@@ -205,14 +202,35 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     token.block_until_ready()
     times["prefill_s"] = time.perf_counter() - t0
 
+    res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
+                      greedy=greedy, return_logits=return_logits, key=key, impl=impl,
+                      first_logits=last_logits if return_logits else None)
+    res.stats["prefill_s"] = times["prefill_s"]
+    return res
+
+
+def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
+                lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
+                impl: str = "auto", first_logits=None) -> GenerateResult:
+    """Decode from a prefilled (entry-indexed) cache whose next token is `token` [B]; `hidden[l]` is
+    layer l's hidden state [B, d_model] at the last cached token (the first Memory Indexer query).
+    The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens."""
+    _check_generate(config, mode, indexer, lsa, max_new_tokens)
+    key = jax.random.PRNGKey(0) if key is None else key
+    b = token.shape[0]
+    times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
+             "first_window_s": 0.0}
+    n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
     icfg, iparams = indexer if mode == "lsa" else (None, None)
     hidden_layers = tuple(icfg.target_layers) if icfg is not None else ()
     hidden = {l: hidden[l] for l in hidden_layers}
+    max_len = int(cache["capacity"])
     cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl) if mode != "full" else None
     if cycle is not None:
         cache = cycle.cache
-    pos = np.asarray(lengths).astype(np.int64)  # position of the next token (= tokens held)
-    out_tokens, out_logits = [np.asarray(token)], [np.asarray(last_logits)] if return_logits else []
+    pos = np.asarray(cache["lengths"]).astype(np.int64)  # position of the next token (= tokens held)
+    out_tokens = [np.asarray(token)]
+    out_logits = [np.asarray(first_logits)] if first_logits is not None else []
     n = lsa.tau
     for n_windows in range(n_windows_total):
         if cycle is not None:
@@ -220,6 +238,8 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
         t0 = time.perf_counter()
         cache, token, toks, logits, hidden, key = run_window(params, config, cache, token, key, n, greedy,
                                                              return_logits, impl, hidden_layers)
+        if cycle is not None:  # host gather + H2D for the next window run while this one computes
+            cycle.prepare_next(pos + n, times)
         toks.block_until_ready()
         # the first window includes compilation: kept apart so tokens/s is the steady state
         times["first_window_s" if n_windows == 0 else "decode_s"] += time.perf_counter() - t0
@@ -231,7 +251,7 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
         pos = pos + n
     tokens = np.concatenate([out_tokens[0][:, None]] + out_tokens[1:], axis=1)[:, :max_new_tokens]
     logits = None
-    if return_logits:
+    if return_logits and out_logits:
         logits = np.concatenate([out_logits[0][:, None]] + out_logits[1:], axis=1)[:, :max_new_tokens]
     stats = _stats(config, mode, cycle, pos, times, n_windows_total, b, lsa.tau, icfg)
     return GenerateResult(tokens, logits, stats)
@@ -356,10 +376,18 @@ class _Cycle:
             cache = self._apply(cache, plan, staged, tables)
         self.tables_host = np.asarray(cache["tier"]["page_slot"])
         self._resident_fraction(wanted, pos)
-        if self.lsa.stale_by_one:  # next window's pages from this boundary's scores; transfer starts now
-            self.staged = self._plan(chosen, pos + n_steps, self.lsa.tau)
+        self.next_chosen = chosen if self.lsa.stale_by_one else None
         times["recall_s"] += time.perf_counter() - t0
         return cache
+
+    def prepare_next(self, next_pos, times):
+        """With stale_by_one: plan the next window from this boundary's choice and start its transfer
+        (called right after the window is dispatched, so the host gather and H2D overlap it)."""
+        if self.next_chosen is None:
+            return
+        t0 = time.perf_counter()
+        self.staged = self._plan(self.next_chosen, next_pos, self.lsa.tau)
+        times["recall_s"] += time.perf_counter() - t0
 
     # -- write-through of the entries completed during the window [pos, pos + n_steps)
     def after_window(self, cache, pos, n_steps, times):

@@ -24,8 +24,10 @@ def yarn_inv_freq(rope_dim: int, base: float, max_seq_len: int, original_len: in
                   beta_fast: float, beta_slow: float) -> np.ndarray:
     """Per-pair inverse frequencies `[rope_dim // 2]` (float32), YaRN-scaled when `max_seq_len >
     original_len` (DeepSeek's rule)."""
-    freqs = (1.0 / (np.float32(base) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim))))
-    freqs = freqs.astype(np.float32)
+    # The power in float64, rounded once to float32: numpy's float32 pow is not correctly rounded on
+    # every CPU (AVX-512 hosts differ by an ulp), which would make tables machine-dependent.
+    expo = (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)).astype(np.float64)
+    freqs = (1.0 / (np.float64(np.float32(base)) ** expo)).astype(np.float32)
     if max_seq_len > original_len:
         low = max(math.floor(_correction_dim(beta_fast, rope_dim, base, original_len)), 0)
         high = min(math.ceil(_correction_dim(beta_slow, rope_dim, base, original_len)), rope_dim - 1)
