@@ -217,6 +217,9 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens."""
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
     key = jax.random.PRNGKey(0) if key is None else key
+    # Commit every input to its placement: jit keys its cache on committedness, and the scan's outputs
+    # are committed, so uncommitted prefill outputs would cost a second compilation of the window.
+    cache, token, key = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (cache, token, key))
     b = token.shape[0]
     times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
              "first_window_s": 0.0}

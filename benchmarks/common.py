@@ -1,0 +1,116 @@
+"""Shared pieces of the GPU benchmarks: run metadata, measured ceilings, synthetic prefilled caches."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fm_jax.cache import init_cache
+from fm_jax.config import KIND_CSA, KIND_WINDOW
+from fm_jax.layers.quant import pack_index_keys
+
+
+def run_info() -> dict:
+    d = jax.devices()[0]
+    return {"device": d.device_kind, "platform": d.platform, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+
+
+def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
+    """Median wall time (s) of fn() (which must block on its result)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def hbm_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes/s, read + write counted) on random data."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0000001)  # one read + one write per element
+    t = median_time(lambda: f(x).block_until_ready())
+    return 2 * n_bytes / t
+
+
+def h2d_bandwidth(n_bytes: int = 512 << 20) -> dict:
+    """Host-to-device bandwidth (bytes/s) from NumPy and from a pinned_host JAX array."""
+    host = np.random.default_rng(0).integers(0, 255, n_bytes, dtype=np.uint8)
+    dev = jax.devices()[0]
+    out = {"numpy": n_bytes / median_time(lambda: jax.device_put(host, dev).block_until_ready(), reps=5)}
+    try:
+        pinned = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+        pinned.block_until_ready()
+        out["pinned_host"] = n_bytes / median_time(
+            lambda: jax.device_put(pinned, jax.sharding.SingleDeviceSharding(dev)).block_until_ready(), reps=5)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the run
+        out["pinned_host_error"] = repr(e)[:200]
+    return out
+
+
+def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 0):
+    """A cache as after prefilling `context` random tokens: random window/entries/keys/states
+    (random weights and index keys, as the benchmarks' issue asks), lengths = context."""
+    cache = init_cache(config, batch, max_len)
+    key = jax.random.PRNGKey(seed)
+    dt = config.compute_dtype
+    layers = []
+    for l, lc in enumerate(cache["layers"]):
+        key, *ks = jax.random.split(key, 8)
+        new = {"window": jax.random.normal(ks[0], lc["window"].shape, jnp.float32).astype(dt)}
+        if config.layer_kind(l) != KIND_WINDOW:
+            r = config.compress_ratios[l]
+            n = lc["comp_kv"].shape[1]
+            valid = (jnp.arange(n) < context // r)[None, :, None]
+            new["comp_kv"] = jnp.where(valid, jax.random.normal(ks[1], lc["comp_kv"].shape, jnp.float32).astype(dt),
+                                       jnp.zeros((), dt))
+            new["comp_state"] = jax.tree_util.tree_map(lambda a: jax.random.normal(ks[2], a.shape, a.dtype),
+                                                       lc["comp_state"])
+            if config.layer_kind(l) == KIND_CSA:
+                raw = jax.random.normal(ks[3], (*lc["index_keys"].shape[:2], config.index_head_dim), jnp.float32)
+                new["index_keys"] = jnp.where(valid, jax.jit(pack_index_keys)(raw), jnp.zeros((), jnp.uint8))
+                new["index_state"] = jax.tree_util.tree_map(lambda a: jax.random.normal(ks[4], a.shape, a.dtype),
+                                                            lc["index_state"])
+        layers.append(new)
+    hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32).astype(dt)
+              for l in range(config.n_layers)]
+    cache = {**cache, "lengths": jnp.full((batch,), context, jnp.int32), "layers": tuple(layers)}
+    return cache, hidden
+
+
+def param_bytes(params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+
+def step_bytes_full(config, params, batch: int, context: int) -> int:
+    """Fewest HBM bytes one full-cache decode step must read: all parameters once, plus per request
+    the window, every HCA entry, and for CSA layers every index key (the Lightning Indexer scans
+    them) and the top-k attended entries."""
+    item = config.compute_dtype.itemsize
+    per_req = 0
+    for l in range(config.n_layers):
+        per_req += min(context, config.window) * config.head_dim * item
+        kind, r = config.layer_kind(l), config.compress_ratios[l]
+        if kind == KIND_CSA:
+            n = context // r
+            per_req += n * config.index_key_bytes + min(n, config.index_topk) * config.head_dim * item
+        elif kind != KIND_WINDOW:
+            per_req += context // r * config.head_dim * item
+    return param_bytes(params) + batch * per_req
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print("wrote", path)
