@@ -1,0 +1,158 @@
+"""LSA engine invariants (issue 3): gate-open LSA is bit-identical to the full cache; small budgets keep
+device KV well under full; entries written during a window are visible at the next step."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fm_jax import backbone, get_config
+from fm_jax import memory_indexer as mi
+from fm_jax import kv_tiers as kt
+from fm_jax.model import init_params, prefill
+from serve.engine import LSAConfig, generate
+from serve.generate import main as cli_main
+
+PROMPT, NEW, TAU = 150, 41, 16
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = get_config("tiny")
+    params = init_params(c, jax.random.PRNGKey(0))
+    icfg = mi.config_from_model(c)
+    indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(3)))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, PROMPT), 0, c.vocab_size)
+    full = generate(params, c, prompt, NEW, mode="full", return_logits=True, lsa=LSAConfig(tau=TAU))
+    return c, params, indexer, prompt, full
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_lsa_gate_open_is_bit_identical_to_full(setup, stale):
+    c, params, indexer, prompt, full = setup
+    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, return_logits=True,
+                   lsa=LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=stale))
+    assert lsa.tokens.shape == (2, NEW) and lsa.logits.shape == (2, NEW, c.vocab_size)
+    np.testing.assert_array_equal(lsa.tokens, full.tokens)
+    np.testing.assert_array_equal(lsa.logits, full.logits)  # bit-exact, not allclose
+    assert lsa.stats["resident_fraction"] == 1.0
+
+
+def test_resident_everything_equals_full(setup):
+    """Recency with a budget covering every page: the same resident set as full, through another path."""
+    c, params, _, prompt, full = setup
+    rec = generate(params, c, prompt, NEW, mode="recency", return_logits=True,
+                   lsa=LSAConfig(tau=TAU, kmax_pages=10_000))
+    np.testing.assert_array_equal(rec.logits, full.logits)
+
+
+def test_small_budget_keeps_device_kv_well_under_full(setup):
+    c, params, indexer, _, full = setup
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (2, 800), 0, c.vocab_size)  # 200 entries = 25 pages
+    for mode in ("lsa", "recency", "random"):
+        r = generate(params, c, prompt, 2 * TAU + 1, mode=mode, indexer=indexer if mode == "lsa" else None,
+                     lsa=LSAConfig(tau=TAU, kmax_pages=1, recency_tail_pages=1, sink_pages=1))
+        st = r.stats
+        # reserve: 1 chosen + 1 tail + 1 sink + 2 write pages of 26; plus the target layer's index keys
+        assert st["device_csa_bytes"] < 0.4 * st["full_csa_bytes"], (mode, st)
+        assert st["device_kv_bytes"] < 0.5 * st["full_kv_bytes"]
+        assert 0 < st["resident_fraction"] < 0.2
+        assert st["recalled_bytes"] > 0
+        assert r.tokens.shape == (2, 2 * TAU + 1)
+    assert full.stats["device_kv_bytes"] == full.stats["full_kv_bytes"]
+
+
+def test_permuted_reserve_and_new_entries_visible_next_step():
+    """Every page resident but in a shuffled slot order: decode matches the entry-indexed cache to fp32
+    rounding, including entries completed (and written through the page table) during the steps."""
+    c = get_config("tiny")
+    params = init_params(c, jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(5), (2, 60), 0, c.vocab_size)
+    _, cache = prefill(params, c, toks[:, :30], max_len=64 * 4)
+    layout = kt.make_layout(c, 64 * 4, kmax_pages=100, recency_tail_pages=1, sink_pages=1, tau=8)
+    assert layout.n_slots == layout.n_pages
+    perm = np.stack([np.random.default_rng(b).permutation(layout.n_pages) for b in range(2)])  # page -> slot
+    tiered = {**cache, "tier": {"page_slot": jnp.asarray(perm, jnp.int32),
+                                "slot_page": jnp.asarray(np.argsort(perm, axis=1), jnp.int32)}}
+    layers = list(tiered["layers"])
+    p = c.page_entries
+    for l in c.csa_layers:
+        lc = dict(layers[l])
+        for name in ("comp_kv", "index_keys"):
+            x = np.asarray(lc[name]).reshape(2, layout.n_pages, p, -1)
+            y = np.zeros_like(x)
+            for b in range(2):
+                y[b, perm[b]] = x[b]
+            lc[name] = jnp.asarray(y.reshape(2, layout.n_cells, -1))
+        layers[l] = lc
+    tiered["layers"] = tuple(layers)
+    step = jax.jit(backbone.run_step, static_argnums=1)
+    emitted = False
+    for t in range(30, 60):
+        l_full, cache, _ = step(params, c, cache, toks[:, t])
+        l_tier, tiered, _ = step(params, c, tiered, toks[:, t])
+        np.testing.assert_allclose(l_tier, l_full, rtol=1e-5, atol=1e-5 * float(jnp.abs(l_full).max()))
+        emitted |= (t % c.csa_ratio == c.csa_ratio - 1)
+    assert emitted
+    # the entries completed during the steps sit in their permuted cells
+    l = c.csa_layers[0]
+    n_done = 60 // c.csa_ratio
+    full_kv = np.asarray(cache["layers"][l]["comp_kv"])[:, :n_done]
+    tier_kv = np.asarray(tiered["layers"][l]["comp_kv"]).reshape(2, layout.n_pages, p, -1)
+    for b in range(2):
+        for e in range(n_done):
+            np.testing.assert_array_equal(tier_kv[b, perm[b, e // p], e % p], full_kv[b, e])
+
+
+def test_plan_recall_moves_only_missing_pages_lru():
+    c = get_config("tiny")
+    layout = kt.make_layout(c, 512, kmax_pages=2, recency_tail_pages=1, sink_pages=1, tau=16)
+    st = kt.ReserveState.empty(1, layout)
+    st, plan = kt.plan_recall(st, [np.array([0, 1, 2])], layout, np.array([16]))
+    assert plan.n_pages == 3 and sorted(plan.pages[0][: plan.n_pages]) == [0, 1, 2]
+    st, plan = kt.plan_recall(st, [np.array([0, 2, 5])], layout, np.array([16]))
+    assert plan.n_pages == 1 and plan.pages[0, 0] == 5  # 0 and 2 stay where they are
+    tables = kt.device_tables(st, layout)
+    ps = np.asarray(tables["page_slot"])[0]
+    assert ps[1] == -1 and ps[0] >= 0 and ps[2] >= 0 and ps[5] >= 0  # page 1 held but not resident
+    st, plan = kt.plan_recall(st, [np.array([0, 1, 2, 5])], layout, np.array([16]))
+    assert plan.n_pages == 0  # page 1 was still in its slot (LRU kept it): no transfer
+    # pages with no complete entry yet get a slot and no transfer
+    st, plan = kt.plan_recall(st, [np.array([0, 15])], layout, np.array([10]))
+    assert plan.n_pages == 0 and 15 in st.slot_page[0]
+    with pytest.raises(ValueError, match="reserve holds"):
+        kt.plan_recall(st, [np.arange(layout.n_slots + 1)], layout, np.array([16]))
+
+
+def test_page_choice():
+    scores = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.2, 0.6, 0.9, 0.95])
+    assert list(kt.pages_by_score(scores, 8, 0.5, 2, 2)) == [1, 3]   # kept 0,2,3,6,7: p0=1, p1=2, p3=2
+    assert list(kt.pages_by_score(scores, 9, 0.5, 2, 1)) == [1]
+    assert list(kt.pages_recency(9, 2, 2)) == [3, 4]
+    c = get_config("tiny")
+    layout = kt.make_layout(c, 1024, kmax_pages=4, recency_tail_pages=2, sink_pages=1, tau=16)
+    need = kt.required_pages(300, layout, 16)  # 75 complete entries -> last complete page 9
+    assert {0, 8, 9}.issubset(set(need.tolist())) and need.max() == (316 // 4) // 8
+
+
+def test_bad_engine_input(setup):
+    c, params, indexer, prompt, _ = setup
+    with pytest.raises(ValueError, match="mode"):
+        generate(params, c, prompt, 4, mode="bogus")
+    with pytest.raises(ValueError, match="indexer"):
+        generate(params, c, prompt, 4, mode="lsa")
+    with pytest.raises(ValueError, match="kmax_pages"):
+        LSAConfig(kmax_pages=0)
+    with pytest.raises(ValueError, match="threshold"):
+        LSAConfig(threshold=1.5)
+
+
+def test_cli_json(capsys):
+    assert cli_main(["--preset", "tiny", "--context", str(PROMPT), "--new-tokens", str(NEW), "--tau", str(TAU),
+                     "--batch", "2", "--kmax-pages", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "lsa" and out["device_kv_bytes"] < out["full_kv_bytes"]
+    assert cli_main(["--preset", "tiny", "--context", str(PROMPT), "--new-tokens", str(NEW), "--tau", str(TAU),
+                     "--batch", "2", "--kmax-pages", "2"]) == 0
+    assert "device CSA KV" in capsys.readouterr().out
