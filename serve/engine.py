@@ -251,6 +251,7 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
             out_logits.append(np.asarray(logits).transpose(1, 0, 2))
         if cycle is not None:
             cache = cycle.after_window(cache, pos, n, times)
+            cycle.record(times)
         pos = pos + n
     tokens = np.concatenate([out_tokens[0][:, None]] + out_tokens[1:], axis=1)[:, :max_new_tokens]
     logits = None
@@ -284,6 +285,9 @@ def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
     }
     if cycle is not None:
         st["reserve_pages"] = cycle.layout.n_slots
+        pb = kt.page_bytes(config)
+        st["per_cycle"] = [{**{k: v for k, v in pc.items() if k != "recalled_pages"},
+                            "recalled_bytes": pc["recalled_pages"] * pb} for pc in cycle.per_cycle]
         st["host_mirror_bytes"] = cycle.mirror.nbytes()
     return st
 
@@ -316,6 +320,15 @@ class _Cycle:
         self.tables_host = None      # page_slot of the window that just ran (for write-through)
         self.recalled_pages = 0
         self.resident_fractions = []
+        self.per_cycle = []          # scoring / recall / write-through seconds and recalled pages per cycle
+        self._last = None
+
+    def record(self, times):
+        now = {k: times[k] for k in ("scoring_s", "recall_s", "write_through_s")}
+        now["recalled_pages"] = self.recalled_pages
+        prev = self._last or {k: 0 for k in now}
+        self.per_cycle.append({k: now[k] - prev[k] for k in now})
+        self._last = now
 
     # -- page choice
     def _chosen(self, hidden, pos, times):
