@@ -63,6 +63,8 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        if isinstance(self.compress_ratios, (list, range)):  # keep the config hashable (a static jit arg)
+            object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
         _validate(self)
 
     # ---- derived quantities (one definition each) ----
@@ -134,8 +136,17 @@ def _validate(c: ModelConfig) -> None:
             bad("compress_ratios", f"entry {r} is outside {{0, csa_ratio, hca_ratio}} = {sorted(allowed)}")
     if c.max_seq_len % c.hca_ratio or c.max_seq_len % c.csa_ratio:
         bad("max_seq_len", "must be a multiple of csa_ratio and hca_ratio")
-    if c.rope_factor < 1.0:
+    if not c.rope_factor >= 1.0:  # also rejects NaN
         bad("rope_factor", "must be >= 1")
+    for name in ("rope_base", "compress_rope_base", "beta_fast", "beta_slow"):
+        if not getattr(c, name) > 0:
+            bad(name, "must be > 0")
+    if not isinstance(c.rope_original_len, int) or c.rope_original_len <= 0:
+        bad("rope_original_len", "must be a positive int")
+    if not c.norm_eps >= 0:
+        bad("norm_eps", "must be >= 0")
+    if c.n_shared_experts < 0:
+        bad("n_shared_experts", "must be >= 0")
     if c.compress_rope_position not in ("first", "last"):
         bad("compress_rope_position", "must be 'first' or 'last'")
     if c.ffn not in ("dense", "moe"):
@@ -170,7 +181,7 @@ PRESETS: dict[str, dict] = {
         q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128,
         compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4), csa_ratio=4, hca_ratio=128,
         n_index_heads=8, index_head_dim=64, index_topk=128, max_seq_len=262144,
-        ffn="moe", n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_inter_dim=512,
+        ffn="moe", n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_inter_dim=448,
         page_entries=64,
     ),
     "v4_flash": dict(

@@ -15,7 +15,11 @@ FP8_DTYPE = jnp.float8_e4m3fn
 def quantize_fp8(k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """k: [..., D] float -> (fp8 values [..., D] float8_e4m3fn, scale [...] float32)."""
     k32 = k.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(k32), axis=-1) / FP8_MAX
+    amax = jnp.max(jnp.abs(k32), axis=-1)
+    # A true division: XLA rewrites `x / 448` into `x * fl(1/448)`, 1 ulp off for about half the keys,
+    # which would break byte compatibility with a NumPy/PyTorch writer. The barrier hides the constant.
+    amax, denom = jax.lax.optimization_barrier((amax, jnp.full_like(amax, FP8_MAX)))
+    scale = amax / denom
     safe = jnp.where(scale > 0, scale, 1.0)
     # k / scale can round to just above 448; e4m3fn has no inf, so clip instead of producing NaN.
     q = jnp.clip(k32 / safe[..., None], -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
