@@ -149,10 +149,11 @@ def test_bad_engine_input(setup):
 
 
 def test_cli_json(capsys):
-    assert cli_main(["--preset", "tiny", "--context", str(PROMPT), "--new-tokens", str(NEW), "--tau", str(TAU),
+    # 600 tokens = 150 CSA entries = 19 pages of 8, against a reserve of 2 + 2 tail + 1 sink + 2 write pages
+    assert cli_main(["--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
                      "--batch", "2", "--kmax-pages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "lsa" and out["device_kv_bytes"] < out["full_kv_bytes"]
-    assert cli_main(["--preset", "tiny", "--context", str(PROMPT), "--new-tokens", str(NEW), "--tau", str(TAU),
+    assert cli_main(["--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
                      "--batch", "2", "--kmax-pages", "2"]) == 0
     assert "device CSA KV" in capsys.readouterr().out

@@ -1,0 +1,513 @@
+"""GPU benchmark + on-device correctness check for the two Pallas kernels (issue 4), in one process.
+
+Run on the device machine from the repo root:
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT/kernels.json
+
+Sections (``--sections``, comma separated): ceilings, check, indexer, attention, topk, sweep.
+Timing: every case is jitted as a list of S independent calls over S different input sets, and also 2S;
+per-call time = (T(2S) - T(S)) / S with T the median wall time of ``block_until_ready`` over repeats. That
+cancels the host dispatch overhead and keeps the GPU busy back to back; distinct input sets keep the L2
+(50 MB) from serving repeated reads. Never on zeros: keys are random fp8 bytes (NaN codes removed) with
+random positive scales, q / weights / kv are random normals.
+Roofline per row: ``max(bytes / copy_bw, flops / matmul_rate)`` with both ceilings measured in this run;
+``roofline_fraction = roofline_time / time``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels.indexer_score import indexer_scores_pallas
+from pallas_kernels.reference import (
+    indexer_scores_reference,
+    indexer_scores_xla,
+    sparse_attention_reference,
+    sparse_attention_xla,
+)
+from pallas_kernels.sparse_attention import sparse_attention_pallas
+
+LOG = []
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+# --------------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------------
+def _wall(f, args, reps):
+    out = f(args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = f(args)
+        jax.block_until_ready(out)
+        ts.append(time.perf_counter() - t0)
+    del out
+    return statistics.median(ts)
+
+
+def device_time(f, args, reps=3):
+    """GPU busy time of one f(args) from a profiler (CUPTI) trace: sum of kernel / copy durations on the
+    device's stream lines. Returns (seconds, {kernel name: count}, line names) or (None, {}, [])."""
+    import glob
+    import tempfile
+    from collections import Counter
+    d = tempfile.mkdtemp(prefix="jaxprof")
+    jax.block_until_ready(f(args))
+    with jax.profiler.trace(d):
+        for _ in range(reps):
+            jax.block_until_ready(f(args))
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return None, {}, []
+    pd = jax.profiler.ProfileData.from_file(files[0])
+    total, names, lines = 0, Counter(), []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        plines = list(plane.lines)
+        lines += [ln.name for ln in plines]
+        stream_lines = [ln for ln in plines if ln.name.startswith("Stream")]
+        for ln in stream_lines:
+            for ev in ln.events:
+                total += ev.duration_ns
+                names[ev.name[:48]] += 1
+    if total == 0:
+        return None, dict(names), lines
+    return total * 1e-9 / reps, dict(names), lines
+
+
+def time_per_call(fn, sets, reps=3):
+    """sets: list of 2S argument tuples. Returns (device seconds per call, info).
+
+    device: CUPTI kernel time per call (launch gaps excluded). wall: (T(2S) - T(S)) / S with T the median
+    wall time of block_until_ready (host launch overhead included)."""
+    s = len(sets) // 2
+    f = jax.jit(lambda xs: [fn(*x) for x in xs])
+    t1 = _wall(f, sets[:s], reps)
+    t2 = _wall(f, sets, reps)
+    wall = max((t2 - t1) / s, 1e-9)
+    try:
+        dev, names, lines = device_time(f, sets)
+    except Exception as e:  # noqa: BLE001
+        dev, names, lines = None, {"error": repr(e)[:300]}, []
+    per = dev / len(sets) if dev else wall
+    return per, dict(t_s=t1, t_2s=t2, s=s, wall_per_call_us=wall * 1e6,
+                     device_per_call_us=(dev / len(sets) * 1e6) if dev else None,
+                     kernels={k: v for k, v in list(names.items())[:8]}, lines=lines[:12])
+
+
+def n_sets(bytes_per_call, mem_cap=8e9):
+    est = bytes_per_call / 2.5e12 + 4e-6
+    s = int(min(16, max(2, math.ceil(300e-6 / est))))
+    s = int(max(1, min(s, mem_cap // (2 * max(bytes_per_call, 1)))))
+    return max(s, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------------
+def rand_packed_keys(key, b, n, d):
+    """Random packed fp8 keys without NaN codes, positive random scales (never zeros)."""
+    k1, k2 = jax.random.split(key)
+    by = jax.random.bits(k1, (b, n, d), jnp.uint8)
+    by = jnp.where((by & 0x7F) == 0x7F, by ^ jnp.uint8(1), by)      # 0x7F / 0xFF are NaN in e4m3fn
+    sc = jax.random.uniform(k2, (b, n), jnp.float32, 1e-3, 1e-2)
+    sb = jax.lax.bitcast_convert_type(sc, jnp.uint8)
+    return jnp.concatenate([by, sb], axis=-1)
+
+
+def indexer_inputs(key, b, m, h, d, n, qdtype=jnp.bfloat16, multi=False, ragged=False):
+    ks = jax.random.split(key, 4)
+    qs = (b, m, h, d) if multi else (b, h, d)
+    q = jax.random.normal(ks[0], qs, jnp.float32).astype(qdtype)
+    w = jax.random.normal(ks[1], qs[:-1], jnp.float32) * (h ** -0.5)
+    keys = rand_packed_keys(ks[2], b, n, d)
+    if ragged:
+        lens = jax.random.randint(ks[3], (b,), n // 2, n + 1).astype(jnp.int32)
+    else:
+        lens = jnp.full((b,), n, jnp.int32)
+    return q, w, keys, lens
+
+
+def attention_inputs(key, b, h, d, n, k, w, dtype=jnp.bfloat16, pad_frac=0.0):
+    ks = jax.random.split(key, 6)
+    q = jax.random.normal(ks[0], (b, h, d), jnp.float32).astype(dtype)
+    kv = jax.random.normal(ks[1], (b, n, d), jnp.float32).astype(dtype)
+    idx = jax.random.randint(ks[2], (b, k), 0, n).astype(jnp.int32)
+    if pad_frac > 0:
+        idx = jnp.where(jax.random.uniform(ks[3], (b, k)) < pad_frac, -1, idx)
+    win = jax.random.normal(ks[4], (b, w, d), jnp.float32).astype(dtype)
+    wl = jnp.full((b,), w, jnp.int32)
+    sink = jax.random.normal(ks[5], (h,), jnp.float32)
+    return q, kv, idx, win, wl, sink
+
+
+# --------------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------------
+def measure_ceilings():
+    n = 1 << 28                                   # 1 GiB of uint32
+    x = jax.random.bits(jax.random.PRNGKey(1), (n,), jnp.uint32)
+    sets = [(x,), (x + 1,), (x + 2,), (x + 3,)]
+    per, _ = time_per_call(lambda a: a ^ jnp.uint32(0x5A5A5A5A), sets, reps=7)
+    bw = 2 * n * 4 / per
+    del x, sets
+    gc.collect()
+    m = 8192
+    ks = jax.random.split(jax.random.PRNGKey(2), 8)
+    mats = [(jax.random.normal(ks[2 * i], (m, m), jnp.bfloat16), jax.random.normal(ks[2 * i + 1], (m, m), jnp.bfloat16))
+            for i in range(4)]
+    per_mm, _ = time_per_call(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
+                              mats, reps=5)
+    tf = 2 * m ** 3 / per_mm
+    del mats
+    gc.collect()
+    log(f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {tf / 1e12:.0f} TFLOP/s")
+    return dict(hbm_copy_gbps=bw / 1e9, bf16_matmul_tflops=tf / 1e12, copy_bytes=2 * n * 4, matmul_n=m)
+
+
+def rel_err(x, r):
+    x = np.asarray(x, np.float64)
+    r = np.asarray(r, np.float64)
+    fin = np.isfinite(r)
+    same_mask = bool(np.array_equal(np.isfinite(x), fin)) and bool(np.all(x[~fin] == r[~fin]))
+    err = np.linalg.norm(np.where(fin, x, 0) - np.where(fin, r, 0)) / max(np.linalg.norm(np.where(fin, r, 0)), 1e-30)
+    return float(err), same_mask, bool(np.any(np.isnan(x)))
+
+
+def run_checks(chosen=None):
+    chosen = chosen or {}
+    icfg = chosen.get("indexer") or {}
+    acfg = chosen.get("attention_small") or {}
+    res = []
+    key = jax.random.PRNGKey(123)
+    cases = [
+        dict(b=2, m=1, h=64, d=128, n=65536 + 37, qd=jnp.bfloat16, multi=False, act="none"),
+        dict(b=2, m=1, h=128, d=128, n=20000, qd=jnp.float32, multi=False, act="sigmoid"),
+        dict(b=2, m=5, h=64, d=128, n=3000, qd=jnp.bfloat16, multi=True, act="none"),
+        dict(b=3, m=1, h=4, d=32, n=1000, qd=jnp.float32, multi=False, act="none"),
+    ]
+    for c in cases:
+        key, sub = jax.random.split(key)
+        q, w, keys, lens = indexer_inputs(sub, c["b"], c["m"], c["h"], c["d"], c["n"], c["qd"], c["multi"], ragged=True)
+        name = f"indexer b{c['b']} m{c['m']} h{c['h']} d{c['d']} n{c['n']} {jnp.dtype(c['qd']).name} {c['act']}"
+        try:
+            ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
+            out = jax.jit(functools.partial(indexer_scores_pallas, act=c["act"], **icfg))(q, w, keys, lens)
+            xla = jax.jit(functools.partial(indexer_scores_xla, act=c["act"]))(q, w, keys, lens)
+            e, mask_ok, nan = rel_err(out, ref)
+            ex, _, _ = rel_err(xla, ref)
+            tol = 1e-5
+            ok = e < tol and mask_ok and not nan
+            res.append(dict(case=name, rel_err=e, xla_rel_err=ex, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
+            log(f"check {name}: rel_err {e:.2e} (xla {ex:.2e}) masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
+        except Exception as ex_:  # noqa: BLE001
+            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
+            log(f"check {name}: ERROR {ex_!r}"[:3000])
+            traceback.print_exc()
+    acases = [
+        dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
+        dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3),
+        dict(b=2, h=20, d=64, n=500, k=70, w=33, dt=jnp.float32, qd=jnp.float32, splits=1),
+    ]
+    for c in acases:
+        key, sub = jax.random.split(key)
+        q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], c["h"], c["d"], c["n"], c["k"], c["w"], c["dt"], 0.2)
+        q = q.astype(c["qd"])
+        idx = idx.at[0, :17].set(idx[0, 0])          # duplicates
+        idx = idx.at[-1].set(-1)                      # a request with only window entries
+        wl = wl.at[0].set(c["w"] // 3)
+        scale = c["d"] ** -0.5
+        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}"
+        try:
+            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=scale)
+            acfg_c = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}))
+            po, pl_ = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **acfg_c))(
+                q, kv, idx, win, wl, sink)
+            xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale))(q, kv, idx, win, wl, sink)
+            e, _, nan = rel_err(po, ro)
+            el, _, nan2 = rel_err(pl_, rl)
+            ex, _, _ = rel_err(xo, ro)
+            tol = 1e-2 if c["dt"] == jnp.bfloat16 and c["qd"] == jnp.bfloat16 else 1e-5
+            ok = e < tol and el < tol and not nan and not nan2
+            res.append(dict(case=name, rel_err=e, lse_rel_err=el, xla_rel_err=ex, nan=nan or nan2, tol=tol, ok=ok))
+            log(f"check {name}: out {e:.2e} lse {el:.2e} (xla {ex:.2e}) nan {nan or nan2} -> {'OK' if ok else 'FAIL'}")
+        except Exception as ex_:  # noqa: BLE001
+            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
+            log(f"check {name}: ERROR {ex_!r}"[:3000])
+            traceback.print_exc()
+    return res
+
+
+def roofline(bytes_, flops, ceil):
+    return max(bytes_ / (ceil["hbm_copy_gbps"] * 1e9), flops / (ceil["bf16_matmul_tflops"] * 1e12))
+
+
+def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None):
+    bytes_ = b * n * (d + 4) + b * h * d * jnp.dtype(qdtype).itemsize + b * h * 4 + b * n * 4 + b * 4
+    flops = 2 * b * h * d * n
+    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 4)
+    sets = [indexer_inputs(jax.random.PRNGKey(1000 + i), b, 1, h, d, n, qdtype) for i in range(2 * s)]
+    if impl == "pallas":
+        fn = lambda q, w, k, ln: indexer_scores_pallas(q, w, k, ln, **(cfg or {}))
+    else:
+        fn = indexer_scores_xla
+    per, raw = time_per_call(fn, sets)
+    del sets
+    gc.collect()
+    rt = roofline(bytes_, flops, ceil)
+    return dict(kernel="indexer_scores", impl=impl, heads=h, dim=d, q_dtype=jnp.dtype(qdtype).name, keys="fp8_packed",
+                batch=b, n_entries=n, time_us=per * 1e6, gbps=bytes_ / per / 1e9, tflops=flops / per / 1e12,
+                bytes=bytes_, flops=flops, roofline_us=rt * 1e6, roofline_fraction=rt / per, config=cfg or "default",
+                wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
+                timing=raw)
+
+
+def attention_case(ceil, b, impl, h=64, d=512, k=512, w=128, n=4096, cfg=None):
+    bytes_ = b * (h * d * 2 + k * d * 2 + w * d * 2 + k * 4 + h * d * 4 + h * 4 + 4) + h * 4
+    flops = 4 * b * h * d * (k + w)
+    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 3, mem_cap=12e9 * bytes_ / (b * n * d * 2 + bytes_))
+    sets = [attention_inputs(jax.random.PRNGKey(2000 + i), b, h, d, n, k, w) for i in range(2 * s)]
+    scale = d ** -0.5
+    if impl == "pallas":
+        fn = lambda *a: sparse_attention_pallas(*a, scale=scale, **(cfg or {}))
+    else:
+        fn = lambda *a: sparse_attention_xla(*a, scale=scale)
+    per, raw = time_per_call(fn, sets)
+    del sets
+    gc.collect()
+    rt = roofline(bytes_, flops, ceil)
+    return dict(kernel="sparse_attention", impl=impl, heads=h, dim=d, window=w, pool=n, batch=b, topk=k,
+                time_us=per * 1e6, gbps=bytes_ / per / 1e9, tflops=flops / per / 1e12, bytes=bytes_, flops=flops,
+                roofline_us=rt * 1e6, roofline_fraction=rt / per, config=cfg or "default",
+                wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
+                timing=raw)
+
+
+def add_speedups(rows):
+    xla = {}
+    for r in rows:
+        if r.get("impl") == "xla" and "time_us" in r:
+            xla[(r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"))] = r
+    for r in rows:
+        if "time_us" not in r:
+            continue
+        x = xla.get((r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype")))
+        r["speedup_vs_xla"] = (x["time_us"] / r["time_us"]) if x else None
+        r["speedup_vs_xla_wall"] = (x["timing"]["wall_per_call_us"] / r["timing"]["wall_per_call_us"]) if x else None
+
+
+def run_topk(ns, batches, k=512):
+    out = []
+    for n in ns:
+        for b in batches:
+            sets = [(jax.random.normal(jax.random.PRNGKey(3000 + i), (b, n), jnp.float32),) for i in range(8)]
+            for name, fn in (("lax.top_k", lambda x: jax.lax.top_k(x, k)),
+                             ("lax.approx_max_k", lambda x: jax.lax.approx_max_k(x, k, recall_target=0.95))):
+                try:
+                    per, info = time_per_call(fn, sets)
+                    out.append(dict(op=name, batch=b, n_entries=n, k=k, time_us=per * 1e6,
+                                    wall_us=info["wall_per_call_us"]))
+                    log(f"topk {name:18s} b{b:3d} n{n:7d} k{k}: {per * 1e6:9.1f} us (wall {info['wall_per_call_us']:.1f})")
+                except Exception as e:  # noqa: BLE001
+                    out.append(dict(op=name, batch=b, n_entries=n, k=k, error=repr(e)[:500]))
+                    log(f"topk {name} b{b} n{n}: ERROR {e!r}"[:1000])
+            # recall of approx_max_k vs exact on one set
+            x = sets[0][0]
+            ex = jax.lax.top_k(x, k)[1]
+            ap = jax.lax.approx_max_k(x, k, recall_target=0.95)[1]
+            rec = float(jnp.mean(jax.vmap(lambda a, e: jnp.isin(e, a).mean())(ap, ex)))
+            out.append(dict(op="approx_max_k_recall", batch=b, n_entries=n, k=k, recall=rec))
+            del sets
+    return out
+
+
+def run_profile():
+    """A few launches of each kernel config, no timing: run under ncu (see NOTES_kernels.md)."""
+    cases = [("indexer", dict(b=1, h=64, n=65536)), ("indexer", dict(b=8, h=64, n=65536)),
+             ("indexer", dict(b=1, h=128, n=65536)), ("attention", dict(b=8)), ("attention", dict(b=64))]
+    for kind, c in cases:
+        if kind == "indexer":
+            args = indexer_inputs(jax.random.PRNGKey(7), c["b"], 1, c["h"], 128, c["n"])
+            f = jax.jit(indexer_scores_pallas)
+        else:
+            args = attention_inputs(jax.random.PRNGKey(7), c["b"], 64, 512, 4096, 512, 128)
+            f = jax.jit(functools.partial(sparse_attention_pallas, scale=512 ** -0.5))
+        for _ in range(2):
+            jax.block_until_ready(f(*args))
+        log(f"profiled {kind} {c}")
+
+
+def ncu_summary(path):
+    """Prints the few ncu metrics that matter per kernel launch from an ncu --csv --page details dump."""
+    import csv
+    keep = ("Duration", "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy", "DRAM Throughput",
+            "Memory Throughput", "Compute (SM) Throughput", "Dynamic Shared Memory Per Block",
+            "Static Shared Memory Per Block", "Grid Size", "Block Size", "Stall Long Scoreboard", "Stall Barrier",
+            "Stall Wait", "Stall Math Pipe Throttle", "Stall MIO Throttle", "Stall LG Throttle", "Stall Short Scoreboard",
+            "Stall Not Selected", "Warp Cycles Per Issued Instruction", "Stall Membar", "Stall Dispatch Stall",
+            "l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum", "l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum",
+            "dram__bytes_read.sum", "dram__bytes_write.sum", "Block Limit Registers", "Block Limit Shared Mem")
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    rows = list(csv.DictReader(lines))
+    by = {}
+    for r in rows:
+        name = r.get("Metric Name", "")
+        if any(name == k or name.startswith(k) for k in keep):
+            by.setdefault((r.get("ID"), r.get("Kernel Name", "")[:40]), []).append(
+                f"{name}={r.get('Metric Value')}{r.get('Metric Unit', '')}")
+    for (i, k), v in by.items():
+        print(f"[{i}] {k}: " + "; ".join(v))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.json"))
+    ap.add_argument("--sections", default="ceilings,check,indexer,attention,topk")
+    ap.add_argument("--quick", action="store_true", help="few sizes (smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
+    ap.add_argument("--ncu-summary", default="", help="summarise an ncu csv dump and exit")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if args.ncu_summary:
+        ncu_summary(args.ncu_summary)
+        return
+    if "profile" in sections:
+        run_profile()
+        return
+    t_start = time.time()
+    dev = jax.devices()[0]
+    result = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform, jax_version=jax.__version__,
+                  date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  command="PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py " + " ".join(sys.argv[1:]),
+                  rows=[], checks=[], topk=[], sweep=[])
+    log(f"device {result['device']} jax {jax.__version__} python {sys.version.split()[0]}")
+
+    def save():
+        result["elapsed_s"] = time.time() - t_start
+        result["log"] = LOG[-400:]
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    ceil = dict(hbm_copy_gbps=3000.0, bf16_matmul_tflops=800.0)
+    if "ceilings" in sections:
+        ceil = measure_ceilings()
+    result["ceilings"] = ceil
+    save()
+
+    def add(fn, *a, to="rows", **kw):
+        try:
+            r = fn(ceil, *a, **kw)
+            result[to].append(r)
+            log(f"{to[:5]:5s} {r['kernel']:16s} {r['impl']:6s} h{r['heads']:3d} b{r['batch']:3d} "
+                f"{'n' if 'n_entries' in r else 'k'}{r.get('n_entries', r.get('topk')):7d} {r['time_us']:9.1f} us "
+                f"(wall {r['timing']['wall_per_call_us']:8.1f}) {r['gbps']:6.0f} GB/s {r['tflops']:6.1f} TF/s "
+                f"roof {r['roofline_fraction']:.2f} cfg {r['config']}")
+            return r
+        except Exception as e:  # noqa: BLE001
+            log(f"ERROR {fn.__name__} {a} {kw}: {e!r}"[:3000])
+            traceback.print_exc()
+            result[to].append(dict(kernel=fn.__name__, args=str(a), kw=str(kw), error=repr(e)[:2000]))
+            return None
+        finally:
+            save()
+
+    def pick(cases):
+        """cases: {cfg_key: [time or None per shape]} -> cfg_key with the lowest mean time / best time."""
+        n_shapes = len(next(iter(cases.values())))
+        bests = [min((v[i] for v in cases.values() if v[i]), default=None) for i in range(n_shapes)]
+        score = {k: sum(v[i] / bests[i] for i in range(n_shapes)) if all(v) else 1e9 for k, v in cases.items()}
+        return min(score, key=score.get)
+
+    chosen = dict(indexer=None, attention_small=None, attention_large=None)
+    if "sweep" in sections or args.sweep:
+        icfgs = [dict(), dict(block_n=64, blocks_per_program=8), dict(block_n=64, num_warps=8),
+                 dict(block_n=32, blocks_per_program=8), dict(block_n=128, blocks_per_program=1, num_warps=4)]
+        times = {}
+        for c in icfgs:
+            times[json.dumps(c)] = []
+            for h, b, n in ((64, 1, 65536), (128, 8, 65536)):
+                r = add(indexer_case, b, h, n, "pallas", cfg=c, to="sweep")
+                times[json.dumps(c)].append(r["time_us"] if r else None)
+        chosen["indexer"] = json.loads(pick(times))
+        acfgs = [dict(), dict(block_k=32), dict(block_k=32, num_warps=8),
+                 dict(heads_per_program=32, block_k=32, num_warps=8), dict(heads_per_program=64, block_k=32, num_warps=8),
+                 dict(block_k=32, num_warps=8, n_splits=2)]
+        for b, slot in ((8, "attention_small"), (64, "attention_large")):
+            times = {}
+            for c in acfgs:
+                r = add(attention_case, b, "pallas", cfg=c, to="sweep")
+                times[json.dumps(c)] = [r["time_us"] if r else None]
+            chosen[slot] = json.loads(pick(times))
+        log(f"chosen configs: {chosen}")
+    result["chosen_configs"] = chosen
+    save()
+    if "check" in sections:
+        result["checks"] = run_checks(chosen)
+        save()
+
+    if "attention" in sections:
+        bs = (1, 8, 32, 64) if not args.quick else (8, 64)
+        for b in bs:
+            add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"])
+            add(attention_case, b, "xla")
+    if "indexer" in sections:
+        hs, ns, bs = (64, 128), (16384, 65536, 262144), (1, 8, 32)
+        if args.tiny:
+            ns = (256, 1024)
+        if args.quick:
+            hs, ns, bs = (64,), (65536,), (1, 8)
+        for h in hs:
+            for n in ns:
+                for b in bs:
+                    add(indexer_case, b, h, n, "pallas", cfg=chosen["indexer"])
+                    add(indexer_case, b, h, n, "xla")
+        if not args.quick:
+            add(indexer_case, 1, 64, 65536, "pallas", qdtype=jnp.float32, cfg=chosen["indexer"])
+            add(indexer_case, 1, 64, 65536, "xla", qdtype=jnp.float32)
+    add_speedups(result["rows"])
+    save()
+    if "topk" in sections:
+        tk_ns = (1024, 4096) if args.tiny else (16384, 65536, 262144) if not args.quick else (65536,)
+        result["topk"] = run_topk(tk_ns, (1, 8, 32) if not args.quick else (1,))
+    add_speedups(result["rows"])
+    save()
+    log("")
+    log(f"{'kernel':16s} {'impl':6s} {'h':>4s} {'b':>4s} {'n|k':>7s} {'dev us':>9s} {'wall us':>9s} {'GB/s':>7s} "
+        f"{'TF/s':>6s} {'roof':>5s} {'xX':>5s} {'xXwall':>6s}")
+    for r in result["rows"]:
+        if "time_us" not in r:
+            continue
+        sp = r.get("speedup_vs_xla")
+        log(f"{r['kernel']:16s} {r['impl']:6s} {r['heads']:4d} {r['batch']:4d} {r.get('n_entries', r.get('topk')):7d} "
+            f"{r['time_us']:9.1f} {r['timing']['wall_per_call_us']:9.1f} {r['gbps']:7.0f} {r['tflops']:6.1f} "
+            f"{r['roofline_fraction']:5.2f} {(sp if sp else 0):5.2f} {(r.get('speedup_vs_xla_wall') or 0):6.2f}")
+    log(f"total {time.time() - t_start:.0f} s")
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Small shims over Pallas API names that moved between JAX releases.
+
+Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
+- the Triton backend's compiler-params class is ``jax.experimental.pallas.triton.CompilerParams``
+  (``TritonCompilerParams`` before jax 0.7); passing it also *selects* the Triton backend, which matters
+  because ``jax_pallas_use_mosaic_gpu`` defaults to True in these releases;
+- masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7).
+"""
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+
+try:  # jax >= 0.4.34
+    from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover - very old jax
+    _pltriton = None
+
+
+def triton_compiler_params(num_warps: int | None = None, num_stages: int | None = None):
+    """The Triton backend's compiler-params object (whatever the installed jax calls it)."""
+    for mod, name in ((_pltriton, "CompilerParams"), (_pltriton, "TritonCompilerParams"),
+                      (pl, "TritonCompilerParams")):
+        cls = getattr(mod, name, None) if mod is not None else None
+        if cls is not None:
+            return cls(num_warps=num_warps, num_stages=num_stages)
+    raise ImportError("no Pallas Triton CompilerParams class in this jax version")  # pragma: no cover
+
+
+def _pick(name: str):
+    fn = getattr(_pltriton, name, None) if _pltriton is not None else None
+    if fn is None:  # pragma: no cover
+        raise ImportError(f"jax.experimental.pallas.triton.{name} is missing in this jax version")
+    return fn
+
+
+load = _pick("load")    # load(ref_view, *, mask=None, other=None)
+store = _pick("store")  # store(ref_view, value, *, mask=None)

@@ -1,0 +1,56 @@
+"""The one entry point per op that model code calls: ``impl="pallas" | "xla" | "auto"``.
+
+``auto`` runs the Pallas kernel when ``jax.default_backend() == "gpu"`` (and the shapes suit it: head dim a
+power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run.
+``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
+"""
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.indexer_score import indexer_scores_pallas
+from pallas_kernels.reference import (
+    check_attention_inputs,
+    check_indexer_inputs,
+    indexer_scores_xla,
+    sparse_attention_xla,
+)
+from pallas_kernels.sparse_attention import sparse_attention_pallas
+
+IMPLS = ("auto", "pallas", "xla")
+
+
+def _pow2_dim(d: int) -> bool:
+    return d >= 16 and d & (d - 1) == 0
+
+
+def _choose(op: str, impl: str, interpret: bool, dim: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and _pow2_dim(dim) else "xla"
+    if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
+                         "pass interpret=True to run the kernel in interpret mode, or impl='xla'")
+    return impl
+
+
+def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = "auto", interpret: bool = False):
+    """Indexer logits ``sum_h w[h] relu(q[h] . k[s])`` (act="none", masked -> -inf) or their sigmoid
+    (act="sigmoid", masked -> 0). q [B, H, D] | [B, M, H, D]; keys uint8 [B, N, D+4] | bf16/f32 [B, N, D];
+    lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]."""
+    info = check_indexer_inputs(q, weights, keys, lengths, act)
+    if _choose("indexer_scores", impl, interpret, info.dim) == "pallas":
+        return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret)
+    return indexer_scores_xla(q, weights, keys, lengths, act=act)
+
+
+def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, impl: str = "auto",
+                     interpret: bool = False):
+    """Sparse decode attention over ``window_kv[:, :window_lengths]`` plus ``kv[indices]`` (-1 = padding)
+    with a per-head sink logit. Returns (out float32 [B, H, D], lse float32 [B, H])."""
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
+    if _choose("sparse_attention", impl, interpret, info.dim) == "pallas":
+        return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
+                                       interpret=interpret)
+    return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale)

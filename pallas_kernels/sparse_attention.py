@@ -1,0 +1,220 @@
+"""Pallas (Triton backend) kernel: gathered sparse multi-query decode attention with window and sink.
+
+Per request ``b`` the attended entries are the window slots ``[0, window_lengths[b])`` followed by the
+``K`` gathered rows ``kv[b, indices[b, j]]`` (``-1`` / out-of-range = padding; duplicates count per
+occurrence); one shared KV head (keys == values), ``H`` query heads, per-head sink logit in the
+denominator only.
+
+Grid ``(B, H / heads_per_program, n_splits)``. The ``W + K`` entries are cut into blocks of ``block_k``
+rows (window blocks first, then gathered blocks); split ``s`` owns a contiguous run of those blocks and runs
+an online softmax over them: per block it loads the rows once (a contiguous window tile or a row gather
+from the pool; masked rows issue no memory traffic), ``logits = scale * q . k^T`` on the tensor cores, and
+``acc += p . v`` with the same tile as ``v``. With one split the program folds the sink in and writes the
+final ``(out, lse)``; with several it writes ``(acc, m, l)`` partials that a small XLA epilogue combines
+(flash-decoding), which is what keeps all SMs busy at small batch.
+
+Numerics: bf16 q and kv -> bf16 tensor-core products with float32 accumulation and ``p`` rounded to bf16 for
+``p . v`` (as flash attention does); a float32 q with bf16 kv splits q and p into bf16 hi + lo parts
+(~float32 accuracy); float32 kv uses IEEE float32 dots.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import compat
+from pallas_kernels.reference import check_attention_inputs
+
+NEG = -1e30   # "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _dot(a, b, contract_b: int, precision=None):
+    """a [X, C] . b -> [X, Y] float32, contracting b's axis ``contract_b``."""
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _split(x):
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *out_refs, bh, bk, d, n, k_total,
+                      w_total, n_wblocks, n_blocks, blocks_per_split, scale, mode, final):
+    b = pl.program_id(0)
+    hb = pl.program_id(1)
+    sp = pl.program_id(2)
+    h0 = hb * bh
+    rows = jnp.arange(bk, dtype=jnp.int32)
+    cols = jnp.arange(d, dtype=jnp.int32)
+    wlen = jnp.minimum(wl_ref[b], w_total)
+    kt_dtype = jnp.float32 if mode == "f32" else jnp.bfloat16
+
+    q = q_ref[b, pl.ds(h0, bh), :]                                              # [bh, d]
+    if mode == "split":
+        qparts = _split(q.astype(jnp.float32))
+    else:
+        qparts = (q.astype(kt_dtype),)
+    prec = jax.lax.Precision.HIGHEST if mode == "f32" else None
+
+    def step(kt, valid, carry):
+        m_i, l_i, acc = carry
+        kt = kt.astype(kt_dtype)
+        s = _dot(qparts[0], kt, 1, prec)
+        for extra in qparts[1:]:
+            s = s + _dot(extra, kt, 1)
+        s = jnp.where(valid[None, :], s * scale, NEG)                           # [bh, bk]
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        alpha = jnp.exp(m_i - m_new)
+        p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        l_new = l_i * alpha + jnp.sum(p, axis=1)
+        if mode == "f32":
+            pv = _dot(p, kt, 0, prec)
+        elif mode == "split":
+            ph, pl_ = _split(p)
+            pv = _dot(ph, kt, 0) + _dot(pl_, kt, 0)
+        else:
+            pv = _dot(p.astype(jnp.bfloat16), kt, 0)
+        return m_new, l_new, acc * alpha[:, None] + pv
+
+    def window_block(t, carry):                          # t: global block id < n_wblocks
+        w0 = t * bk
+        valid = w0 + rows < wlen
+        kt = compat.load(win_ref.at[b, pl.ds(w0, bk), :], mask=valid[:, None], other=0)
+        return step(kt, valid, carry)
+
+    def gather_block(t, carry):                          # t: global block id >= n_wblocks
+        g0 = (t - n_wblocks) * bk
+        idx = compat.load(idx_ref.at[b, pl.ds(g0, bk)], mask=g0 + rows < k_total, other=-1)
+        valid = (idx >= 0) & (idx < n)
+        safe = jnp.where(valid, idx, 0)
+        kt = compat.load(kv_ref.at[b, safe[:, None], cols[None, :]], mask=valid[:, None], other=0)
+        return step(kt, valid, carry)
+
+    # this split owns global blocks [lo, hi): window blocks first, then gathered blocks
+    lo = sp * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, n_blocks)
+    init = (jnp.full((bh,), NEG, jnp.float32), jnp.zeros((bh,), jnp.float32), jnp.zeros((bh, d), jnp.float32))
+    carry = jax.lax.fori_loop(jnp.minimum(lo, n_wblocks), jnp.minimum(hi, n_wblocks), window_block, init)
+    m_i, l_i, acc = jax.lax.fori_loop(jnp.maximum(lo, n_wblocks), jnp.maximum(hi, n_wblocks), gather_block, carry)
+
+    if final:
+        o_ref, lse_ref = out_refs
+        sink = sink_ref[pl.ds(h0, bh)]
+        m = jnp.maximum(m_i, sink)
+        a = jnp.exp(m_i - m)
+        denom = l_i * a + jnp.exp(sink - m)
+        inv = jnp.where(denom > 0, a / jnp.where(denom > 0, denom, 1.0), 0.0)
+        o_ref[b, pl.ds(h0, bh), :] = acc * inv[:, None]
+        lse_ref[b, pl.ds(h0, bh)] = m + jnp.log(denom)
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        acc_ref[b, sp, pl.ds(h0, bh), :] = acc
+        m_ref[b, sp, pl.ds(h0, bh)] = m_i
+        l_ref[b, sp, pl.ds(h0, bh)] = l_i
+
+
+def _combine(acc, m, l, sink):
+    """Partials acc [B, S, H, D], m/l [B, S, H] + sink [H] -> (out [B, H, D], lse [B, H])."""
+    sink = sink.astype(jnp.float32)[None, :]
+    mx = jnp.maximum(jnp.max(m, axis=1), sink)                                  # [B, H]
+    a = jnp.exp(m - mx[:, None, :])                                             # [B, S, H]
+    denom = jnp.exp(sink - mx) + jnp.sum(a * l, axis=1)
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    out = jnp.sum(acc * a[..., None], axis=1) * inv[..., None]
+    return out, mx + jnp.log(denom)
+
+
+def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mode: str = "bf16") -> dict:
+    """Block sizes used when the caller gives none, from the H100 sweep (CUPTI kernel time, see
+    benchmarks/NOTES_kernels.md): batch <= 8: 16 heads x 64 entries per block, 4 warps; larger batches (bf16
+    only): all 64 heads in one program (M = 64 for the tensor cores) x 32 entries, 8 warps. The split count
+    doubles until ``batch * ceil(H / 16) * splits`` reaches two programs per SM (132 SMs), as in the tuned runs."""
+    hp = max(16, _next_pow2(heads))
+    if batch > 8 and mode == "bf16":
+        bh, bk, warps = min(64, hp), 32, 8
+    else:   # (the float32 / split modes were only checked on the GPU with this shape)
+        bh, bk, warps = 16, (64 if mode == "bf16" and dim <= 512 else 32), 4
+    n_blocks = -(-window // bk) + -(-topk // bk)
+    hblocks16 = -(-hp // 16)
+    splits = 1
+    while batch * hblocks16 * splits < 2 * 132 and splits * 2 <= n_blocks:
+        splits *= 2
+    return dict(heads_per_program=bh, block_k=bk, n_splits=splits, num_warps=warps,
+                num_stages=1 if mode == "f32" else 2)
+
+
+def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, scale, interpret: bool = False,
+                            heads_per_program: int | None = None, block_k: int | None = None,
+                            n_splits: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None):
+    """Pallas launch wrapper; same contract as :func:`pallas_kernels.sparse_attention`."""
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
+    b, h, d = info.batch, info.heads, info.dim
+    try:
+        scale = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("sparse_attention(impl='pallas'): scale must be a static Python number") from e
+    if not interpret and (d < 16 or d & (d - 1)):
+        raise ValueError(f"sparse_attention(impl='pallas'): head dim D must be a power of two >= 16, got {d}")
+    if kv.dtype == jnp.float32 or window_kv.dtype == jnp.float32:
+        mode = "f32"
+    elif q.dtype == jnp.bfloat16:
+        mode = "bf16"
+    else:
+        mode = "split"
+    cfg = default_config(b, h, info.topk, info.window, d, mode)
+    for key, val in (("heads_per_program", heads_per_program), ("block_k", block_k), ("n_splits", n_splits),
+                     ("num_warps", num_warps), ("num_stages", num_stages)):
+        if val is not None:
+            cfg[key] = val
+    bh, bk = cfg["heads_per_program"], cfg["block_k"]
+
+    hp = -(-h // bh) * bh
+    qp, sinkp = q, sink.astype(jnp.float32)
+    if hp != h:
+        qp = jnp.pad(q, ((0, 0), (0, hp - h), (0, 0)))
+        sinkp = jnp.pad(sinkp, (0, hp - h))
+    idx = indices.astype(jnp.int32)
+    if info.topk == 0:   # keep the kernel's loads well-formed
+        idx = jnp.full((b, 1), -1, jnp.int32)
+    win, wl = window_kv, window_lengths.astype(jnp.int32)
+    if info.window == 0:
+        win = jnp.zeros((b, 1, d), window_kv.dtype)
+        wl = jnp.zeros((b,), jnp.int32)
+
+    n_wblocks = -(-info.window // bk)
+    n_blocks = n_wblocks + -(-info.topk // bk)
+    splits = max(1, min(int(cfg["n_splits"]), n_blocks))
+    bps = -(-n_blocks // splits)
+    splits = -(-n_blocks // bps)
+    final = splits == 1
+    if final:
+        out_shape = (jax.ShapeDtypeStruct((b, hp, d), jnp.float32), jax.ShapeDtypeStruct((b, hp), jnp.float32))
+    else:
+        out_shape = (jax.ShapeDtypeStruct((b, splits, hp, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, splits, hp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, splits, hp), jnp.float32))
+    kernel = functools.partial(
+        _attention_kernel, bh=bh, bk=bk, d=d, n=info.n_entries, k_total=idx.shape[1], w_total=info.window,
+        n_wblocks=n_wblocks, n_blocks=n_blocks, blocks_per_split=bps, scale=scale, mode=mode, final=final)
+    res = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(b, hp // bh, splits),
+        compiler_params=compat.triton_compiler_params(cfg["num_warps"], cfg["num_stages"]),
+        interpret=interpret,
+        name="sparse_attention",
+    )(wl, sinkp, qp, kv, idx, win)
+    if final:
+        out, lse = res
+    else:
+        out, lse = _combine(*res, sinkp)
+    return out[:, :h], lse[:, :h]

@@ -1,0 +1,375 @@
+"""Dump Memory Indexer training data from the backbone (SPEC §6): ``python -m train.dump``.
+
+For every document the backbone runs once over the whole token sequence
+(``fm_jax.backbone.run_sequence``, the uncached causal pass, which equals prefill followed by
+teacher-forced decode). Recorded per target CSA layer: the layer's residual input ``h_t`` at every
+position (bf16) and its packed index keys ([N, D + 4] uint8); from every voting CSA layer the native
+Lightning Indexer's top-k at every step, from which ``train.labels.golden_labels`` builds the CSR labels
+of the ``tau``-grid query positions. The picks themselves are not stored.
+
+Output (see ``train.data`` for the format): ``manifest.json``, one ``doc_<id>.safetensors`` per document
+with a ``doc_<id>.json`` sidecar, and ``li_init.safetensors`` (the Lightning Indexer's query tower as a
+FlashMemory joint checkpoint, the initialisation of ``train.fit``). A rerun with the same settings skips
+documents whose shard and sidecar are complete; a rerun with different settings is refused.
+
+Inputs: ``--tokens`` files (``.npy`` 1-D = one document, 2-D = one per row; ``.jsonl`` one JSON list of
+token ids, or an object with ``"tokens"`` / ``"input_ids"``, per line) or ``--synthetic N`` documents
+from ``train.synthetic``. The backbone is ``init_params(preset, --model-seed)`` or an orbax checkpoint
+(``--model-params``).
+
+Example (tiny preset, CPU)::
+
+    python -m train.dump --out /tmp/fm_data --preset tiny --synthetic 16 --length 1024 --tau 8
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from fm_jax import backbone
+from fm_jax import memory_indexer as mi
+from fm_jax import model as fm_model
+from fm_jax.config import ModelConfig, get_config
+from train import data as D
+from train.labels import default_min_layers, golden_labels, query_grid
+
+SETTINGS_KEYS = ("model", "target_layers", "vote_layers", "tau", "min_layers", "min_candidates", "rope_dtype")
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------
+def _safe_id(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
+
+
+def read_token_file(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yields ``(doc_id, tokens int32 [T], source)`` from a ``.npy`` or ``.jsonl`` file."""
+    stem = _safe_id(os.path.splitext(os.path.basename(path))[0])
+    if path.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path}: token array must be integer, got {arr.dtype}")
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise ValueError(f"{path}: token array must be 1-D or 2-D, got shape {arr.shape}")
+        for i, row in enumerate(arr):
+            yield f"{stem}-{i:06d}", row.astype(np.int32), f"{path}[{i}]"
+    elif path.endswith(".jsonl"):
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: not JSON: {e}") from None
+                if isinstance(obj, dict):
+                    obj = obj.get("tokens", obj.get("input_ids"))
+                if not isinstance(obj, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                        for x in obj):
+                    raise ValueError(f"{path}:{i + 1}: expected a list of token ids "
+                                     "(or an object with 'tokens' / 'input_ids')")
+                yield f"{stem}-{i:06d}", np.asarray(obj, np.int32), f"{path}:{i + 1}"
+    else:
+        raise ValueError(f"{path}: unsupported token file (use .npy or .jsonl)")
+
+
+def synthetic_source(n_docs: int, length: int, vocab_size: int, seed: int,
+                     tau: int = 8) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Built-in synthetic documents with phrases of 2..4 tau tokens aligned to the tau grid."""
+    from train.synthetic import synthetic_document
+
+    for i in range(n_docs):
+        toks = synthetic_document(length, vocab_size, np.random.default_rng([seed, i]), run_min=2 * tau,
+                                  run_max=4 * tau, run_multiple=tau)
+        yield f"syn{seed}-{i:06d}", toks, f"synthetic(seed={seed}, i={i}, length={length})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# backbone pass
+# ---------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("config", "targets", "voters", "impl"))
+def _dump_forward(params, tokens, config, targets, voters, impl):
+    _, _, aux = backbone.run_sequence(params, config, tokens, impl=impl)
+    hidden = tuple(aux[lyr]["hidden"].astype(jnp.bfloat16) for lyr in targets)
+    keys = tuple(aux[lyr]["index_keys"] for lyr in targets)
+    topk = tuple(aux[lyr]["topk"] for lyr in voters)
+    return hidden, keys, topk
+
+
+def _settings(model_config: ModelConfig, model_desc: dict, targets, voters, tau, min_layers, min_candidates,
+              rope_dtype) -> dict:
+    import dataclasses
+
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()}
+    return {"model": {**model_desc, "config": cfg}, "target_layers": list(targets), "vote_layers": list(voters),
+            "tau": tau, "min_layers": min_layers, "min_candidates": min_candidates, "rope_dtype": rope_dtype}
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    path = os.path.join(out_dir, "dump_settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in SETTINGS_KEYS if old.get(k) != settings.get(k)]
+        if diff:
+            raise SystemExit(f"{out_dir} holds a dump made with different settings ({', '.join(diff)}); "
+                             "use a new --out directory")
+    else:
+        D.atomic_write_json(path, settings)
+
+
+def _doc_done(out_dir: str, doc_id: str) -> bool:
+    side = os.path.join(out_dir, f"doc_{doc_id}.json")
+    if not os.path.exists(side):
+        return False
+    try:
+        with open(side) as f:
+            e = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    path = os.path.join(out_dir, e.get("file", ""))
+    return os.path.exists(path) and os.path.getsize(path) == e.get("bytes")
+
+
+def build_manifest(out_dir: str, settings: dict, model_config: ModelConfig) -> dict:
+    docs = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("doc_") and name.endswith(".json"):
+            with open(os.path.join(out_dir, name)) as f:
+                docs.append(json.load(f))
+    manifest = {
+        "format": D.FORMAT, "version": D.VERSION, **settings,
+        "ratio": model_config.csa_ratio, "d_model": model_config.d_model,
+        "index_key_bytes": model_config.index_key_bytes, "index_topk": model_config.index_topk,
+        "hidden_rows": "positions", "hidden_dtype": "bfloat16", "li_init": D.LI_INIT, "docs": docs,
+        "totals": {"docs": len(docs), "tokens": int(sum(d["n_tokens"] for d in docs)),
+                   "queries": int(sum(d["n_queries"] for d in docs)),
+                   "positives": int(sum(d["n_positives"] for d in docs))},
+    }
+    D.atomic_write_json(os.path.join(out_dir, D.MANIFEST), manifest)
+    return manifest
+
+
+def _pad_len(t: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-t // multiple) * multiple)
+
+
+def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], model_config: ModelConfig,
+                   model_params, *, model_desc: dict | None = None, target_layers=None, vote_layers=None,
+                   tau: int = 16, min_layers: int | None = None, min_candidates: int | None = None,
+                   pad_multiple: int = 512, batch_docs: int = 1, impl: str = "auto", rope_dtype: str = "float32",
+                   progress: bool = True, total: int | None = None) -> dict:
+    """Dump ``docs`` into ``out_dir``; returns a summary with throughput figures."""
+    c = model_config
+    csa = tuple(c.csa_layers)
+    if not csa:
+        raise ValueError("the model has no CSA layer: nothing to dump")
+    icfg_probe = mi.config_from_model(c, rope_dtype=rope_dtype) if target_layers is None else None
+    targets = tuple(int(x) for x in (target_layers or icfg_probe.target_layers))
+    voters = tuple(int(x) for x in (vote_layers or csa))
+    for lyr in targets + voters:
+        if lyr not in csa:
+            raise ValueError(f"layer {lyr} is not a CSA layer of the model (CSA layers: {csa})")
+    min_layers = default_min_layers(len(voters)) if min_layers is None else int(min_layers)
+    if not 1 <= min_layers <= len(voters):
+        raise ValueError(f"min_layers={min_layers} must lie in [1, {len(voters)}]")
+    min_candidates = c.index_topk if min_candidates is None else int(min_candidates)
+    r = c.csa_ratio
+    os.makedirs(out_dir, exist_ok=True)
+    settings = _settings(c, model_desc or {}, targets, voters, tau, min_layers, min_candidates, rope_dtype)
+    _check_settings(out_dir, settings)
+
+    li_path = os.path.join(out_dir, D.LI_INIT)
+    if not os.path.exists(li_path):
+        icfg = mi.config_from_model(c, target_layers=targets, rope_dtype=rope_dtype)
+        li = mi.init_from_lightning_indexer(icfg, model_params, c)
+        tmp = li_path + ".tmp.safetensors"
+        mi.save_flashmemory_checkpoint(tmp, icfg, li)
+        os.replace(tmp, li_path)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="dump", unit="doc")
+    n_done = n_skipped = n_tokens = 0
+    t_compute = 0.0
+    t_start = time.perf_counter()
+    pending: list[tuple[str, np.ndarray, str]] = []
+
+    def flush():
+        nonlocal n_done, n_tokens, t_compute
+        if not pending:
+            return
+        lens = [len(t) for _, t, _ in pending]
+        t_pad = _pad_len(max(lens), pad_multiple, c.max_seq_len)
+        toks = np.zeros((len(pending), t_pad), np.int32)
+        for i, (_, t, _) in enumerate(pending):
+            toks[i, :len(t)] = t
+        t0 = time.perf_counter()
+        hidden, keys, topk = _dump_forward(model_params, jnp.asarray(toks), config=c, targets=targets,
+                                           voters=voters, impl=impl)
+        hidden, keys, topk = jax.device_get((hidden, keys, topk))
+        t_compute += time.perf_counter() - t0
+        for b, (doc_id, t, source) in enumerate(pending):
+            n = len(t)
+            positions = query_grid(n, tau, r, min_candidates)
+            csr, stats = golden_labels({v: topk[i][b, :n] for i, v in enumerate(voters)}, positions, tau, r,
+                                       min_layers)
+            tensors = {"query_positions": positions, "label_indices": csr.indices, "label_scores": csr.scores,
+                       "label_pointers": csr.pointers}
+            for i, lyr in enumerate(targets):
+                tensors[f"hidden_layer_{lyr}"] = np.asarray(hidden[i][b, :n]).astype(ml_dtypes.bfloat16)
+                tensors[f"compk_layer_{lyr}"] = np.asarray(keys[i][b, :n // r], np.uint8)
+            fname = f"doc_{doc_id}.safetensors"
+            info = D.save_shard(os.path.join(out_dir, fname), tensors,
+                                {"format": D.FORMAT, "doc_id": doc_id, "n_tokens": n})
+            entry = {"id": doc_id, "file": fname, **info, "n_tokens": n, "n_entries": n // r,
+                     "n_queries": len(positions), "n_positives": len(csr.indices),
+                     "source": source, **{k: round(v, 3) for k, v in stats.items()}}
+            D.atomic_write_json(os.path.join(out_dir, f"doc_{doc_id}.json"), entry)
+            n_done += 1
+            n_tokens += n
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_tokens / max(t_compute, 1e-9):.0f}",
+                                pos=f"{stats['positives_mean']:.0f}/{stats['candidates_mean']:.0f}")
+        pending.clear()
+        if n_done % 50 < batch_docs:
+            build_manifest(out_dir, settings, c)
+
+    seen = set()
+    for doc_id, toks, source in docs:
+        if doc_id in seen:
+            raise ValueError(f"duplicate document id {doc_id!r}")
+        seen.add(doc_id)
+        toks = np.asarray(toks)
+        if toks.ndim != 1 or len(toks) == 0:
+            raise ValueError(f"document {doc_id} ({source}): tokens must be a non-empty 1-D array")
+        if toks.min() < 0 or toks.max() >= c.vocab_size:
+            raise ValueError(f"document {doc_id} ({source}): token ids must lie in [0, {c.vocab_size})")
+        if len(toks) > c.max_seq_len:
+            raise ValueError(f"document {doc_id} ({source}): {len(toks)} tokens exceed max_seq_len={c.max_seq_len}")
+        if _doc_done(out_dir, doc_id):
+            n_skipped += 1
+            if bar is not None:
+                bar.update(1)
+            continue
+        pending.append((doc_id, toks.astype(np.int32), source))
+        if len(pending) >= batch_docs:
+            flush()
+    flush()
+    if bar is not None:
+        bar.close()
+    manifest = build_manifest(out_dir, settings, c)
+    wall = time.perf_counter() - t_start
+    return {"docs_written": n_done, "docs_skipped": n_skipped, "tokens_written": n_tokens,
+            "compute_s": t_compute, "wall_s": wall, "tokens_per_s": n_tokens / max(t_compute, 1e-9),
+            "totals": manifest["totals"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def _parse_override(s: str):
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"--override needs key=value, got {s!r}")
+    k, v = s.split("=", 1)
+    try:
+        val = json.loads(v)
+    except json.JSONDecodeError:
+        val = v
+    if isinstance(val, list):
+        val = tuple(val)
+    return k, val
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def load_model(preset: str, overrides: dict, seed: int, params_dir: str | None):
+    c = get_config(preset, **overrides)
+    params = fm_model.init_params(c, jax.random.PRNGKey(seed))
+    if params_dir:
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+        params = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir), abstract)
+    return c, params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.dump", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
+    src = p.add_argument_group("documents")
+    src.add_argument("--tokens", nargs="+", default=[], help=".npy / .jsonl token files")
+    src.add_argument("--synthetic", type=int, default=0, help="number of built-in synthetic documents")
+    src.add_argument("--length", type=int, default=1024, help="tokens per synthetic document")
+    src.add_argument("--synthetic-seed", type=int, default=0)
+    m = p.add_argument_group("backbone")
+    m.add_argument("--preset", default="tiny", help="fm_jax.config preset")
+    m.add_argument("--override", type=_parse_override, action="append", default=[],
+                   help="config field override key=value (JSON value), repeatable")
+    m.add_argument("--model-seed", type=int, default=0, help="seed of init_params")
+    m.add_argument("--model-params", default=None, help="orbax checkpoint directory of backbone params")
+    m.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"), help="kernel implementation")
+    lab = p.add_argument_group("labels")
+    lab.add_argument("--target-layers", type=_int_list, default=None,
+                     help="CSA layers whose hidden states / keys are stored (default: config_from_model's)")
+    lab.add_argument("--vote-layers", type=_int_list, default=None, help="CSA layers that vote (default: all)")
+    lab.add_argument("--tau", type=int, default=16, help="query grid / lookahead window in decode steps")
+    lab.add_argument("--min-layers", type=int, default=None, help="votes needed (default: a strict majority of the voters)")
+    lab.add_argument("--min-candidates", type=int, default=None,
+                     help="first query needs this many complete entries (default: index_topk)")
+    lab.add_argument("--rope-dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="RoPE dtype of the Memory Indexer config written to li_init.safetensors")
+    run = p.add_argument_group("execution")
+    run.add_argument("--pad-multiple", type=int, default=512, help="pad sequence lengths to a multiple (compiles)")
+    run.add_argument("--batch-docs", type=int, default=1, help="documents per backbone call")
+    run.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if not args.tokens and args.synthetic <= 0:
+        raise SystemExit("give --tokens FILE... or --synthetic N")
+    overrides = dict(args.override)
+    c, params = load_model(args.preset, overrides, args.model_seed, args.model_params)
+    desc = {"preset": args.preset, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in overrides.items()},
+            "seed": args.model_seed, "params": os.path.abspath(args.model_params) if args.model_params else None}
+
+    def sources():
+        for path in args.tokens:
+            yield from read_token_file(path)
+        if args.synthetic > 0:
+            yield from synthetic_source(args.synthetic, args.length, c.vocab_size, args.synthetic_seed, args.tau)
+
+    total = args.synthetic if not args.tokens else None
+    summary = dump_documents(args.out, sources(), c, params, model_desc=desc, target_layers=args.target_layers,
+                             vote_layers=args.vote_layers, tau=args.tau, min_layers=args.min_layers,
+                             min_candidates=args.min_candidates, pad_multiple=args.pad_multiple,
+                             batch_docs=args.batch_docs, impl=args.impl, rope_dtype=args.rope_dtype,
+                             progress=not args.no_progress, total=total)
+    print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
