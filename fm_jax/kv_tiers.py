@@ -6,9 +6,11 @@ holds `n_slots` pages per request for every CSA layer (attention KV and index ke
 inside the jitted step. The host mirror holds every page of every CSA layer.
 
 Host memory: the mirror is a set of NumPy arrays (mutable, so write-through is an in-place copy).
-Recall gathers the missing pages on the host and moves them with one `jax.device_put` per layer
-group through a `pinned_host` staging buffer when the backend has that memory kind (CPU and CUDA
-backends do, checked once in `host_memory_kind`); otherwise straight from NumPy.
+Recall gathers the missing pages on the host and moves them with `jax.device_put` through a
+`pinned_host` staging copy when the backend has that memory kind (CPU and CUDA backends do, checked
+once in `host_memory_kind`), otherwise straight from NumPy; one thread per (layer, kv | keys) array,
+because a single thread's gather copy is far slower than PCIe (measured on the H100 host: 86-110 ms
+per 290 MB cycle serial, 28-30 ms threaded).
 
 Bookkeeping (which page sits in which slot, LRU order) lives on the host in `ReserveState`; it is
 updated only at cycle boundaries, never inside the jitted window.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -53,6 +57,11 @@ def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: in
     write_pages = -(-tau // (r * p)) + 1
     n_slots = min(n_pages, kmax_pages + recency_tail_pages + sink_pages + write_pages)
     return TierLayout(p, n_pages, n_slots, r, sink_pages, recency_tail_pages, write_pages)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="fm_jax-recall")
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,10 +220,16 @@ class HostMirror:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.kv.values()) + sum(a.nbytes for a in self.keys.values())
 
-    def gather(self, plan: RecallPlan):
-        """Host staging arrays of the planned pages: {layer: (kv [B, M, P, hd], keys [B, M, P, Dk])}."""
+    def recall_to_device(self, plan: RecallPlan):
+        """`gather` + `to_device` for every (layer, kv | keys) array, in parallel threads: NumPy's
+        fancy-index copy and the device_put both release the GIL, and one thread's memcpy rate is far
+        below the PCIe rate. Returns {layer: (kv, keys)} device arrays (transfers may still be running)."""
         bidx = np.arange(plan.pages.shape[0])[:, None]
-        return {l: (self.kv[l][bidx, plan.pages], self.keys[l][bidx, plan.pages]) for l in self.kv}
+        jobs = [(l, i, src) for l in self.kv for i, src in enumerate((self.kv[l], self.keys[l]))]
+        out = {l: [None, None] for l in self.kv}
+        for (l, i, _), arr in zip(jobs, _pool().map(lambda j: to_device(j[2][bidx, plan.pages]), jobs)):
+            out[l][i] = arr
+        return {l: tuple(v) for l, v in out.items()}
 
     def write_through(self, layer: int, slots_kv: np.ndarray, slots_keys: np.ndarray, pages: np.ndarray):
         """Store reserve pages read back from the device. slots_*: [B, M, P, ...]; pages: [B, M]

@@ -355,7 +355,7 @@ class _Cycle:
         tables = kt.device_tables(self.state, self.layout)
         staged = None
         if plan.pages.shape[1]:
-            staged = {l: tuple(kt.to_device(a) for a in pair) for l, pair in self.mirror.gather(plan).items()}
+            staged = self.mirror.recall_to_device(plan)
         self.recalled_pages += plan.n_pages * len(self.c.csa_layers)
         return plan, staged, tables, wanted
 
