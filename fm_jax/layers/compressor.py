@@ -117,7 +117,10 @@ def decode_update(params, state, x: jax.Array, positions: jax.Array, ratio: int,
     x: [B, d_model], positions: [B] (position of this token). Returns (new_state, entry [B, D] float32,
     entry_id [B], emit [B] bool). `entry` is meaningful only where `emit` (position % r == r - 1).
     """
-    kv, score = project(params, x, positions, ratio)
+    # The barrier keeps the projection a matmul of its own: at batch 1 XLA otherwise fuses the
+    # matrix-vector product into the shift's concatenate and recomputes it per state element
+    # (measured on the H100: 2.3 ms per HCA layer and 0.4 ms per CSA layer per step).
+    kv, score = jax.lax.optimization_barrier(project(params, x, positions, ratio))
     new_state = {"kv": jnp.concatenate([state["kv"][:, 1:], kv[:, None]], axis=1),
                  "score": jnp.concatenate([state["score"][:, 1:], score[:, None]], axis=1)}
     entry_id = positions // ratio
