@@ -65,7 +65,7 @@ def main(argv=None):
                     # the whole initial resident set)
                     later = st["per_cycle"][1:]
 
-                    def med(k):
+                    def med(k, later=later):
                         return float(np.median([pc[k] for pc in later]))
 
                     row.update({

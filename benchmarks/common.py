@@ -19,7 +19,7 @@ from fm_jax.layers.quant import pack_index_keys
 def run_info() -> dict:
     d = jax.devices()[0]
     return {"device": d.device_kind, "platform": d.platform, "jax": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
@@ -74,12 +74,12 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
             valid = (jnp.arange(n) < context // r)[None, :, None]
             new["comp_kv"] = jnp.where(valid, jax.random.normal(ks[1], lc["comp_kv"].shape, jnp.float32).astype(dt),
                                        jnp.zeros((), dt))
-            new["comp_state"] = jax.tree_util.tree_map(lambda a: jax.random.normal(ks[2], a.shape, a.dtype),
+            new["comp_state"] = jax.tree_util.tree_map(lambda a, k=ks[2]: jax.random.normal(k, a.shape, a.dtype),
                                                        lc["comp_state"])
             if config.layer_kind(l) == KIND_CSA:
                 raw = jax.random.normal(ks[3], (*lc["index_keys"].shape[:2], config.index_head_dim), jnp.float32)
                 new["index_keys"] = jnp.where(valid, jax.jit(pack_index_keys)(raw), jnp.zeros((), jnp.uint8))
-                new["index_state"] = jax.tree_util.tree_map(lambda a: jax.random.normal(ks[4], a.shape, a.dtype),
+                new["index_state"] = jax.tree_util.tree_map(lambda a, k=ks[4]: jax.random.normal(k, a.shape, a.dtype),
                                                             lc["index_state"])
         layers.append(new)
     hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32).astype(dt)

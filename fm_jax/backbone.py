@@ -2,6 +2,8 @@
 (decode against the cache). Public entry points are in `fm_jax.model`."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -168,7 +170,9 @@ def run_sequence(params, c, tokens, lengths=None, max_len=None, impl="auto"):
     h = embed_residual(c, params["embed"][tokens])
     caches, aux = [], []
     for layer, lp in enumerate(params["layers"]):
-        h, x_in, a = block(lp, c, h, lambda x: attention_sequence(lp["attn"], c, layer, x, lengths, max_len, impl))
+        attend = functools.partial(attention_sequence, lp["attn"], c, layer, lengths=lengths, max_len=max_len,
+                                   impl=impl)
+        h, x_in, a = block(lp, c, h, attend)
         caches.append(a.pop("cache"))
         aux.append({"hidden": x_in, **a})
     return lm_logits(params, c, h), (tuple(caches) if max_len is not None else None), aux
@@ -253,9 +257,9 @@ def run_step(params, c, cache, tokens, impl="auto"):
     h = embed_residual(c, params["embed"][tokens])
     new_layers, hidden = [], []
     for layer, lp in enumerate(params["layers"]):
-        t = tier if c.layer_kind(layer) == KIND_CSA else None
-        h, x_in, lc = block(lp, c, h, lambda x: attention_step(lp["attn"], c, layer, cache["layers"][layer], x,
-                                                               positions, t, impl))
+        attend = functools.partial(attention_step, lp["attn"], c, layer, cache["layers"][layer], positions=positions,
+                                   tier=tier if c.layer_kind(layer) == KIND_CSA else None, impl=impl)
+        h, x_in, lc = block(lp, c, h, attend)
         new_layers.append(lc)
         hidden.append(x_in)
     logits = lm_logits(params, c, h)

@@ -58,9 +58,3 @@ def init_cache(c, batch: int, max_len: int):
 def n_visible_entries(positions, ratio: int):
     """Compressed entries a query at `positions` may read: those complete before it (`(i+1)*r <= t`)."""
     return positions // ratio
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by all cache buffers."""
-    import jax
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))

@@ -98,7 +98,7 @@ class ModelConfig:
     def rope_base_for(self, layer: int) -> float:
         return self.rope_base if self.compress_ratios[layer] == 0 else self.compress_rope_base
 
-    def replace(self, **overrides) -> "ModelConfig":
+    def replace(self, **overrides) -> ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 

@@ -59,12 +59,12 @@ def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: in
     return TierLayout(p, n_pages, n_slots, r, sink_pages, recency_tail_pages, write_pages)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="fm_jax-recall")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def host_memory_kind() -> str | None:
     """'pinned_host' when the default device offers it, else None (plain NumPy transfers)."""
     try:
@@ -134,7 +134,7 @@ class ReserveState:
     clock: int = 0
 
     @classmethod
-    def empty(cls, batch: int, layout: TierLayout) -> "ReserveState":
+    def empty(cls, batch: int, layout: TierLayout) -> ReserveState:
         return cls(np.full((batch, layout.n_slots), -1, np.int64), np.full((batch, layout.n_slots), -1, np.int64),
                    [np.zeros((0,), np.int64) for _ in range(batch)])
 
@@ -207,7 +207,7 @@ class HostMirror:
     keys: dict     # layer -> np.ndarray
 
     @classmethod
-    def from_cache(cls, cache, config, layout: TierLayout) -> "HostMirror":
+    def from_cache(cls, cache, config, layout: TierLayout) -> HostMirror:
         """Copy the full (entry-indexed) CSA buffers of a prefilled cache to the host."""
         kv, keys = {}, {}
         for l in config.csa_layers:

@@ -17,10 +17,10 @@ from fm_jax import backbone
 from fm_jax.cache import init_cache
 from fm_jax.config import KIND_CSA, KIND_WINDOW, ModelConfig
 from fm_jax.layers.attention import init_attention
+from fm_jax.layers.compressor import init_compressor
 from fm_jax.layers.ffn import init_ffn
 from fm_jax.layers.hyper import init_hyper
 from fm_jax.layers.indexer import init_indexer
-from fm_jax.layers.compressor import init_compressor
 from fm_jax.layers.init import dense_init, ones
 
 

@@ -12,7 +12,6 @@ paper's same-budget baselines "recency" (newest pages) and "random" (uniform pag
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -371,9 +370,10 @@ class _Cycle:
     def _resident_fraction(self, wanted, pos):
         n_complete = pos // self.layout.ratio
         fr = []
+        p = self.layout.page_entries
         for w, n in zip(wanted, n_complete):
-            if n:
-                ent = np.clip((np.asarray(w)[:, None] * self.layout.page_entries + np.arange(self.layout.page_entries)), 0, None)
+            if n:  # complete entries that sit in resident pages, over all complete entries
+                ent = np.asarray(w)[:, None] * p + np.arange(p)
                 fr.append(float(np.sum(ent < n)) / float(n))
         if fr:
             self.resident_fractions.append(float(np.mean(fr)))

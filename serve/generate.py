@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         return 0
     rows = [
         ("mode", st["mode"]),
-        ("decode tokens/s", f"{st['decode_tokens_per_s']:.1f}  (first window incl. compile: {st['first_window_s']:.1f} s)"),
+        ("decode tokens/s",
+         f"{st['decode_tokens_per_s']:.1f}  (first window incl. compile: {st['first_window_s']:.1f} s)"),
         ("device KV (all layers)", f"{_fmt_bytes(st['device_kv_bytes'])}  vs full {_fmt_bytes(st['full_kv_bytes'])}"
                                    f"  = {st['device_kv_fraction']:.3f}"),
         ("device CSA KV", f"{_fmt_bytes(st['device_csa_bytes'])}  vs full {_fmt_bytes(st['full_csa_bytes'])}"

@@ -252,7 +252,7 @@ class IndexerDataset:
         self._lock = threading.Lock()
         # per-query label counts from the shards' small CSR pointer tensors (no hidden states read)
         samples, pos_counts, cand_counts = [], [], []
-        for di, e in enumerate(self._entries):
+        for di in range(len(self._entries)):
             path = self.path(di)
             t, _ = self._load(di, keys=["label_pointers", "query_positions"])
             ptr = np.asarray(t["label_pointers"], np.int64)

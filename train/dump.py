@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CSA layers whose hidden states / keys are stored (default: config_from_model's)")
     lab.add_argument("--vote-layers", type=_int_list, default=None, help="CSA layers that vote (default: all)")
     lab.add_argument("--tau", type=int, default=16, help="query grid / lookahead window in decode steps")
-    lab.add_argument("--min-layers", type=int, default=None, help="votes needed (default: a strict majority of the voters)")
+    lab.add_argument("--min-layers", type=int, default=None,
+                     help="votes needed (default: a strict majority of the voters)")
     lab.add_argument("--min-candidates", type=int, default=None,
                      help="first query needs this many complete entries (default: index_topk)")
     lab.add_argument("--rope-dtype", default="float32", choices=("float32", "bfloat16"),

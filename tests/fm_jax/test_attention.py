@@ -137,8 +137,8 @@ def test_layer_attention_matches_naive(tiny, layer):
                 if kind == "hca":
                     chosen = list(range(visible))
                 else:  # Lightning Indexer: I[s] = sum_h w[h] relu(q_I[h] . K[s]); top-k
-                    scores = np.array([np.sum(pieces["w_i"][b, t] * np.maximum(pieces["q_i"][b, t] @ pieces["keys"][b, s], 0))
-                                       for s in range(visible)])
+                    w_i, q_i = pieces["w_i"][b, t], pieces["q_i"][b, t]
+                    scores = np.array([np.sum(w_i * np.maximum(q_i @ pieces["keys"][b, s], 0)) for s in range(visible)])
                     chosen = sorted(np.argsort(-scores, kind="stable")[: c.index_topk].tolist())
                     assert sorted(s for s in topk[b, t].tolist() if s >= 0) == chosen
                     n_topk_checked += visible > c.index_topk

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fm_jax import backbone, get_config
-from fm_jax import memory_indexer as mi
 from fm_jax import kv_tiers as kt
+from fm_jax import memory_indexer as mi
 from fm_jax.model import init_params, prefill
 from serve.engine import LSAConfig, generate
 from serve.generate import main as cli_main
