@@ -191,7 +191,6 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     max_len = prompt.shape[1] + 1 + -(-(max_new_tokens - 1) // lsa.tau) * lsa.tau
     lengths = check_prefill_inputs(config, prompt, max_len, lengths)
     key = jax.random.PRNGKey(0) if key is None else key
-    times = {}
 
     t0 = time.perf_counter()
     logits0, cache, hidden = prefill_with_hidden(params, config, prompt, lengths, max_len, impl)
@@ -199,12 +198,12 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     key, sub = jax.random.split(key)
     token = (jnp.argmax(last_logits, -1) if greedy else jax.random.categorical(sub, last_logits)).astype(jnp.int32)
     token.block_until_ready()
-    times["prefill_s"] = time.perf_counter() - t0
+    prefill_s = time.perf_counter() - t0
 
     res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
                       first_logits=last_logits if return_logits else None)
-    res.stats["prefill_s"] = times["prefill_s"]
+    res.stats["prefill_s"] = prefill_s
     return res
 
 
@@ -223,10 +222,14 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
              "first_window_s": 0.0}
     n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
+    max_len = int(cache["capacity"])
+    last = int(np.max(np.asarray(cache["lengths"]))) + n_windows_total * lsa.tau
+    if last > max_len:
+        raise ValueError(f"the cache holds max_len={max_len} tokens but decoding {max_new_tokens} tokens in windows "
+                         f"of tau={lsa.tau} reaches position {last - 1}")
     icfg, iparams = indexer if mode == "lsa" else (None, None)
     hidden_layers = tuple(icfg.target_layers) if icfg is not None else ()
     hidden = {l: hidden[l] for l in hidden_layers}
-    max_len = int(cache["capacity"])
     cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl) if mode != "full" else None
     if cycle is not None:
         cache = cycle.cache

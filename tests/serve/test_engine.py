@@ -11,7 +11,7 @@ from fm_jax import backbone, get_config
 from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
 from fm_jax.model import init_params, prefill
-from serve.engine import LSAConfig, generate
+from serve.engine import LSAConfig, decode_loop, generate
 from serve.generate import main as cli_main
 
 PROMPT, NEW, TAU = 150, 41, 16
@@ -146,6 +146,9 @@ def test_bad_engine_input(setup):
         LSAConfig(kmax_pages=0)
     with pytest.raises(ValueError, match="threshold"):
         LSAConfig(threshold=1.5)
+    _, cache = prefill(params, c, prompt, max_len=PROMPT + 8)
+    with pytest.raises(ValueError, match="max_len"):
+        decode_loop(params, c, cache, prompt[:, -1], [None] * c.n_layers, 40, lsa=LSAConfig(tau=TAU))
 
 
 def test_cli_json(capsys):
