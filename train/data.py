@@ -88,6 +88,20 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def pin_settings(path: str, settings: dict, keys, conflict: str) -> None:
+    """First call writes `settings` to `path`; later calls must match it on `keys`, else SystemExit
+    with `conflict` (a message prefix) and the differing keys. Guards reruns into an output folder."""
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
+    if not os.path.exists(path):
+        atomic_write_json(path, settings)
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diff = [k for k in keys if old.get(k) != settings.get(k)]
+    if diff:
+        raise SystemExit(f"{conflict} ({', '.join(diff)}); use a new --out directory")
+
+
 def save_shard(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> dict:
     """Write a safetensors shard atomically (temp file + rename). Returns {"bytes", "sha256"}."""
     from safetensors.numpy import save

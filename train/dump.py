@@ -120,16 +120,8 @@ def _settings(model_config: ModelConfig, model_desc: dict, targets, voters, tau,
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
-    path = os.path.join(out_dir, "dump_settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = [k for k in SETTINGS_KEYS if old.get(k) != settings.get(k)]
-        if diff:
-            raise SystemExit(f"{out_dir} holds a dump made with different settings ({', '.join(diff)}); "
-                             "use a new --out directory")
-    else:
-        D.atomic_write_json(path, settings)
+    D.pin_settings(os.path.join(out_dir, "dump_settings.json"), settings, SETTINGS_KEYS,
+                   f"{out_dir} holds a dump made with different settings")
 
 
 def _doc_done(out_dir: str, doc_id: str) -> bool:

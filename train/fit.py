@@ -339,18 +339,9 @@ def _load_init(args, c: mi.IndexerConfig):
 
 
 def _check_run_config(out: str, args) -> None:
-    path = os.path.join(out, "run_config.json")
-    cur = {k: getattr(args, k) for k in TRAJECTORY_ARGS}
-    cur = json.loads(json.dumps(cur))  # tuples -> lists
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = [k for k in TRAJECTORY_ARGS if old.get(k) != cur.get(k)]
-        if diff:
-            raise SystemExit(f"{out} holds a run with different settings ({', '.join(diff)}); resuming would "
-                             "not continue the same trajectory: use a new --out")
-    else:
-        D.atomic_write_json(path, cur)
+    D.pin_settings(os.path.join(out, "run_config.json"), {k: getattr(args, k) for k in TRAJECTORY_ARGS},
+                   TRAJECTORY_ARGS, f"{out} holds a run with different settings: resuming would not continue "
+                   "the same trajectory")
 
 
 def run(args) -> dict:
