@@ -204,7 +204,8 @@ def _cell_entries(tier, page_entries: int):
 def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
     """One decode step of one layer's attention. x: [B, d_model] (normed), positions: [B].
 
-    `tier` (CSA layers under LSA, else None): {"page_slot" [B, n_pages], "slot_page" [B, n_slots]} maps
+    `tier` (CSA layers under LSA, else None): {"page_slot" [B, n_pages], "slot_page" [B, n_slots],
+    "cell_entry" [B, n_cells] (derived once per step by `run_step`)} maps
     pages of `page_entries` entries to reserve slots; then `comp_kv`/`index_keys` are the reserve
     (cell = slot * page_entries + offset) and the Lightning Indexer picks among resident entries only.
     Returns (out [B, d_model], new layer cache)."""
@@ -238,7 +239,7 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
             else:
                 scores = indexer_scores(q_i, w_i, lc["index_keys"], jnp.full_like(n_vis, n_cells),
                                         act="none", impl=impl)
-                held = _cell_entries(tier, c.page_entries)
+                held = tier["cell_entry"]
                 scores = jnp.where((held >= 0) & (held < n_vis[:, None]), scores, -jnp.inf)
             sel = select_topk(scores, c.index_topk)
         else:
@@ -254,6 +255,8 @@ def run_step(params, c, cache, tokens, impl="auto"):
     [B, d_model] (the normed attention input)). With cache["tier"], CSA layers read their reserve."""
     positions = cache["lengths"]
     tier = cache.get("tier")
+    if tier is not None:  # shared by every CSA layer: derive the cell -> entry map once per step
+        tier = {**tier, "cell_entry": _cell_entries(tier, c.page_entries)}
     h = embed_residual(c, params["embed"][tokens])
     new_layers, hidden = [], []
     for layer, lp in enumerate(params["layers"]):
