@@ -3,7 +3,9 @@
 Run on the device machine from the repo root:
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT/kernels.json
 
-Sections (``--sections``, comma separated): ceilings, check, indexer, attention, topk, sweep.
+Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep.
+``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
+size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest.
 Timing: every case is jitted as a list of S independent calls over S different input sets, and also 2S;
 per-call time = (T(2S) - T(S)) / S with T the median wall time of ``block_until_ready`` over repeats. That
 cancels the host dispatch overhead and keeps the GPU busy back to back; distinct input sets keep the L2
@@ -230,6 +232,9 @@ def run_checks(chosen=None):
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
         dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3),
         dict(b=2, h=20, d=64, n=500, k=70, w=33, dt=jnp.float32, qd=jnp.float32, splits=1),
+        # the in-kernel split merge: the batch > 8 default (2 splits), and 5 splits merged by the last arrival
+        dict(b=40, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
+        dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=5, fused=True),
     ]
     for c in acases:
         key, sub = jax.random.split(key)
@@ -239,10 +244,11 @@ def run_checks(chosen=None):
         idx = idx.at[-1].set(-1)                      # a request with only window entries
         wl = wl.at[0].set(c["w"] // 3)
         scale = c["d"] ** -0.5
-        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}"
+        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}{' fused' if c.get('fused') else ''}"
         try:
             ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=scale)
-            acfg_c = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}))
+            acfg_c = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}),
+                          **({"fused_combine": True} if c.get("fused") else {}))
             po, pl_ = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **acfg_c))(
                 q, kv, idx, win, wl, sink)
             xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale))(q, kv, idx, win, wl, sink)
@@ -303,6 +309,86 @@ def attention_case(ceil, b, impl, h=64, d=512, k=512, w=128, n=4096, cfg=None):
                 roofline_us=rt * 1e6, roofline_fraction=rt / per, config=cfg or "default",
                 wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
                 timing=raw)
+
+
+def stream_case(ceil, b, n, d=128):
+    """Size-matched streaming ceiling for a scoring row: XLA's row sum over the same packed key bytes
+    (reads B*N*(D+4) bytes, writes B*N int32: the scoring kernel's exact I/O, no math)."""
+    bytes_ = b * n * (d + 4) + b * n * 4
+    s = n_sets(bytes_)
+    sets = [(rand_packed_keys(jax.random.PRNGKey(4000 + i), b, n, d),) for i in range(2 * s)]
+    per, raw = time_per_call(lambda k: jnp.sum(k, axis=-1, dtype=jnp.int32), sets)
+    del sets
+    gc.collect()
+    rt = roofline(bytes_, 0, ceil)
+    return dict(kernel="stream_rowsum", impl="xla", heads=0, batch=b, n_entries=n, time_us=per * 1e6,
+                gbps=bytes_ / per / 1e9, tflops=0.0, bytes=bytes_, flops=0, roofline_us=rt * 1e6,
+                roofline_fraction=rt / per, config="jnp.sum(keys, -1, int32)", wall_us=raw["wall_per_call_us"],
+                time_source="cupti" if raw["device_per_call_us"] else "wall", timing=raw)
+
+
+def add_stream_ratios(rows):
+    """Pallas scoring rows get ``stream_us`` (the size-matched streaming time) and ``vs_stream``."""
+    stream = {(r["batch"], r["n_entries"]): r["time_us"] for r in rows if r.get("kernel") == "stream_rowsum"}
+    for r in rows:
+        if r.get("kernel") == "indexer_scores" and r.get("impl") == "pallas" and "time_us" in r:
+            t = stream.get((r["batch"], r["n_entries"]))
+            r["stream_us"] = t
+            r["vs_stream"] = (t / r["time_us"]) if t else None
+
+
+def _time_of(agg, keys):
+    return sum(v for k, v in agg.items() if any(s in k.lower() for s in keys))
+
+
+def topk_step_share(cases=((1, 32768), (1, 131072), (8, 32768), (8, 131072))):
+    """GPU time of one decode step (V4-Flash attention dims, 4 layers CSA/HCA/CSA/HCA, dense FFN, cache
+    donated) split into top-k (sort / cub kernels), Pallas scoring, Pallas attention and the rest."""
+    import glob
+    import tempfile
+    from collections import defaultdict
+
+    from benchmarks.common import synthetic_cache
+    from fm_jax import backbone
+    from fm_jax.config import get_config
+    from fm_jax.model import init_params
+    c = get_config("v4_flash", n_layers=4, compress_ratios=(4, 128, 4, 128), ffn="dense", dense_inter_dim=2048,
+                   vocab_size=4096, hc_mult=1)
+    params = init_params(c, jax.random.PRNGKey(0))
+    step = jax.jit(lambda p, cache, tok: backbone.run_step(p, c, cache, tok)[:2], donate_argnums=(1,))
+    out = []
+    for b, ctx in cases:
+        cache, _ = synthetic_cache(c, b, ctx, ctx + 64)
+        tok = jnp.arange(b, dtype=jnp.int32) + 7
+        for _ in range(2):
+            logits, cache = step(params, cache, tok)
+        jax.block_until_ready(logits)
+        d = tempfile.mkdtemp(prefix="jaxprof")
+        reps = 3
+        with jax.profiler.trace(d):
+            for _ in range(reps):
+                logits, cache = step(params, cache, tok)
+                jax.block_until_ready(logits)
+        pd = jax.profiler.ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
+        agg = defaultdict(float)
+        for plane in pd.planes:
+            if plane.name.startswith("/device:GPU"):
+                for ln in plane.lines:
+                    if ln.name.startswith("Stream"):
+                        for ev in ln.events:
+                            agg[ev.name[:60]] += ev.duration_ns / 1e3 / reps
+        total = sum(agg.values())
+        part = functools.partial(_time_of, agg)
+        row = dict(batch=b, context=ctx, step_gpu_us=total, topk_us=part(("sort", "cub", "topk", "top_k")),
+                   indexer_scores_us=part(("indexer_scores",)), sparse_attention_us=part(("sparse_attention",)),
+                   largest={k: v for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:10]})
+        row["topk_fraction"] = row["topk_us"] / total if total else None   # None: no GPU trace (CPU)
+        out.append(row)
+        log(f"step b{b} ctx {ctx}: {total:7.0f} us GPU, top-k {row['topk_us']:6.1f} us ({row['topk_fraction'] or 0:.1%}), "
+            f"scoring {row['indexer_scores_us']:.1f} us, attention {row['sparse_attention_us']:.1f} us")
+        del cache, logits
+        gc.collect()
+    return out
 
 
 def add_speedups(rows):
@@ -442,27 +528,28 @@ def main():
         score = {k: sum(v[i] / bests[i] for i in range(n_shapes)) if all(v) else 1e9 for k, v in cases.items()}
         return min(score, key=score.get)
 
-    chosen = dict(indexer=None, attention_small=None, attention_large=None)
-    if "sweep" in sections or args.sweep:
-        icfgs = [dict(), dict(block_n=64, blocks_per_program=8), dict(block_n=64, num_warps=8),
-                 dict(block_n=32, blocks_per_program=8), dict(block_n=128, blocks_per_program=1, num_warps=4)]
-        times = {}
+    chosen = dict(indexer=None, attention_small=None, attention_large=None)   # main rows: library defaults
+    if "sweep" in sections or args.sweep:   # alternatives, recorded under "sweep" only
+        icfgs = [dict(), dict(block_n=64), dict(block_n=256, num_warps=8), dict(num_warps=8),
+                 dict(blocks_per_program=4), dict(block_n=64, num_warps=2)]
+        best = {}
         for c in icfgs:
-            times[json.dumps(c)] = []
-            for h, b, n in ((64, 1, 65536), (128, 8, 65536)):
+            for h, b, n in ((64, 1, 65536), (64, 1, 262144)):
                 r = add(indexer_case, b, h, n, "pallas", cfg=c, to="sweep")
-                times[json.dumps(c)].append(r["time_us"] if r else None)
-        chosen["indexer"] = json.loads(pick(times))
-        acfgs = [dict(), dict(block_k=32), dict(block_k=32, num_warps=8),
-                 dict(heads_per_program=32, block_k=32, num_warps=8), dict(heads_per_program=64, block_k=32, num_warps=8),
-                 dict(block_k=32, num_warps=8, n_splits=2)]
-        for b, slot in ((8, "attention_small"), (64, "attention_large")):
-            times = {}
+                if r and r["time_us"] < best.get((b, n), (1e9,))[0]:
+                    best[(b, n)] = (r["time_us"], c)
+        acfgs = [dict(), dict(fused_combine=False), dict(fused_combine=True),
+                 dict(heads_per_program=16, block_k=64, n_splits=2, fused_combine=True),
+                 dict(heads_per_program=16, block_k=64, n_splits=4, fused_combine=True),
+                 dict(heads_per_program=32, block_k=32, n_splits=2, fused_combine=True),
+                 dict(heads_per_program=64, block_k=32, num_warps=8, n_splits=4, fused_combine=False)]
+        for b in (8, 32):
             for c in acfgs:
                 r = add(attention_case, b, "pallas", cfg=c, to="sweep")
-                times[json.dumps(c)] = [r["time_us"] if r else None]
-            chosen[slot] = json.loads(pick(times))
-        log(f"chosen configs: {chosen}")
+                if r and r["time_us"] < best.get(("attention", b), (1e9,))[0]:
+                    best[("attention", b)] = (r["time_us"], c)
+        result["sweep_best"] = {str(k): v for k, v in best.items()}
+        log(f"sweep best: {best}")
     result["chosen_configs"] = chosen
     save()
     if "check" in sections:
@@ -488,8 +575,19 @@ def main():
         if not args.quick:
             add(indexer_case, 1, 64, 65536, "pallas", qdtype=jnp.float32, cfg=chosen["indexer"])
             add(indexer_case, 1, 64, 65536, "xla", qdtype=jnp.float32)
+    if "stream" in sections:
+        for b, n in ((1, 65536), (1, 262144), (8, 65536), (8, 262144)):
+            add(stream_case, b, n)
+        add_stream_ratios(result["rows"])
     add_speedups(result["rows"])
     save()
+    if "step" in sections:
+        try:
+            result["step_topk_share"] = topk_step_share()
+        except Exception as e:  # noqa: BLE001
+            log(f"ERROR step: {e!r}"[:3000])
+            traceback.print_exc()
+        save()
     if "topk" in sections:
         tk_ns = (1024, 4096) if args.tiny else (16384, 65536, 262144) if not args.quick else (65536,)
         result["topk"] = run_topk(tk_ns, (1, 8, 32) if not args.quick else (1,))

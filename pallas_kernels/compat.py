@@ -4,7 +4,8 @@ Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
 - the Triton backend's compiler-params class is ``jax.experimental.pallas.triton.CompilerParams``
   (``TritonCompilerParams`` before jax 0.7); passing it also *selects* the Triton backend, which matters
   because ``jax_pallas_use_mosaic_gpu`` defaults to True in these releases;
-- masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7).
+- masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7); atomics and
+  the CTA barrier live in the same module.
 """
 from __future__ import annotations
 
@@ -35,3 +36,5 @@ def _pick(name: str):
 
 load = _pick("load")    # load(ref_view, *, mask=None, other=None)
 store = _pick("store")  # store(ref_view, value, *, mask=None)
+atomic_add = _pick("atomic_add")        # atomic_add(ref, idx, val) -> old value (acquire-release, gpu scope)
+debug_barrier = _pick("debug_barrier")  # a CTA-wide barrier (bar.sync), despite its docstring

@@ -10,8 +10,12 @@ rows (window blocks first, then gathered blocks); split ``s`` owns a contiguous 
 an online softmax over them: per block it loads the rows once (a contiguous window tile or a row gather
 from the pool; masked rows issue no memory traffic), ``logits = scale * q . k^T`` on the tensor cores, and
 ``acc += p . v`` with the same tile as ``v``. With one split the program folds the sink in and writes the
-final ``(out, lse)``; with several it writes ``(acc, m, l)`` partials that a small XLA epilogue combines
-(flash-decoding), which is what keeps all SMs busy at small batch.
+final ``(out, lse)``. With several (flash-decoding, which is what keeps all SMs busy at small batch) each
+split writes ``(acc, m, l)`` partials, merged either by a small XLA epilogue (2-3 kernels) or in the same
+launch (``fused_combine``): every split bumps a per-(request, head block) arrival counter with an
+acquire-release atomic after a CTA barrier, and the split that arrives last merges all partials and writes
+``(out, lse)``. No split waits on another, so this cannot deadlock whatever the scheduling order. The merge is
+serial in that last program, so it only pays off with few splits (see ``default_config``).
 
 Numerics: bf16 q and kv -> bf16 tensor-core products with float32 accumulation and ``p`` rounded to bf16 for
 ``p . v`` (as flash attention does); a float32 q with bf16 kv splits q and p into bf16 hi + lo parts
@@ -46,8 +50,8 @@ def _split(x):
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *out_refs, bh, bk, d, n, k_total,
-                      w_total, n_wblocks, n_blocks, blocks_per_split, scale, mode, final):
+def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *refs, bh, bk, d, n, k_total,
+                      w_total, n_wblocks, n_blocks, blocks_per_split, n_splits, scale, mode, fused, barrier):
     b = pl.program_id(0)
     hb = pl.program_id(1)
     sp = pl.program_id(2)
@@ -105,8 +109,7 @@ def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *out_re
     carry = jax.lax.fori_loop(jnp.minimum(lo, n_wblocks), jnp.minimum(hi, n_wblocks), window_block, init)
     m_i, l_i, acc = jax.lax.fori_loop(jnp.maximum(lo, n_wblocks), jnp.maximum(hi, n_wblocks), gather_block, carry)
 
-    if final:
-        o_ref, lse_ref = out_refs
+    def finish(m_i, l_i, acc):       # fold the sink in and write the final (out, lse)
         sink = sink_ref[pl.ds(h0, bh)]
         m = jnp.maximum(m_i, sink)
         a = jnp.exp(m_i - m)
@@ -114,11 +117,34 @@ def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *out_re
         inv = jnp.where(denom > 0, a / jnp.where(denom > 0, denom, 1.0), 0.0)
         o_ref[b, pl.ds(h0, bh), :] = acc * inv[:, None]
         lse_ref[b, pl.ds(h0, bh)] = m + jnp.log(denom)
+
+    if n_splits == 1:
+        o_ref, lse_ref = refs
+        finish(m_i, l_i, acc)
+        return
+    if not fused:
+        acc_ref, m_ref, l_ref = refs
     else:
-        acc_ref, m_ref, l_ref = out_refs
-        acc_ref[b, sp, pl.ds(h0, bh), :] = acc
-        m_ref[b, sp, pl.ds(h0, bh)] = m_i
-        l_ref[b, sp, pl.ds(h0, bh)] = l_i
+        _, o_ref, lse_ref, acc_ref, m_ref, l_ref, cnt_ref = refs    # refs[0] is the counter input (aliased)
+    acc_ref[b, sp, pl.ds(h0, bh), :] = acc
+    m_ref[b, sp, pl.ds(h0, bh)] = m_i
+    l_ref[b, sp, pl.ds(h0, bh)] = l_i
+    if not fused:
+        return
+    if barrier:   # every thread's partial stores precede the (single-thread) release atomic
+        compat.debug_barrier()
+    arrived = compat.atomic_add(cnt_ref, (b * pl.num_programs(1) + hb,), jnp.int32(1))
+
+    @pl.when(arrived == n_splits - 1)
+    def _merge():                    # online merge of the n_splits partials, in split order
+        def body(t, carry):
+            m_run, l_run, acc_run = carry
+            m_t = m_ref[b, t, pl.ds(h0, bh)]
+            m_new = jnp.maximum(m_run, m_t)
+            a_run, a_t = jnp.exp(m_run - m_new), jnp.exp(m_t - m_new)
+            return (m_new, l_run * a_run + l_ref[b, t, pl.ds(h0, bh)] * a_t,
+                    acc_run * a_run[:, None] + acc_ref[b, t, pl.ds(h0, bh), :] * a_t[:, None])
+        finish(*jax.lax.fori_loop(0, n_splits, body, init))
 
 
 def _combine(acc, m, l, sink):
@@ -133,29 +159,34 @@ def _combine(acc, m, l, sink):
 
 
 def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mode: str = "bf16") -> dict:
-    """Block sizes used when the caller gives none, from the H100 sweep (CUPTI kernel time, see
-    benchmarks/NOTES_kernels.md): batch <= 8: 16 heads x 64 entries per block, 4 warps; larger batches (bf16
-    only): all 64 heads in one program (M = 64 for the tensor cores) x 32 entries, 8 warps. The split count
-    doubles until ``batch * ceil(H / 16) * splits`` reaches two programs per SM (132 SMs), as in the tuned runs."""
+    """Block sizes used when the caller gives none, from the H100 sweeps (CUPTI kernel time, see
+    benchmarks/NOTES_kernels.md). 16 heads x 64 entries per block, 4 warps (32 entries for f32 / wide heads).
+    Batch > 8: 2 splits merged in-kernel (2.1-2.2x XLA at batch 32 and 64; a 64-head program was slower).
+    Batch <= 8: the split count doubles until ``batch * ceil(H / 16) * splits`` reaches two programs per SM
+    (132 SMs) and the partials are merged by the XLA epilogue: the in-kernel merge reads the partials
+    one split after another in the last program, which cost more than the epilogue at 4-5 splits."""
     hp = max(16, _next_pow2(heads))
-    if batch > 8 and mode == "bf16":
-        bh, bk, warps = min(64, hp), 32, 8
-    else:   # (the float32 / split modes were only checked on the GPU with this shape)
-        bh, bk, warps = 16, (64 if mode == "bf16" and dim <= 512 else 32), 4
+    bh, bk = 16, (64 if mode == "bf16" and dim <= 512 else 32)
     n_blocks = -(-window // bk) + -(-topk // bk)
-    hblocks16 = -(-hp // 16)
-    splits = 1
-    while batch * hblocks16 * splits < 2 * 132 and splits * 2 <= n_blocks:
-        splits *= 2
-    return dict(heads_per_program=bh, block_k=bk, n_splits=splits, num_warps=warps,
-                num_stages=1 if mode == "f32" else 2)
+    hblocks = -(-hp // bh)
+    if batch > 8:
+        splits, fused = 2, True
+    else:
+        splits, fused = 1, False
+        while batch * hblocks * splits < 2 * 132 and splits * 2 <= n_blocks:
+            splits *= 2
+    return dict(heads_per_program=bh, block_k=bk, n_splits=splits, num_warps=4,
+                num_stages=1 if mode == "f32" else 2, fused_combine=fused)
 
 
 def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, scale, interpret: bool = False,
                             heads_per_program: int | None = None, block_k: int | None = None,
                             n_splits: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None):
-    """Pallas launch wrapper; same contract as :func:`pallas_kernels.sparse_attention`."""
+                            num_stages: int | None = None, fused_combine: bool | None = None):
+    """Pallas launch wrapper; same contract as :func:`pallas_kernels.sparse_attention`.
+
+    ``fused_combine`` picks where split-K partials are merged: in-kernel by the last split to arrive (True) or
+    by a separate XLA epilogue (False); see the module docstring."""
     info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
     b, h, d = info.batch, info.heads, info.dim
     try:
@@ -172,7 +203,7 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
         mode = "split"
     cfg = default_config(b, h, info.topk, info.window, d, mode)
     for key, val in (("heads_per_program", heads_per_program), ("block_k", block_k), ("n_splits", n_splits),
-                     ("num_warps", num_warps), ("num_stages", num_stages)):
+                     ("num_warps", num_warps), ("num_stages", num_stages), ("fused_combine", fused_combine)):
         if val is not None:
             cfg[key] = val
     bh, bk = cfg["heads_per_program"], cfg["block_k"]
@@ -195,26 +226,37 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
     splits = max(1, min(int(cfg["n_splits"]), n_blocks))
     bps = -(-n_blocks // splits)
     splits = -(-n_blocks // bps)
-    final = splits == 1
-    if final:
-        out_shape = (jax.ShapeDtypeStruct((b, hp, d), jnp.float32), jax.ShapeDtypeStruct((b, hp), jnp.float32))
-    else:
-        out_shape = (jax.ShapeDtypeStruct((b, splits, hp, d), jnp.float32),
-                     jax.ShapeDtypeStruct((b, splits, hp), jnp.float32),
-                     jax.ShapeDtypeStruct((b, splits, hp), jnp.float32))
+    nhb = hp // bh
+    fused = splits > 1 and bool(cfg["fused_combine"])
+    final_shapes = (jax.ShapeDtypeStruct((b, hp, d), jnp.float32), jax.ShapeDtypeStruct((b, hp), jnp.float32))
+    partial_shapes = (jax.ShapeDtypeStruct((b, splits, hp, d), jnp.float32),
+                      jax.ShapeDtypeStruct((b, splits, hp), jnp.float32),
+                      jax.ShapeDtypeStruct((b, splits, hp), jnp.float32))
+    args = [wl, sinkp, qp, kv, idx, win]
+    aliases = {}
+    if splits == 1:
+        out_shape = final_shapes
+    elif not fused:
+        out_shape = partial_shapes
+    else:   # + the arrival counters, zeroed by XLA and updated in place
+        out_shape = final_shapes + partial_shapes + (jax.ShapeDtypeStruct((b * nhb,), jnp.int32),)
+        aliases = {len(args): len(out_shape) - 1}
+        args.append(jnp.zeros((b * nhb,), jnp.int32))
     kernel = functools.partial(
         _attention_kernel, bh=bh, bk=bk, d=d, n=info.n_entries, k_total=idx.shape[1], w_total=info.window,
-        n_wblocks=n_wblocks, n_blocks=n_blocks, blocks_per_split=bps, scale=scale, mode=mode, final=final)
+        n_wblocks=n_wblocks, n_blocks=n_blocks, blocks_per_split=bps, n_splits=splits, scale=scale, mode=mode,
+        fused=fused, barrier=not interpret)
     res = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b, hp // bh, splits),
+        grid=(b, nhb, splits),
+        input_output_aliases=aliases,
         compiler_params=compat.triton_compiler_params(cfg["num_warps"], cfg["num_stages"]),
         interpret=interpret,
         name="sparse_attention",
-    )(wl, sinkp, qp, kv, idx, win)
-    if final:
-        out, lse = res
-    else:
+    )(*args)
+    if splits > 1 and not fused:
         out, lse = _combine(*res, sinkp)
+    else:
+        out, lse = res[:2]
     return out[:, :h], lse[:, :h]

@@ -65,9 +65,10 @@ def _check(args, rtol, **cfg):
     return out, lse
 
 
-@pytest.mark.parametrize("n_splits", [1, 3])
-def test_bf16(n_splits):
-    out, lse = _check(_inputs(1, jnp.bfloat16), RTOL_BF16, n_splits=n_splits, **CFG)
+@pytest.mark.parametrize("n_splits,fused", [(1, True), (3, True), (3, False)])
+def test_bf16(n_splits, fused):
+    # fused: the last split to arrive merges the partials in-kernel; else a separate XLA epilogue does
+    out, lse = _check(_inputs(1, jnp.bfloat16), RTOL_BF16, n_splits=n_splits, fused_combine=fused, **CFG)
     # request 2 attends to nothing: out = 0 and lse = sink exactly
     np.testing.assert_array_equal(np.asarray(out)[2], 0.0)
     np.testing.assert_allclose(np.asarray(lse)[2], np.asarray(_inputs(1)[5]), rtol=0, atol=0)
