@@ -13,7 +13,14 @@ import argparse
 
 import jax
 
-from benchmarks.common import hbm_bandwidth, run_info, step_bytes_full, synthetic_cache, write_json
+from benchmarks.common import (
+    hbm_bandwidth,
+    run_info,
+    step_bytes_full,
+    synthetic_cache,
+    v4_attention_stack,
+    write_json,
+)
 from fm_jax.config import get_config
 from fm_jax.model import init_params
 from serve.engine import LSAConfig, decode_loop
@@ -22,11 +29,7 @@ from serve.engine import LSAConfig, decode_loop
 def configs(smoke: bool):
     if smoke:
         return {"tiny": get_config("tiny")}
-    # v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with
-    # 4 layers (2 CSA, 2 HCA), a dense FFN and a small vocabulary: the attention stack is what is timed.
-    return {"small": get_config("small"),
-            "v4_flash_attn4": get_config("v4_flash", n_layers=4, compress_ratios=(4, 128, 4, 128), ffn="dense",
-                                         dense_inter_dim=2048, vocab_size=4096, hc_mult=1)}
+    return {"small": get_config("small"), "v4_flash_attn4": v4_attention_stack()}   # 2 CSA + 2 HCA layers
 
 
 def main(argv=None):

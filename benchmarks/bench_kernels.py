@@ -68,35 +68,43 @@ def _wall(f, args, reps):
     return statistics.median(ts)
 
 
-def device_time(f, args, reps=3):
-    """GPU busy time of one f(args) from a profiler (CUPTI) trace: sum of kernel / copy durations on the
-    device's stream lines. Returns (seconds, {kernel name: count}, line names) or (None, {}, [])."""
+def traced_kernels(run, reps=3):
+    """Calls ``run()`` (which must block) ``reps`` times under the profiler and reads the CUPTI trace.
+    Returns ({kernel name: [count, total ns]} over the device's stream lines, GPU line names)."""
     import glob
     import tempfile
-    from collections import Counter
     d = tempfile.mkdtemp(prefix="jaxprof")
-    jax.block_until_ready(f(args))
     with jax.profiler.trace(d):
         for _ in range(reps):
-            jax.block_until_ready(f(args))
+            run()
     files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    kernels, lines = {}, []
     if not files:
-        return None, {}, []
-    pd = jax.profiler.ProfileData.from_file(files[0])
-    total, names, lines = 0, Counter(), []
-    for plane in pd.planes:
+        return kernels, lines
+    for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         plines = list(plane.lines)
         lines += [ln.name for ln in plines]
-        stream_lines = [ln for ln in plines if ln.name.startswith("Stream")]
-        for ln in stream_lines:
-            for ev in ln.events:
-                total += ev.duration_ns
-                names[ev.name[:48]] += 1
+        for ln in plines:
+            if ln.name.startswith("Stream"):
+                for ev in ln.events:
+                    entry = kernels.setdefault(ev.name[:60], [0, 0])
+                    entry[0] += 1
+                    entry[1] += ev.duration_ns
+    return kernels, lines
+
+
+def device_time(f, args, reps=3):
+    """GPU busy time of one f(args) from a profiler (CUPTI) trace: sum of kernel / copy durations on the
+    device's stream lines. Returns (seconds, {kernel name: count}, line names) or (None, {}, [])."""
+    jax.block_until_ready(f(args))
+    kernels, lines = traced_kernels(lambda: jax.block_until_ready(f(args)), reps)
+    names = {k[:48]: c for k, (c, _) in kernels.items()}
+    total = sum(ns for _, ns in kernels.values())
     if total == 0:
-        return None, dict(names), lines
-    return total * 1e-9 / reps, dict(names), lines
+        return None, names, lines
+    return total * 1e-9 / reps, names, lines
 
 
 def time_per_call(fn, sets, reps=3):
@@ -344,39 +352,26 @@ def _time_of(agg, keys):
 def topk_step_share(cases=((1, 32768), (1, 131072), (8, 32768), (8, 131072))):
     """GPU time of one decode step (V4-Flash attention dims, 4 layers CSA/HCA/CSA/HCA, dense FFN, cache
     donated) split into top-k (sort / cub kernels), Pallas scoring, Pallas attention and the rest."""
-    import glob
-    import tempfile
-    from collections import defaultdict
-
-    from benchmarks.common import synthetic_cache
+    from benchmarks.common import synthetic_cache, v4_attention_stack
     from fm_jax import backbone
-    from fm_jax.config import get_config
     from fm_jax.model import init_params
-    c = get_config("v4_flash", n_layers=4, compress_ratios=(4, 128, 4, 128), ffn="dense", dense_inter_dim=2048,
-                   vocab_size=4096, hc_mult=1)
+    c = v4_attention_stack()
     params = init_params(c, jax.random.PRNGKey(0))
     step = jax.jit(lambda p, cache, tok: backbone.run_step(p, c, cache, tok)[:2], donate_argnums=(1,))
     out = []
     for b, ctx in cases:
-        cache, _ = synthetic_cache(c, b, ctx, ctx + 64)
+        state = {"cache": synthetic_cache(c, b, ctx, ctx + 64)[0]}
         tok = jnp.arange(b, dtype=jnp.int32) + 7
-        for _ in range(2):
-            logits, cache = step(params, cache, tok)
-        jax.block_until_ready(logits)
-        d = tempfile.mkdtemp(prefix="jaxprof")
+
+        def run(state=state, tok=tok):   # the cache is donated: thread it through every call
+            logits, state["cache"] = step(params, state["cache"], tok)
+            jax.block_until_ready(logits)
+
+        run()
+        run()
         reps = 3
-        with jax.profiler.trace(d):
-            for _ in range(reps):
-                logits, cache = step(params, cache, tok)
-                jax.block_until_ready(logits)
-        pd = jax.profiler.ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
-        agg = defaultdict(float)
-        for plane in pd.planes:
-            if plane.name.startswith("/device:GPU"):
-                for ln in plane.lines:
-                    if ln.name.startswith("Stream"):
-                        for ev in ln.events:
-                            agg[ev.name[:60]] += ev.duration_ns / 1e3 / reps
+        kernels, _ = traced_kernels(run, reps)
+        agg = {k: ns / 1e3 / reps for k, (_, ns) in kernels.items()}
         total = sum(agg.values())
         part = functools.partial(_time_of, agg)
         row = dict(batch=b, context=ctx, step_gpu_us=total, topk_us=part(("sort", "cub", "topk", "top_k")),
@@ -384,9 +379,10 @@ def topk_step_share(cases=((1, 32768), (1, 131072), (8, 32768), (8, 131072))):
                    largest={k: v for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:10]})
         row["topk_fraction"] = row["topk_us"] / total if total else None   # None: no GPU trace (CPU)
         out.append(row)
-        log(f"step b{b} ctx {ctx}: {total:7.0f} us GPU, top-k {row['topk_us']:6.1f} us ({row['topk_fraction'] or 0:.1%}), "
-            f"scoring {row['indexer_scores_us']:.1f} us, attention {row['sparse_attention_us']:.1f} us")
-        del cache, logits
+        log(f"step b{b} ctx {ctx}: {total:7.0f} us GPU, top-k {row['topk_us']:6.1f} us "
+            f"({row['topk_fraction'] or 0:.1%}), scoring {row['indexer_scores_us']:.1f} us, "
+            f"attention {row['sparse_attention_us']:.1f} us")
+        del state
         gc.collect()
     return out
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import h2d_bandwidth, run_info, synthetic_cache, write_json
+from benchmarks.common import h2d_bandwidth, run_info, synthetic_cache, v4_attention_stack, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -27,18 +27,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     # "1M": the largest context whose decode positions stay inside v4_flash's 1M-position RoPE table
-    ap.add_argument("--contexts", default="131072,524288,1048064")
+    ap.add_argument("--contexts", default=None, help="default 131072,524288,1048064 (--smoke: 4096)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--tau", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--kmax-pages", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     args = ap.parse_args(argv)
+    if args.contexts is None:   # the tiny smoke model's RoPE table ends at 16384 positions
+        args.contexts = "4096" if args.smoke else "131072,524288,1048064"
     if args.smoke:
         c = get_config("tiny", n_layers=4, compress_ratios=(4, 4, 4, 4))
     else:
-        c = get_config("v4_flash", n_layers=4, compress_ratios=(4, 4, 4, 4), ffn="dense", dense_inter_dim=2048,
-                       vocab_size=4096, hc_mult=1)
+        c = v4_attention_stack(compress_ratios=(4, 4, 4, 4))
     params = init_params(c, jax.random.PRNGKey(0))
     icfg = mi.config_from_model(c, target_layers=(1,), rope_dtype="float32")
     indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(1)))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax.cache import init_cache
-from fm_jax.config import KIND_CSA, KIND_WINDOW
+from fm_jax.config import KIND_CSA, KIND_WINDOW, get_config
 from fm_jax.layers.quant import pack_index_keys
 
 
@@ -21,6 +21,13 @@ def run_info() -> dict:
     return {"device": d.device_kind, "platform": d.platform, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+
+
+def v4_attention_stack(compress_ratios=(4, 128, 4, 128)):
+    """v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with 4
+    layers, a dense FFN and a small vocabulary: the attention stack the decode benchmarks time."""
+    return get_config("v4_flash", n_layers=4, compress_ratios=compress_ratios, ffn="dense", dense_inter_dim=2048,
+                      vocab_size=4096, hc_mult=1)
 
 
 def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
