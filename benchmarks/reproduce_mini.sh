@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The trained miniature end to end: pretrain the `mini` backbone on the task suite (with the Lightning
+# Indexer's KL loss), dump golden labels from it, train the Memory Indexer backbone-free, assemble the
+# model directory, and evaluate the four modes at one page budget.
+#
+#   bash benchmarks/reproduce_mini.sh RUN_DIR            # the shipped run (one H100, about 25 minutes)
+#   SMOKE=1 bash benchmarks/reproduce_mini.sh RUN_DIR    # seconds-scale sizes (CPU), same steps
+#
+# Every step resumes or is skipped when its output exists, so a rerun after an interruption continues.
+# RUN_DIR/model is a model directory for `serve.shipped.load_shipped` (what checkpoints/mini holds).
+set -euo pipefail
+RUN=${1:?usage: reproduce_mini.sh RUN_DIR}
+mkdir -p "$RUN"
+cd "$(dirname "$0")/.."
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUN/steps.log"; }
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  PRE="--steps 6 --curriculum 512:dense:0.5,512:sparse:0.5 --tokens-per-step 1024 --eval-every 0 --save-every 3"
+  PRE="$PRE --override n_layers=5 --override compress_ratios=[0,4,128,4,4] --override d_model=64"
+  DUMP="--n-docs 6 --length 1024 --prompt-queries 2"
+  FIT="--steps 20 --batch-size 4 --warmup 2 --eval-every 0 --save-every 10"
+  EVAL="--lengths 1024,2048 --n 2 --sweep 0.2,0.5"
+else
+  PRE="${PRE:---steps 3000}"
+  DUMP="${DUMP:---n-docs 1200 --length 8192 --prompt-queries 4}"
+  FIT="${FIT:---steps 1500 --batch-size 32 --warmup 100 --eval-every 500 --save-every 500}"
+  EVAL="${EVAL:---lengths 4096,8192,16384,32768 --n 16}"
+fi
+
+t0=$(date +%s)
+log "pretrain"
+python -m train.pretrain --preset mini --out "$RUN/pretrain" --no-progress $PRE
+OVR=$(python -c "import json,sys; print(' '.join('--override '+k+'='+json.dumps(v, separators=(',', ':'))
+      for k, v in json.load(open(sys.argv[1]))['config'].items()))" "$RUN/pretrain/summary.json")
+log "dump"
+python -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" --tasks all \
+  --tau 64 --no-progress $DUMP
+log "fit"
+python -m train.fit --data "$RUN/dump" --out "$RUN/fit" --no-progress --no-tensorboard $FIT
+log "assemble model"
+mkdir -p "$RUN/model"
+rm -rf "$RUN/model/backbone" && cp -r "$RUN/pretrain/params" "$RUN/model/backbone"
+cp "$RUN/fit/export/indexer.safetensors" "$RUN/model/memory_indexer.safetensors"
+log "evaluate"
+python -m serve.evaluate_tasks --ckpt "$RUN/model" --out "$RUN/eval" $EVAL
+log "done in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,217 @@
+"""The paper's accuracy table on the trained miniature: ``python -m serve.evaluate_tasks``.
+
+Held-out instances of every task in `train.tasks` at several context lengths, answered greedily through
+`serve.engine.generate` in the modes `full`, `lsa`, `recency` and `random`; the three reduced modes share
+one device page budget (`--budget`, a fraction of the CSA pages at each context, the recency tail inside
+it). Also the accuracy-vs-budget curve at one context, and for LSA the recall of golden entries: the
+entries the full model's Lightning Indexers agree on while it writes the answer (`train.labels`, the
+same rule as the Memory Indexer's training labels) that sit in the resident set LSA chose for that window.
+
+Writes ``OUT/reproduction.json`` and two plots: ``accuracy_vs_context.png`` (retrieval tasks, each mode)
+and ``accuracy_vs_budget.png`` (lsa / recency / random at the budget-sweep context).
+
+    python -m serve.evaluate_tasks --out /tmp/fm_eval --lengths 4096,8192 --n 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from serve.engine import MODES, LSAConfig, generate
+from serve.shipped import load_shipped
+from train import tasks as T
+
+RETRIEVAL = tuple(t for t in T.TASKS if t != "local")
+
+
+def batch_examples(name: str, length: int, n: int, seed: int):
+    """n held-out examples of one task at one length (all prompts have exactly `length` tokens)."""
+    return [T.make_example(name, length, seed + i) for i in range(n)]
+
+
+def lsa_config(config, length: int, budget: float, tail_fraction: float, tau: int, seed: int) -> LSAConfig:
+    """The page budget at `length` tokens: `budget` of the CSA pages (at least one), the recency tail a
+    `tail_fraction` of it (the release's production ratio is 32 of 96 pages)."""
+    n_pages = -(-(length // config.csa_ratio) // config.page_entries)
+    kmax = max(1, int(math.floor(budget * n_pages)))
+    return LSAConfig(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), sink_pages=0, seed=seed)
+
+
+def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_tokens: int, batch: int):
+    """Greedy answers of `examples` in `mode` -> (scores [n], stats of the last call, generated tokens)."""
+    scores, stats, outs = [], [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        prompt = np.stack([e.prompt for e in chunk])
+        res = generate(params, config, prompt, new_tokens, mode=mode, indexer=indexer if mode == "lsa" else None,
+                       lsa=lsa)
+        for e, toks in zip(chunk, res.tokens):
+            scores.append(T.score(e.task, e, toks))
+            outs.append(toks)
+        stats.append(res.stats)
+    return np.asarray(scores), stats, outs
+
+
+def _mean_stat(stats, key):
+    vals = [s[key] for s in stats if key in s]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate(args) -> dict:
+    params, config, indexer = load_shipped(args.ckpt)
+    names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
+    new_tokens = max(len(T.make_example(n, min(args.lengths), 0).answer) for n in names) + 1
+    rows, t0 = [], time.perf_counter()
+    runs = [(L, m, args.budget) for L in args.lengths for m in args.modes]
+    runs += [(args.sweep_length, m, b) for b in args.sweep for m in ("lsa", "recency", "random")
+             if (args.sweep_length, m, b) not in runs]
+    for length, mode, budget in runs:
+        lsa = lsa_config(config, length, budget, args.tail_fraction, args.tau, args.seed)
+        batch = max(1, args.tokens_per_batch // length)
+        for name in names:
+            ex = batch_examples(name, length, args.n, args.seed_base + length)
+            t1 = time.perf_counter()
+            sc, stats, _ = run_mode(params, config, indexer, ex, mode, lsa, new_tokens, batch)
+            row = {"length": length, "mode": mode, "budget": budget if mode != "full" else 1.0, "task": name,
+                   "accuracy": float(sc.mean()), "n": len(sc), "kmax_pages": lsa.kmax_pages,
+                   "tail_pages": lsa.recency_tail_pages,
+                   "device_csa_fraction": _mean_stat(stats, "device_csa_fraction"),
+                   "device_kv_fraction": _mean_stat(stats, "device_kv_fraction"),
+                   "resident_fraction": _mean_stat(stats, "resident_fraction"),
+                   "golden_recall": _mean_stat(stats, "golden_recall"),
+                   "wall_s": round(time.perf_counter() - t1, 2)}
+            rows.append(row)
+            print(f"{length:>6} {mode:<8} budget={row['budget']:.3f} {name:<16} acc={row['accuracy']:.3f} "
+                  f"csa={row['device_csa_fraction'] or 1.0:.3f}", file=sys.stderr, flush=True)
+    return {"rows": rows, "summary": summarize(rows, args), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _avg(rows, **match) -> float | None:
+    sel = [r["accuracy"] for r in rows if all(r[k] == v if k != "task" else r["task"] in v for k, v in match.items())]
+    return float(np.mean(sel)) if sel else None
+
+
+def summarize(rows, args) -> dict:
+    """Retrieval average and local-task accuracy per (length, mode) at the main budget, and the targets."""
+    out = {}
+    for length in args.lengths:
+        for mode in args.modes:
+            b = 1.0 if mode == "full" else args.budget
+            out[f"{mode}@{length}"] = {
+                "retrieval": _avg(rows, length=length, mode=mode, budget=b, task=RETRIEVAL),
+                "local": _avg(rows, length=length, mode=mode, budget=b, task=("local",)),
+                "device_csa_fraction": float(np.mean([r["device_csa_fraction"] or 1.0 for r in rows
+                                                      if r["length"] == length and r["mode"] == mode
+                                                      and r["budget"] == b])),
+            }
+    return out
+
+
+def plot(result: dict, args, out: str) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; plots skipped (pip install matplotlib)", file=sys.stderr)
+        return []
+    rows, paths = result["rows"], []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in args.modes:
+        b = 1.0 if mode == "full" else args.budget
+        ys = [_avg(rows, length=L, mode=mode, budget=b, task=RETRIEVAL) for L in args.lengths]
+        ax.plot(args.lengths, ys, marker="o", label=mode if mode == "full" else f"{mode} (budget {args.budget:.0%})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact match, retrieval tasks")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Accuracy vs context")
+    paths.append(os.path.join(out, "accuracy_vs_context.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = sorted(set(args.sweep) | ({args.budget} if args.sweep_length in args.lengths else set()))
+    for mode in ("lsa", "recency", "random"):
+        ys = [_avg(rows, length=args.sweep_length, mode=mode, budget=b, task=RETRIEVAL) for b in budgets]
+        ax.plot([100 * b for b in budgets], ys, marker="o", label=mode)
+    full = _avg(rows, length=args.sweep_length, mode="full", budget=1.0, task=RETRIEVAL)
+    if full is not None:
+        ax.axhline(full, color="k", ls="--", lw=1, label="full cache")
+    ax.set_xlabel(f"device page budget (% of CSA pages) at {args.sweep_length} tokens")
+    ax.set_ylabel("exact match, retrieval tasks")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Accuracy vs device-KV budget")
+    paths.append(os.path.join(out, "accuracy_vs_budget.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    vals = tuple(int(x) for x in s.split(","))
+    if any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {s!r}")
+    return vals
+
+
+def _fractions(s: str) -> tuple[float, ...]:
+    vals = tuple(float(x) for x in s.split(","))
+    if any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"budgets are fractions in (0, 1], got {s!r}")
+    return vals
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m serve.evaluate_tasks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", default=None, help="model directory (default: the shipped checkpoints/mini)")
+    p.add_argument("--tasks", default="all")
+    p.add_argument("--lengths", type=_ints, default=(4096, 8192, 16384, 32768))
+    p.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES)
+    p.add_argument("--n", type=int, default=16, help="held-out examples per task and length")
+    p.add_argument("--budget", type=float, default=0.1, help="page budget of lsa/recency/random (fraction)")
+    p.add_argument("--tail-fraction", type=float, default=0.25, help="recency tail, as a fraction of the budget")
+    p.add_argument("--sweep", type=_fractions, default=(0.05, 0.1, 0.2, 0.4))
+    p.add_argument("--sweep-length", type=int, default=None, help="context of the budget sweep (default: longest)")
+    p.add_argument("--tau", type=int, default=64)
+    p.add_argument("--tokens-per-batch", type=int, default=131072, help="prompt tokens per generate call")
+    p.add_argument("--seed", type=int, default=0, help="mode=random's page choice")
+    p.add_argument("--seed-base", type=int, default=2_000_000_011, help="held-out examples' seeds start here")
+    return p
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    for m in args.modes:
+        if m not in MODES:
+            raise SystemExit(f"error: unknown mode {m!r}; choose from {MODES}")
+    args.sweep_length = args.sweep_length or max(args.lengths)
+    os.makedirs(args.out, exist_ok=True)
+    result = evaluate(args)
+    result.update({"command": "python -m serve.evaluate_tasks " + " ".join(argv),
+                   "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                   "date": time.strftime("%Y-%m-%d")})
+    result["plots"] = plot(result, args, args.out)
+    with open(os.path.join(args.out, "reproduction.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["summary"], indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

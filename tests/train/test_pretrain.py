@@ -1,0 +1,70 @@
+"""train.pretrain: a step lowers the loss, resume reproduces the uninterrupted run, curriculum parsing."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fm_jax.config import get_config
+from train import pretrain as P
+
+TINY = ["--preset", "tiny", "--override", "vocab_size=512", "--tasks", "niah_single,local",
+        "--curriculum", "384:dense:0.5,384:sparse:0.5", "--tokens-per-step", "768", "--eval-every", "0",
+        "--no-progress", "--no-tensorboard", "--warmup", "1", "--log-every", "1", "--save-every", "2"]
+
+
+def test_parse_curriculum_covers_every_step():
+    ph = P.parse_curriculum("1024:dense:1,4096:sparse:3", 10, 8192)
+    assert [(p.length, p.stage, p.start, p.end, p.batch) for p in ph] == [
+        (1024, "dense", 0, 2, 8), (4096, "sparse", 2, 10, 2)]
+    assert P.phase_at(ph, 9).length == 4096
+    with pytest.raises(ValueError, match="LEN:STAGE:FRACTION"):
+        P.parse_curriculum("1024:dense", 10, 8192)
+    with pytest.raises(ValueError, match="STAGE"):
+        P.parse_curriculum("1024:fast:1", 10, 8192)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+    c = get_config("tiny", vocab_size=512, hc_mult=2, ffn="moe", n_hash_layers=1)
+    args = P.build_parser().parse_args(["--out", "x", "--lr", "3e-3", "--warmup", "0", "--steps", "100"])
+    key = jax.random.PRNGKey(0)
+    template = P.param_template(c, key)
+    master = P.init_params(c.replace(dtype="float32"), key)
+    tx, _ = P.make_optimizer(args, args.steps)
+    trainable, frozen = P.split_trainable(master)
+    assert any(x is not None for x in jax.tree.leaves(frozen, is_leaf=lambda x: x is None))  # tid2eid is frozen
+    state = {"params": master, "opt_state": tx.init(trainable), "step": jnp.asarray(0, jnp.int32)}
+    tokens, mask = P.fixed_batch(("niah_single",), 384, 0, 2)
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    step = P.build_train_step(c, template, tx, 1.0)
+    tid = np.asarray(master["layers"][0]["ffn"]["tid2eid"])
+    state, m0 = step(state, batch, stage="sparse")
+    state, m1 = step(state, batch, stage="sparse")
+    assert float(m1["loss"]) < float(m0["loss"])
+    assert np.all(np.isfinite([float(v) for v in m0.values()]))
+    np.testing.assert_array_equal(np.asarray(state["params"]["layers"][0]["ffn"]["tid2eid"]), tid)
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    P.main(["--out", full, "--steps", "4", *TINY])
+    r = P.main(["--out", cut, "--steps", "4", "--stop-after", "2", *TINY])
+    assert r.get("stopped")
+    r = P.main(["--out", cut, "--steps", "4", *TINY])
+    assert r["resumed_from"] == 2
+    a, b = _lines(os.path.join(full, "metrics.jsonl")), _lines(os.path.join(cut, "metrics.jsonl"))
+    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    assert a == b
+    assert os.path.isdir(os.path.join(cut, "params"))
+    with open(os.path.join(cut, "summary.json")) as f:
+        s = json.load(f)
+    assert s["tokens_seen"] == 4 * 2 * (384 + P.ANSWER_ROOM)
+    with pytest.raises(SystemExit, match="different settings"):
+        P.main(["--out", cut, "--steps", "5", *TINY])

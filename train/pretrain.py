@@ -1,0 +1,341 @@
+"""Pretrain a V4-architecture backbone on the synthetic task suite: ``python -m train.pretrain``.
+
+* Model: a preset (default ``mini``) with float32 master weights; the forward runs on a copy cast to the
+  preset's dtypes (bfloat16 for ``mini``), through `train.lm` (the backbone's layers, dense masked
+  attention, the Lightning Indexer's KL loss).
+* Data: `train.tasks.make_batch` (every task of the suite mixed, or ``--tasks``); the loss is next-token
+  cross-entropy on the answer tokens (and the closing EOS) only: filler and needles are random by design.
+* Curriculum: ``--curriculum LEN:STAGE:FRACTION,...`` splits ``--steps`` into phases of one context
+  length and one indexer stage each (``dense`` warm-up, then ``sparse`` top-k, `train.lm`); every phase
+  keeps about ``--tokens-per-step`` tokens per batch. One compilation per phase.
+* Optimizer: global-norm clipping, optax AdamW (decay on matrices only) with linear warm-up and cosine decay.
+* Checkpoints: orbax ``CheckpointManager`` under ``OUT/ckpt`` every ``--save-every`` steps. A rerun with
+  the same ``--out`` resumes from the latest one; each step's batch is a pure function of ``(seed, step)``,
+  so the resumed run reproduces the uninterrupted run's metrics exactly.
+* Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy, per-layer indexer KL, lr, grad norm, tokens seen),
+  ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
+  examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
+* Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads) and
+  ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
+
+Example (CPU smoke run)::
+
+    python -m train.pretrain --preset tiny --out /tmp/fm_pre --steps 20 --curriculum 256:dense:0.5,256:sparse:0.5 \
+        --tokens-per-step 1024 --override vocab_size=512
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fm_jax import checkpoint as fm_ckpt
+from fm_jax.config import get_config
+from fm_jax.model import init_params
+from train import data as D
+from train import lm
+from train import tasks as T
+from train.dump import _parse_override
+from train.fit import Logger
+
+EVAL_SEED_BASE = 1_000_000_007  # held-out examples: seeds no training batch uses
+ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
+TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks")
+
+
+@dataclass(frozen=True)
+class Phase:
+    length: int
+    stage: str
+    start: int   # first step of the phase
+    end: int     # one past its last step
+    batch: int
+
+
+def parse_curriculum(spec: str, steps: int, tokens_per_step: int) -> list[Phase]:
+    """``"1024:dense:0.25,4096:sparse:0.75"`` -> phases covering ``range(steps)`` (fractions renormalised)."""
+    items = []
+    for part in spec.split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 3:
+            raise ValueError(f"curriculum item {part!r} is not LEN:STAGE:FRACTION")
+        length, stage, frac = int(bits[0]), bits[1], float(bits[2])
+        if length <= 0 or frac <= 0 or stage not in lm.STAGES:
+            raise ValueError(f"curriculum item {part!r}: LEN > 0, STAGE in {lm.STAGES}, FRACTION > 0")
+        items.append((length, stage, frac))
+    total = sum(f for _, _, f in items)
+    phases, start = [], 0
+    for i, (length, stage, frac) in enumerate(items):
+        end = steps if i == len(items) - 1 else min(steps, start + round(steps * frac / total))
+        if end > start:
+            phases.append(Phase(length, stage, start, end, max(1, tokens_per_step // length)))
+        start = end
+    return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    return next(p for p in phases if p.start <= step < p.end)
+
+
+# ------------------------------------------------------------------------------------------ params
+def split_trainable(params):
+    """(float leaves, other leaves) as two trees of the same structure with None in the other's places:
+    integer tables such as the hash-routing `tid2eid` are parameters but not trained."""
+    is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
+    return (jax.tree.map(lambda x: x if is_float(x) else None, params),
+            jax.tree.map(lambda x: None if is_float(x) else x, params))
+
+
+def merge(a, b):
+    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def cast_like(params, template):
+    """Cast every leaf to the dtype of the matching leaf of `template` (the preset's own dtypes)."""
+    return jax.tree.map(lambda x, t: x.astype(t.dtype), params, template)
+
+
+def param_template(config, key):
+    return jax.eval_shape(functools.partial(init_params, config), key)
+
+
+# ------------------------------------------------------------------------------------------ step
+def make_optimizer(args, total_steps: int):
+    warmup = max(0, min(args.warmup, total_steps - 1))
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(total_steps, warmup + 1),
+                                               end_value=args.lr * args.min_lr_ratio)
+    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    tx = optax.adamw(sched, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay, mask=decay_mask)
+    if args.clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
+    return tx, sched
+
+
+def loss_fn(trainable, frozen, template, config, batch, stage: str, kl_weight: float):
+    params = cast_like(merge(trainable, frozen), template)
+    logits, auxes = lm.forward_train(params, config, batch["tokens"], stage)
+    ce, acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    kls = {f"kl/l{i}": a["kl"] for i, a in enumerate(auxes) if "kl" in a}
+    kl = sum(kls.values()) / max(len(kls), 1)
+    n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}
+    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "kl": kl, **kls, **n_att}
+
+
+def build_train_step(config, template, tx, kl_weight: float):
+    @functools.partial(jax.jit, static_argnames=("stage",), donate_argnames=("state",))
+    def train_step(state, batch, stage: str):
+        trainable, frozen = split_trainable(state["params"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, template, config, batch, stage, kl_weight)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return {"params": merge(trainable, frozen), "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    return train_step
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def answer_accuracy(params, config, tokens, loss_mask):
+    """Teacher-forced answer-token accuracy per example [B] (the sparse stage: as at inference)."""
+    logits, _ = lm.forward_train(params, config, tokens, "sparse", remat=False)
+    hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]) & (loss_mask[:, :-1] > 0)
+    return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(loss_mask[:, :-1] > 0, -1), 1)
+
+
+def fixed_batch(names, length: int, seed: int, batch: int):
+    """`train.tasks.make_batch` right-padded to `length + ANSWER_ROOM` tokens: one shape per length."""
+    tokens, mask = T.make_batch(names, length, seed, batch)
+    room = length + ANSWER_ROOM - tokens.shape[1]
+    if room < 0:
+        raise ValueError(f"answers longer than ANSWER_ROOM={ANSWER_ROOM} tokens at length {length}")
+    return (np.pad(tokens, ((0, 0), (0, room)), constant_values=T.PAD),
+            np.pad(mask, ((0, 0), (0, room))))
+
+
+def evaluate(params, config, names, lengths, n_per_task: int) -> dict:
+    """Teacher-forced answer accuracy per task and length on held-out examples (one at a time: the dense
+    logits of a 16K-token example already take about a GiB per layer)."""
+    out = {}
+    for length in lengths:
+        for name in names:
+            accs = []
+            for i in range(n_per_task):
+                tokens, mask = fixed_batch((name,), length, EVAL_SEED_BASE + 7919 * length + i, 1)
+                accs.append(float(answer_accuracy(params, config, jnp.asarray(tokens), jnp.asarray(mask))[0]))
+            out[f"{name}@{length}"] = float(np.mean(accs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ run
+def _check_run_config(out: str, args) -> None:
+    D.pin_settings(os.path.join(out, "run_config.json"), {k: getattr(args, k) for k in TRAJECTORY_ARGS},
+                   TRAJECTORY_ARGS, f"{out} holds a run with different settings: resuming would not continue "
+                   "the same trajectory")
+
+
+def run(args) -> dict:
+    import orbax.checkpoint as ocp
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    args.override = [list(kv) for kv in args.override]
+    _check_run_config(out, args)
+    config = get_config(args.preset, **dict(args.override))
+    if config.vocab_size < T.VOCAB_SIZE:
+        raise ValueError(f"the task suite needs vocab_size >= {T.VOCAB_SIZE}, the config has {config.vocab_size}")
+    names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
+    for n in names:
+        if n not in T.TASKS:
+            raise ValueError(f"unknown task {n!r}; choose from {T.TASKS}")
+    phases = parse_curriculum(args.curriculum, args.steps, args.tokens_per_step)
+    key = jax.random.PRNGKey(args.seed)
+    template = param_template(config, key)
+    master = init_params(config.replace(dtype="float32"), key)
+    tx, sched = make_optimizer(args, args.steps)
+    trainable, _ = split_trainable(master)
+    state = {"params": master, "opt_state": tx.init(trainable), "step": jnp.asarray(0, jnp.int32)}
+    step_fn = build_train_step(config, template, tx, args.kl_weight)
+
+    mngr = ocp.CheckpointManager(os.path.join(out, "ckpt"), options=ocp.CheckpointManagerOptions(
+        max_to_keep=args.keep, create=True, cleanup_tmp_directories=True))
+    start, latest = 0, mngr.latest_step()
+    prior = {"wall_s": 0.0, "tokens_seen": 0}
+    if latest is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                meta=ocp.args.JsonRestore()))
+        state, prior = restored["state"], restored["meta"]
+        start = int(jax.device_get(state["step"]))
+        print(f"resuming from step {start} ({os.path.join(out, 'ckpt')})", file=sys.stderr)
+    logger = Logger(out, start, tensorboard=not args.no_tensorboard)
+
+    def produce(s):
+        ph = phase_at(phases, s)
+        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch)
+        return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}, ph
+
+    stop_at = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    tokens_seen, wall0 = int(prior["tokens_seen"]), float(prior["wall_s"])
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, desc="pretrain", unit="step")
+    t_run = t_last = time.perf_counter()
+    n_tok_last, last_eval = 0, None
+
+    def save(done):
+        meta = {"step": done, "tokens_seen": tokens_seen, "wall_s": wall0 + time.perf_counter() - t_run}
+        mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    pre = D.Prefetcher(produce, range(start, stop_at), depth=4, workers=args.data_workers)
+    try:
+        for s, (batch, ph) in pre:
+            state, metrics = step_fn(state, batch, stage=ph.stage)
+            done = s + 1
+            n_tok = ph.batch * batch["tokens"].shape[1]
+            tokens_seen += n_tok
+            n_tok_last += n_tok
+            if done % args.log_every == 0 or done == args.steps:
+                mv = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                logger.metrics({"step": done, "lr": float(sched(s)), "length": ph.length, "stage": ph.stage,
+                                "tokens_seen": tokens_seen, **mv}, prefix="train/")
+                now = time.perf_counter()
+                logger.perf({"step": done, "tokens_per_s": n_tok_last / max(now - t_last, 1e-9),
+                             "elapsed_s": wall0 + now - t_run})
+                t_last, n_tok_last = now, 0
+                if bar is not None:
+                    bar.set_postfix(len=ph.length, stage=ph.stage, loss=f"{mv['lm_loss']:.3f}",
+                                    acc=f"{mv['answer_acc']:.3f}", kl=f"{mv['kl']:.3f}")
+            if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+                params = cast_like(state["params"], template)
+                last_eval = evaluate(params, config, names, args.eval_lengths, args.eval_examples)
+                logger.metrics({"step": done, "eval": last_eval}, prefix="eval/")
+            if done % args.save_every == 0 or done == args.steps:
+                save(done)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        pre.close()
+        mngr.wait_until_finished()
+        if bar is not None:
+            bar.close()
+        logger.close()
+    result = {"out": out, "step": int(jax.device_get(state["step"])), "resumed_from": start,
+              "tokens_seen": tokens_seen, "wall_s": round(wall0 + time.perf_counter() - t_run, 1)}
+    mngr.close()
+    if stop_at < args.steps:
+        result["stopped"] = True
+        return result
+    fm_ckpt.save_params(os.path.join(out, "params"), cast_like(state["params"], template), config, overwrite=True)
+    summary = {**result, "command": "python -m train.pretrain " + " ".join(args.argv), "preset": args.preset,
+               "config": {k: v for k, v in args.override}, "phases": [vars(p) for p in phases],
+               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "final_eval": last_eval}
+    D.atomic_write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def _positive(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run directory (a rerun resumes from its latest checkpoint)")
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--override", type=_parse_override, action="append", default=[],
+                   help="config field override key=value (JSON value), repeatable")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=_positive, default=3000)
+    o.add_argument("--curriculum", default="1024:dense:0.2,2048:sparse:0.3,4096:sparse:0.5",
+                   help="LEN:STAGE:FRACTION phases (STAGE dense|sparse)")
+    o.add_argument("--tokens-per-step", type=_positive, default=65536)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--warmup", type=int, default=200)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--clip", type=float, default=1.0, help="global-norm clip (<= 0: off)")
+    o.add_argument("--b1", type=float, default=0.9)
+    o.add_argument("--b2", type=float, default=0.95)
+    o.add_argument("--kl-weight", type=float, default=1.0, help="weight of the indexer KL loss")
+    o.add_argument("--seed", type=int, default=0, help="init and data")
+    r = p.add_argument_group("run")
+    r.add_argument("--log-every", type=_positive, default=20)
+    r.add_argument("--eval-every", type=int, default=500, help="0: never")
+    r.add_argument("--eval-lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=(4096, 16384))
+    r.add_argument("--eval-examples", type=_positive, default=8, help="held-out examples per task and length")
+    r.add_argument("--save-every", type=_positive, default=500)
+    r.add_argument("--keep", type=_positive, default=2)
+    r.add_argument("--data-workers", type=_positive, default=2)
+    r.add_argument("--stop-after", type=int, default=None, help="stop after this step (simulates a kill)")
+    r.add_argument("--no-tensorboard", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    res = run(args)
+    print(json.dumps({k: v for k, v in res.items() if k in ("out", "step", "tokens_seen", "wall_s", "final_eval")}),
+          file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    main()
