@@ -24,7 +24,7 @@ def swiglu(p, x: jax.Array) -> jax.Array:
     return (jax.nn.silu(x @ p["w1"]) * (x @ p["w3"])) @ p["w2"]
 
 
-def init_ffn(key, c, dtype=jnp.float32):
+def init_ffn(key, c, dtype=jnp.float32, *, hash_routed: bool = False):
     if c.ffn == "dense":
         return {"dense": init_swiglu(key, c.d_model, c.dense_inter_dim, dtype)}
     kr, ke, ks = jax.random.split(key, 3)
@@ -43,7 +43,7 @@ def moe_gates(p, c, x: jax.Array) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(idx, c.n_routed_experts, dtype=jnp.float32) * vals[..., None], axis=-2)
 
 
-def ffn(p, c, x: jax.Array) -> jax.Array:
+def ffn(p, c, x: jax.Array, token_ids=None) -> jax.Array:
     """x: [..., d_model] (normed) -> [..., d_model]."""
     if c.ffn == "dense":
         return swiglu(p["dense"], x)

@@ -32,13 +32,15 @@ def random_params(config, seed: int = 0):
         z = rng.standard_normal(shape)
         if name == "embed" or name == "sink":
             v = z
-        elif name == "ape" or name == "pre":
+        elif name == "ape":
             v = 0.1 * z
-        elif name == "res":  # hyper-connection mixing logits (init: 4 I + noise)
-            v = 4.0 * np.eye(shape[-1]) + 0.1 * z
+        elif name == "fn":  # hyper-connection mixers [rows, hc*d] (PyTorch layout): mixes of std ~0.3
+            v = 0.3 * z * shape[-1] ** -0.5
+        elif name == "base":  # hyper-connection biases: logits of std 0.5
+            v = 0.5 * z
         elif len(shape) >= 2:  # dense weights, [.., in, out] layout: N(0, 1 / fan_in)
             v = z * shape[-2] ** -0.5
-        else:  # norm weights, hyper-connection `post`
+        else:  # norm weights, hyper-connection `scale`
             v = 1.0 + 0.1 * z
         return jnp.asarray(v.astype(np.float32), x.dtype)
 

@@ -88,7 +88,9 @@ def test_param_rules_on_a_2x4_mesh():
     assert norm(spec_of(sh, *f, "shared", "w1")) == (None, "model")
     assert norm(spec_of(sh, *f, "shared", "w2")) == ("model",)
     assert norm(spec_of(sh, *f, "router")) == ()
-    assert norm(spec_of(sh, "layers", 0, "hc_attn", "res")) == ()
+    for name in ("fn", "base", "scale"):                                            # mHC mixers
+        assert norm(spec_of(sh, "layers", 0, "hc_attn", name)) == ()
+        assert norm(spec_of(sh, "hc_head", name)) == ()
     assert norm(spec_of(sh, "embed")) == ("model",) and norm(spec_of(sh, "lm_head")) == (None, "model")
     # nothing is ever split over "data"
     assert all("data" not in tuple(s.spec) for s in jax.tree_util.tree_leaves(sh))
