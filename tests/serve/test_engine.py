@@ -14,6 +14,7 @@ from fm_jax import memory_indexer as mi
 from fm_jax.model import init_params, prefill
 from serve.engine import LSAConfig, decode_loop, generate
 from serve.generate import main as cli_main
+from tests.fm_jax.helpers import random_params
 
 PROMPT, NEW, TAU = 150, 41, 16
 
@@ -35,6 +36,30 @@ def test_lsa_gate_open_is_bit_identical_to_full(setup, stale):
     lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, return_logits=True,
                    lsa=LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=stale))
     assert lsa.tokens.shape == (2, NEW) and lsa.logits.shape == (2, NEW, c.vocab_size)
+    np.testing.assert_array_equal(lsa.tokens, full.tokens)
+    np.testing.assert_array_equal(lsa.logits, full.logits)  # bit-exact, not allclose
+    assert lsa.stats["resident_fraction"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def v4_setup():
+    """The V4 backbone features on: dynamic mHC with 4 streams, MoE with 2 hash-routed layers then top-k
+    routing with a bias, the SwiGLU clamp (random params: mixers far from their identity init)."""
+    c = get_config("tiny", ffn="moe", hc_mult=4, n_hash_layers=2, swiglu_limit=10.0)
+    params = random_params(c, seed=5)
+    icfg = mi.config_from_model(c)
+    indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(3)))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, PROMPT), 0, c.vocab_size)
+    full = generate(params, c, prompt, NEW, mode="full", return_logits=True, lsa=LSAConfig(tau=TAU))
+    return c, params, indexer, prompt, full
+
+
+def test_lsa_gate_open_is_bit_identical_to_full_with_mhc_moe_and_hash_layers(v4_setup):
+    c, params, indexer, prompt, full = v4_setup
+    assert c.hc_mult == 4 and c.ffn == "moe" and c.is_hash_layer(1) and "hc_head" in params
+    assert np.all(np.isfinite(full.logits)) and len(np.unique(full.tokens)) > 4
+    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, return_logits=True,
+                   lsa=LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=True))
     np.testing.assert_array_equal(lsa.tokens, full.tokens)
     np.testing.assert_array_equal(lsa.logits, full.logits)  # bit-exact, not allclose
     assert lsa.stats["resident_fraction"] == 1.0
