@@ -25,9 +25,10 @@ def run_info() -> dict:
 
 def v4_attention_stack(compress_ratios=(4, 128, 4, 128)):
     """v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with 4
-    layers, a dense FFN and a small vocabulary: the attention stack the decode benchmarks time."""
+    layers, a dense FFN (so no hash-routed layers) and a small vocabulary: the attention stack the decode
+    benchmarks time."""
     return get_config("v4_flash", n_layers=4, compress_ratios=compress_ratios, ffn="dense", dense_inter_dim=2048,
-                      vocab_size=4096, hc_mult=1)
+                      vocab_size=4096, hc_mult=1, n_hash_layers=0)
 
 
 def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:

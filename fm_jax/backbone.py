@@ -12,7 +12,7 @@ from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 from fm_jax.layers.attention import output_projection, project_kv, project_q
 from fm_jax.layers.ffn import ffn
-from fm_jax.layers.hyper import hc_input, hc_output
+from fm_jax.layers.hyper import hc_head, hc_post, hc_pre
 from fm_jax.layers.indexer import index_query, pack_entry_keys, select_topk
 from fm_jax.layers.norm import rms_norm
 from fm_jax.layers.rope import inv_freq_for_layer
@@ -23,39 +23,41 @@ QUERY_CHUNK = 256  # uncached attention processes queries in chunks of this size
 
 # ---------------------------------------------------------------- residual / hyper-connections
 def embed_residual(c, h: jax.Array) -> jax.Array:
-    """Embedding [..., d] -> residual state ([..., d], or [..., hc_mult, d] with hyper-connections)."""
+    """Embedding [..., d] -> residual state ([..., d], or the embedding repeated into [..., hc_mult, d]
+    streams with hyper-connections)."""
     return h if c.hc_mult == 1 else jnp.repeat(h[..., None, :], c.hc_mult, axis=-2)
 
 
-def residual_input(lp, c, name: str, state: jax.Array) -> jax.Array:
-    return state if c.hc_mult == 1 else hc_input(lp[f"hc_{name}"], state)
-
-
-def residual_add(lp, c, name: str, state: jax.Array, out: jax.Array) -> jax.Array:
+def _sublayer(lp, c, name: str, h, f):
+    """Residual around one sub-layer (`f(x_normed) -> (out, aux)`), plain or mHC (SPEC §9).
+    Returns (new residual state, the normed sub-layer input, aux)."""
+    norm_w = lp[f"{name}_norm"]
     if c.hc_mult == 1:
-        return state + out.astype(state.dtype)
-    return hc_output(lp[f"hc_{name}"], state, out, c.hc_sinkhorn_iters)
+        x = rms_norm(h, norm_w, c.norm_eps)
+        out, aux = f(x)
+        return h + out.astype(h.dtype), x, aux
+    y, post, comb = hc_pre(lp[f"hc_{name}"], h, c)
+    x = rms_norm(y, norm_w, c.norm_eps)
+    out, aux = f(x)
+    return hc_post(out, h, post, comb), x, aux
 
 
-def final_hidden(c, state: jax.Array) -> jax.Array:
-    return state if c.hc_mult == 1 else jnp.mean(state.astype(jnp.float32), axis=-2).astype(state.dtype)
-
-
-def block(lp, c, h, attend):
+def block(lp, c, h, attend, token_ids):
     """One pre-norm layer: attention (`attend(x_normed) -> (out, aux)`) then FFN, each with its residual.
-    Returns (new residual state, the layer's normed attention input, aux). The normed input is what the
-    Lightning Indexer reads, hence the Memory Indexer's query input ("hidden")."""
-    x = rms_norm(residual_input(lp, c, "attn", h), lp["attn_norm"], c.norm_eps)
-    out, aux = attend(x)
-    h = residual_add(lp, c, "attn", h, out)
-    x_f = residual_input(lp, c, "ffn", h)
-    h = residual_add(lp, c, "ffn", h, ffn(lp["ffn"], c, rms_norm(x_f, lp["ffn_norm"], c.norm_eps)))
+    h: residual state [..., d] or [..., hc_mult, d]; token_ids: int [...] (the tokens of h's positions;
+    hash-routed MoE layers read them). Returns (new residual state, the layer's normed attention input,
+    aux). The normed input is what the Lightning Indexer reads, hence the Memory Indexer's query input
+    ("hidden")."""
+    h, x, aux = _sublayer(lp, c, "attn", h, attend)
+    h, _, _ = _sublayer(lp, c, "ffn", h, lambda xf: (ffn(lp["ffn"], c, xf, token_ids), None))
     return h, x, aux
 
 
 def lm_logits(params, c, h) -> jax.Array:
-    hf = rms_norm(final_hidden(c, h), params["final_norm"], c.norm_eps)
-    return (hf @ params["lm_head"]).astype(jnp.float32)
+    """Residual state -> logits float32 [..., vocab]: hc_head collapses the streams (hc_mult > 1), then the
+    final norm and the LM head."""
+    hf = h if c.hc_mult == 1 else hc_head(params["hc_head"], h, c)
+    return (rms_norm(hf, params["final_norm"], c.norm_eps) @ params["lm_head"]).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- uncached (whole sequence)
@@ -172,7 +174,7 @@ def run_sequence(params, c, tokens, lengths=None, max_len=None, impl="auto"):
     for layer, lp in enumerate(params["layers"]):
         attend = functools.partial(attention_sequence, lp["attn"], c, layer, lengths=lengths, max_len=max_len,
                                    impl=impl)
-        h, x_in, a = block(lp, c, h, attend)
+        h, x_in, a = block(lp, c, h, attend, tokens)
         caches.append(a.pop("cache"))
         aux.append({"hidden": x_in, **a})
     return lm_logits(params, c, h), (tuple(caches) if max_len is not None else None), aux
@@ -262,7 +264,7 @@ def run_step(params, c, cache, tokens, impl="auto"):
     for layer, lp in enumerate(params["layers"]):
         attend = functools.partial(attention_step, lp["attn"], c, layer, cache["layers"][layer], positions=positions,
                                    tier=tier if c.layer_kind(layer) == KIND_CSA else None, impl=impl)
-        h, x_in, lc = block(lp, c, h, attend)
+        h, x_in, lc = block(lp, c, h, attend, tokens)
         new_layers.append(lc)
         hidden.append(x_in)
     logits = lm_logits(params, c, h)

@@ -6,7 +6,8 @@ cache = {"lengths": int32 [batch],          # tokens held per request = position
          "layers": ( per layer:
              {"window":   [batch, window, head_dim]                ring buffer, slot = position % window
               # compressed layers (ratio r):
-              "comp_kv":    [batch, n_entries, head_dim]           complete entries only
+              "comp_kv":    [batch, n_entries, head_dim]           complete entries only (entry i holds
+                                                                   tokens i*r .. i*r + r - 1)
               "comp_state": {"kv", "score"} [batch, coff*r, coff*head_dim]  partial window (compressor)
               # CSA layers:
               "index_keys":  uint8 [batch, n_entries, index_head_dim + 4]   fp8 + scale layout
@@ -56,5 +57,7 @@ def init_cache(c, batch: int, max_len: int):
 
 
 def n_visible_entries(positions, ratio: int):
-    """Compressed entries a query at `positions` may read: those complete before it (`(i+1)*r <= t`)."""
-    return positions // ratio
+    """Compressed entries a query at `positions` may read: entry `i` once its last token `(i+1)*r - 1`
+    exists, i.e. `i < (t + 1) // r` — the token that completes an entry already sees it (SPEC §9, V4's
+    `get_compress_topk_idxs`). The decode step writes that entry before its attention reads."""
+    return (positions + 1) // ratio

@@ -53,9 +53,16 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_top_k: int = 2
     moe_inter_dim: int = 64
-    # residual: hc_mult = 1 is the plain residual; > 1 enables hyper-connections (SPEC verify)
+    # MoE routing (SPEC §9): routed weights = renormalised sqrt(softplus) scores x routed_scaling_factor
+    # (V4's 1.5 in every preset); layers l < n_hash_layers route by token id (tid2eid) instead of top-k
+    routed_scaling_factor: float = 1.5
+    n_hash_layers: int = 0
+    # SwiGLU clamp (SPEC §9): up to [-limit, limit], gate to <= limit; 0 = no clamp
+    swiglu_limit: float = 10.0
+    # residual: hc_mult = 1 is the plain residual; > 1 the dynamic hyper-connections (mHC) of SPEC §9
     hc_mult: int = 1
-    hc_sinkhorn_iters: int = 8
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     norm_eps: float = 1e-6
     # LSA paging: 1 page = page_entries CSA entries
     page_entries: int = 8
@@ -97,6 +104,10 @@ class ModelConfig:
 
     def rope_base_for(self, layer: int) -> float:
         return self.rope_base if self.compress_ratios[layer] == 0 else self.compress_rope_base
+
+    def is_hash_layer(self, layer: int) -> bool:
+        """MoE layer routed by token id (`tid2eid`) rather than by its router's top-k."""
+        return self.ffn == "moe" and layer < self.n_hash_layers
 
     def replace(self, **overrides) -> ModelConfig:
         return dataclasses.replace(self, **overrides)
@@ -163,14 +174,23 @@ def _validate(c: ModelConfig) -> None:
         bad("dense_inter_dim", "must be positive when ffn='dense'")
     if c.dtype not in ("float32", "bfloat16"):
         bad("dtype", "must be 'float32' or 'bfloat16'")
-    if c.hc_sinkhorn_iters <= 0:
-        bad("hc_sinkhorn_iters", "must be positive")
+    for name in ("hc_sinkhorn_iters", "n_hash_layers"):
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "hc_sinkhorn_iters" else 0):
+            bad(name, "must be a positive int" if name == "hc_sinkhorn_iters" else "must be a non-negative int")
+    if c.n_hash_layers and c.ffn != "moe":
+        bad("n_hash_layers", "hash routing needs ffn='moe'")
+    if not c.hc_eps > 0:  # also rejects NaN
+        bad("hc_eps", "must be > 0")
+    if not c.routed_scaling_factor > 0:
+        bad("routed_scaling_factor", "must be > 0")
+    if not c.swiglu_limit >= 0:
+        bad("swiglu_limit", "must be >= 0 (0 = no clamp)")
 
 
 def _v4_flash_ratios() -> tuple[int, ...]:
-    # SPEC says "43 layers = 3 window-only + 21 CSA + 20 HCA", which sums to 44 (verify). We keep 43
-    # layers, 21 CSA and 20 HCA: 2 window-only layers, then CSA/HCA alternating from layer 2, so that
-    # the Memory Indexer's default target layers 10, 12, 20 are CSA layers.
+    # The official config.json's `compress_ratios` without its 44th entry (the MTP layer, not modelled):
+    # layers 0, 1 window-only, then CSA (even layers 2-42) and HCA (odd layers 3-41) alternating (SPEC §9).
     return (0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(41))
 
 
@@ -184,13 +204,19 @@ PRESETS: dict[str, dict] = {
         ffn="moe", n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_inter_dim=448,
         page_entries=64,
     ),
+    # V4-Flash as in its official config.json (SPEC §9). Exact: mHC (hc_mult 4, Sinkhorn 20, eps 1e-6),
+    # every layer MoE with sqrt(softplus) routing, 3 hash-routed layers, route scale 1.5, SwiGLU clamp 10,
+    # RoPE 10000 plain (window layers) / 160000 + YaRN (compressed layers), entry visibility. Not modelled:
+    # the MTP layer, fp8/fp4 weight and activation quantisation (QAT), the fp8 KV packing of SPEC §3; the
+    # MoE computes every expert densely (README "Fidelity to DeepSeek-V4").
     "v4_flash": dict(
         vocab_size=129280, d_model=4096, n_layers=43, n_heads=64, head_dim=512, rope_dim=64,
         q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window=128,
         compress_ratios=_v4_flash_ratios(), csa_ratio=4, hca_ratio=128,
         n_index_heads=64, index_head_dim=128, index_topk=512, max_seq_len=1048576,
         ffn="moe", n_routed_experts=256, n_shared_experts=1, moe_top_k=6, moe_inter_dim=2048,
-        page_entries=64, hc_mult=4, dtype="bfloat16",
+        page_entries=64, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, n_hash_layers=3,
+        routed_scaling_factor=1.5, swiglu_limit=10.0, dtype="bfloat16",
     ),
 }
 

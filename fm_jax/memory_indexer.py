@@ -55,11 +55,10 @@ Differences and what could not be verified:
   concrete (inside ``jax.jit`` the check cannot run and callers must keep positions in range).
 * Threshold: the release's ``select_topk`` keeps ``score > threshold``; SPEC §5 (and ``select`` here)
   keep ``score >= threshold`` so that threshold 0 keeps every valid entry.
-* The release applies YaRN unconditionally and clamps the YaRN ramp's upper index at
-  ``rope_dim // 2 - 1``; ``yarn_inv_freq`` follows DeepSeek's rule (YaRN only when
-  ``max_seq_len > rope_original_len``; upper index clamped at ``rope_dim - 1``). The tables coincide
-  for the release's constants (rope_dim 64, base 160000) whenever ``max_seq_len > 65536``; for other
-  dims they may differ (those configs do not exist in the release).
+* The release clamps the YaRN ramp's upper index at ``rope_dim // 2 - 1``; ``yarn_inv_freq`` follows
+  DeepSeek-V4's rule (upper index clamped at ``rope_dim - 1``). Both apply YaRN unconditionally (as V4's
+  compressed layers do). The tables coincide for the release's constants (rope_dim 64, base 160000); for
+  other dims they may differ (those configs do not exist in the release).
 * RMSNorm divides by ``sqrt(mean + eps)`` in the release and multiplies by ``rsqrt`` here; Hadamard
   divides by ``sqrt(d)`` there and multiplies by ``d**-0.5`` here; reduction orders differ. These are
   float32 rounding differences, but q is then rounded to bf16, so a rare element (about 40 of 16384 per
@@ -156,7 +155,7 @@ class IndexerConfig:
     @property
     def inv_freq(self) -> np.ndarray:
         """Per-pair YaRN inverse frequencies ``[rope_dim // 2]`` float32."""
-        return yarn_inv_freq(self.rope_dim, float(self.rope_base), self.max_seq_len, self.rope_original_len,
+        return yarn_inv_freq(self.rope_dim, float(self.rope_base), self.rope_original_len,
                              float(self.rope_factor), float(self.beta_fast), float(self.beta_slow))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -19,15 +19,17 @@ from fm_jax.config import KIND_CSA, KIND_WINDOW, ModelConfig
 from fm_jax.layers.attention import init_attention
 from fm_jax.layers.compressor import init_compressor
 from fm_jax.layers.ffn import init_ffn
-from fm_jax.layers.hyper import init_hyper
+from fm_jax.layers.hyper import init_hc_head, init_hyper
 from fm_jax.layers.indexer import init_indexer
 from fm_jax.layers.init import dense_init, ones
 
 
 def init_params(config: ModelConfig, key: jax.Array):
-    """Random parameters: {"embed" [V, d], "layers": [per-layer dict], "final_norm" [d], "lm_head" [d, V]}."""
+    """Random parameters: {"embed" [V, d], "layers": [per-layer dict], "final_norm" [d], "lm_head" [d, V]}
+    and, with hyper-connections (hc_mult > 1), "hc_head" and per layer "hc_attn" / "hc_ffn" (float32).
+    MoE layers hold float32 router leaves and, on hash layers, the int32 table "tid2eid"."""
     c, dt = config, config.compute_dtype
-    k_emb, k_head, *k_layers = jax.random.split(key, 2 + c.n_layers)
+    k_emb, k_head, k_hc, *k_layers = jax.random.split(key, 3 + c.n_layers)
     layers = []
     for layer, kl in enumerate(k_layers):
         ka, kf, kc, ki, kh1, kh2 = jax.random.split(kl, 6)
@@ -39,13 +41,16 @@ def init_params(config: ModelConfig, key: jax.Array):
         if kind == KIND_CSA:
             attn["indexer"] = init_indexer(ki, c, dt)
         lp = {"attn_norm": ones((c.d_model,), dt), "attn": attn, "ffn_norm": ones((c.d_model,), dt),
-              "ffn": init_ffn(kf, c, dt)}
+              "ffn": init_ffn(kf, c, dt, hash_routed=c.is_hash_layer(layer))}
         if c.hc_mult > 1:
-            lp["hc_attn"], lp["hc_ffn"] = init_hyper(kh1, c.hc_mult), init_hyper(kh2, c.hc_mult)
+            lp["hc_attn"], lp["hc_ffn"] = init_hyper(kh1, c), init_hyper(kh2, c)
         layers.append(lp)
-    return {"embed": (jax.random.normal(k_emb, (c.vocab_size, c.d_model), jnp.float32)).astype(dt),
-            "layers": layers, "final_norm": ones((c.d_model,), dt),
-            "lm_head": dense_init(k_head, (c.d_model, c.vocab_size), dt)}
+    params = {"embed": (jax.random.normal(k_emb, (c.vocab_size, c.d_model), jnp.float32)).astype(dt),
+              "layers": layers, "final_norm": ones((c.d_model,), dt),
+              "lm_head": dense_init(k_head, (c.d_model, c.vocab_size), dt)}
+    if c.hc_mult > 1:
+        params["hc_head"] = init_hc_head(k_hc, c)
+    return params
 
 
 # ---------------------------------------------------------------- input checks (outside jit)

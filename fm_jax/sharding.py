@@ -23,11 +23,12 @@ Mesh axes are ``("data", "model")``:
   everything else                              replicated
   ==========================================  =====================================================
 
-  "Everything else" is the shared KV head (``wkv``, ``kv_norm``), the KV and index-key compressors,
-  the query low-rank ``wq_a``/``q_norm``, norms, the MoE router and the hyper-connection mixers: they
-  are small, and keeping the single KV head whole (as in V4 serving) means no device ever needs another
-  device's keys. Caches are never split over ``model`` (every model-parallel device holds the whole KV
-  of its requests).
+  "Everything else" is the shared KV head (``wkv``, ``kv_norm``), the KV and index-key compressors, the query
+  low-rank ``wq_a``/``q_norm``, norms, the MoE router (``router``, ``router_bias``, and the hash layers' int32
+  token -> experts table ``tid2eid``: every device routes every token) and the hyper-connection mixers
+  (``hc_attn``, ``hc_ffn``, ``hc_head``): they are small, and keeping the single KV head whole (as in V4
+  serving) means no device ever needs another device's keys. Caches are never split over ``model`` (every
+  model-parallel device holds the whole KV of its requests).
 
   Embedding / LM head: both are split over the vocabulary (Megatron's vocab-parallel layout): the
   embedding lookup becomes a masked local gather plus an all-reduce over ``model``, and the logits come

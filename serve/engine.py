@@ -23,6 +23,7 @@ import numpy as np
 from fm_jax import backbone
 from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
+from fm_jax.cache import n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
 
@@ -335,7 +336,7 @@ class _Cycle:
     # -- page choice
     def _chosen(self, hidden, pos, times):
         p, r = self.layout.page_entries, self.layout.ratio
-        n_complete = pos // r
+        n_complete = n_visible_entries(pos - 1, r)  # entries the query (the last cached token) sees
         if self.mode == "lsa":
             t0 = time.perf_counter()
             keys = {l: k.reshape(k.shape[0], -1, k.shape[-1]) for l, k in self.full_keys.items()}

@@ -4,7 +4,8 @@
 dtypes from `jax.eval_shape`, so it follows the model as it changes) with numpy random values of the same
 statistics as the initialisers. Eager `init_params` compiles one random-number program per distinct
 parameter shape (~10 s of CPU for `tiny`); this takes milliseconds and keeps the test suite fast.
-Norm weights are `1 + 0.1 N(0, 1)` rather than exactly 1 so that a dropped weight would show.
+Norm weights are `1 + 0.1 N(0, 1)` rather than exactly 1 so that a dropped weight would show; the MoE
+router bias is random (so that it changes choices) and hash tables hold distinct random experts per token.
 """
 from __future__ import annotations
 
@@ -29,16 +30,23 @@ def random_params(config, seed: int = 0):
 
     def fill(path, x):
         name, shape = _leaf_name(path), tuple(x.shape)
+        if name == "tid2eid":  # hash routing table: distinct experts per token
+            order = np.argsort(rng.random((shape[0], config.n_routed_experts)), axis=-1)
+            return jnp.asarray(order[:, :shape[1]], x.dtype)
         z = rng.standard_normal(shape)
         if name == "embed" or name == "sink":
             v = z
-        elif name == "ape" or name == "pre":
+        elif name == "ape":
             v = 0.1 * z
-        elif name == "res":  # hyper-connection mixing logits (init: 4 I + noise)
-            v = 4.0 * np.eye(shape[-1]) + 0.1 * z
+        elif name == "fn":  # hyper-connection mixers [rows, hc*d] (PyTorch layout): mixes of std ~0.3
+            v = 0.3 * z * shape[-1] ** -0.5
+        elif name == "base":  # hyper-connection biases: logits of std 0.5
+            v = 0.5 * z
+        elif name == "router_bias":  # shifts the choice of experts, comparable to the score spread
+            v = 0.3 * z
         elif len(shape) >= 2:  # dense weights, [.., in, out] layout: N(0, 1 / fan_in)
             v = z * shape[-2] ** -0.5
-        else:  # norm weights, hyper-connection `post`
+        else:  # norm weights, hyper-connection `scale`
             v = 1.0 + 0.1 * z
         return jnp.asarray(v.astype(np.float32), x.dtype)
 

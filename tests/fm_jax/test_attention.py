@@ -4,8 +4,9 @@
    window slots `[0, window_len)` plus the picked compressed entries (-1 = padding, duplicates counted per
    occurrence), a per-head sink logit in the softmax denominator, scale `head_dim**-0.5`.
 2. A whole layer of the uncached backbone (`attention_sequence`) for a window-only, a CSA and an HCA layer:
-   per query position, keys = the causal window of raw kv + the visible compressed entries (HCA: all
-   complete before t; CSA: the Lightning Indexer's top-k, recomputed here from the fp8 keys).
+   per query position, keys = the causal window of raw kv + the visible compressed entries (HCA: every
+   entry whose tokens are all <= t, so the token completing an entry sees it (SPEC §9); CSA: the Lightning
+   Indexer's top-k among those, recomputed here from the fp8 keys).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_layer_attention_matches_naive(tiny, layer):
         for t in range(t_):
             keys = [pieces["kv"][b, s] for s in range(max(0, t - c.window + 1), t + 1)]  # causal window
             if kind != "window":
-                visible = t // r  # entries complete before t: all r tokens < t
+                visible = (t + 1) // r  # entries whose r tokens are all <= t (SPEC §9)
                 if kind == "hca":
                     chosen = list(range(visible))
                 else:  # Lightning Indexer: I[s] = sum_h w[h] relu(q_I[h] . K[s]); top-k
@@ -153,3 +154,39 @@ def test_layer_attention_matches_naive(tiny, layer):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
     if kind == "csa":
         assert n_topk_checked > 0  # the top-k really dropped entries somewhere
+
+
+# ----------------------------------------------------------------------------- visibility of compressed entries
+@functools.partial(jax.jit, static_argnames=("c", "layer"))
+def _sequence_out(p, c, layer, x):
+    return backbone.attention_sequence(p, c, layer, x, None, None, "xla")[0]
+
+
+@functools.partial(jax.jit, static_argnames=("c", "layer"))
+def _decode_out(p, c, layer, x, t):
+    """Prefill x[:, :t] into a cache, then one decode step of the token at position t."""
+    b = x.shape[0]
+    lengths = jnp.full((b,), t, jnp.int32)
+    _, aux = backbone.attention_sequence(p, c, layer, x, lengths, x.shape[1], "xla")
+    out, _ = backbone.attention_step(p, c, layer, aux["cache"], x[jnp.arange(b), lengths], lengths, None, "xla")
+    return out
+
+
+@pytest.mark.parametrize("layer", [1, 2], ids=["csa", "hca"])
+def test_entry_visible_at_the_token_completing_it(tiny, layer):
+    """SPEC §9 (V4's `get_compress_topk_idxs`): entry i is visible at position t iff i < (t + 1) // r, so
+    entry 0 is read by token r - 1 (which completes it) and not by token r - 2, in prefill and in a decode
+    step (which writes the entry before attending). Probed by scaling the entries (compressor norm x 2):
+    an output moves exactly where an entry is read."""
+    c, params, x = tiny
+    p = params["layers"][layer]["attn"]
+    r = c.compress_ratios[layer]
+    xn = rms_norm(x, params["layers"][layer]["attn_norm"], c.norm_eps)[:, :2 * r]
+    bumped = {**p, "compressor": {**p["compressor"], "norm": p["compressor"]["norm"] * 2}}
+    seq, seq_b = np.asarray(_sequence_out(p, c, layer, xn)), np.asarray(_sequence_out(bumped, c, layer, xn))
+    reads_entry = np.abs(seq - seq_b).max(axis=(0, 2)) > 0  # [T]
+    assert reads_entry.tolist() == [t >= r - 1 for t in range(2 * r)]
+    for t in (r - 2, r - 1, 2 * r - 2, 2 * r - 1):
+        dec, dec_b = (np.asarray(_decode_out(q, c, layer, xn, t)) for q in (p, bumped))
+        assert (np.abs(dec - dec_b).max() > 0) == (t >= r - 1)
+        np.testing.assert_allclose(dec, seq[:, t], rtol=0, atol=1e-5 * np.abs(seq[:, t]).max())

@@ -36,6 +36,19 @@ def test_round_trip_is_bit_exact(saved, dtype):
     assert isinstance(restored["layers"], list)
 
 
+def test_round_trip_with_int_and_float32_leaves_in_a_bf16_model(tmp_path):
+    """V4-style params: int32 hash tables (tid2eid), float32 router / router_bias / mHC mixers beside bf16
+    weights, all restored bit-exactly with their own dtypes."""
+    c = get_config("tiny", dtype="bfloat16", ffn="moe", hc_mult=4, n_hash_layers=2)
+    params = random_params(c, seed=12)
+    assert params["layers"][1]["ffn"]["tid2eid"].dtype == np.int32 and "tid2eid" not in params["layers"][2]["ffn"]
+    assert params["hc_head"]["fn"].dtype == np.float32 and params["layers"][2]["ffn"]["router_bias"].dtype == np.float32
+    restored = ck.restore_params(ck.save_params(tmp_path / "v4", params, c), c)
+    assert tree_bytes_equal(params, restored)
+    meta = json.loads((tmp_path / "v4" / ck.CONFIG_FILE).read_text())
+    assert ["['layers'][0]['ffn']['tid2eid']", [c.vocab_size, c.moe_top_k], "int32"] in meta["tensors"]
+
+
 def test_config_json_beside_params(saved):
     c, _, path = saved["bfloat16"]
     meta = json.loads((path / ck.CONFIG_FILE).read_text())

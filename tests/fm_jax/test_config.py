@@ -45,6 +45,13 @@ def test_v4_flash_preset_matches_spec():
     assert c.page_entries == 64 and c.compress_rope_base == 160000
     kinds = c.layer_kinds
     assert kinds.count(KIND_CSA) == 21 and kinds.count(KIND_HCA) == 20
+    # SPEC §9: the official config.json's values
+    assert kinds[:2] == (KIND_WINDOW, KIND_WINDOW) and c.compress_ratios[2:4] == (4, 128)
+    assert (c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps) == (4, 20, 1e-6, 1e-6)
+    assert c.ffn == "moe"  # every layer MoE (no dense FFN layers)
+    assert (c.n_hash_layers, c.routed_scaling_factor, c.swiglu_limit) == (3, 1.5, 10.0)
+    assert [c.is_hash_layer(i) for i in range(5)] == [True, True, True, False, False]
+    assert (c.rope_base, c.compress_rope_base, c.rope_factor, c.rope_original_len) == (10000, 160000, 16, 65536)
 
 
 def _abstract_params(c):
@@ -81,7 +88,9 @@ INVALID = [
     ("ffn", "sparse", {}), ("n_routed_experts", 0, {"ffn": "moe"}), ("moe_top_k", 0, {"ffn": "moe"}),
     ("moe_top_k", 5, {"ffn": "moe"}), ("moe_inter_dim", 0, {"ffn": "moe"}),
     ("n_shared_experts", -1, {"ffn": "moe"}), ("dense_inter_dim", 0, {}), ("dtype", "float16", {}),
-    ("hc_sinkhorn_iters", 0, {}),
+    ("hc_sinkhorn_iters", 0, {}), ("hc_sinkhorn_iters", 2.0, {}), ("hc_eps", 0.0, {}),
+    ("hc_eps", float("nan"), {}), ("n_hash_layers", -1, {"ffn": "moe"}), ("n_hash_layers", 1, {}),
+    ("routed_scaling_factor", 0.0, {"ffn": "moe"}), ("swiglu_limit", -1.0, {}),
 ]
 
 INVALID += [("rope_base", 0.0, {}), ("compress_rope_base", -1.0, {}), ("norm_eps", -1e-6, {}),

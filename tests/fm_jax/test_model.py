@@ -1,8 +1,9 @@
 """Public API (`fm_jax.model`): prefill + decode reproduce the uncached forward at every position, with
 ragged prompt lengths that are not multiples of 4 or of the HCA ratio and a generation that crosses several
 CSA / HCA compression boundaries and the Lightning Indexer's top-k limit; a dense variant and one with
-MoE + hyper-connections (hc_mult=2). A user-jitted decode step compiles once for a whole generation and poisons the
-logits of a request decoded past the cache capacity. Bad inputs raise ValueError naming the limit.
+V4's MoE (a hash-routed first layer, top-k routing after it) + dynamic hyper-connections (hc_mult=4). A
+user-jitted decode step compiles once for a whole generation and poisons the logits of a request decoded
+past the cache capacity. Bad inputs raise ValueError naming the limit.
 
 One generation per variant is computed once per module (module-scoped fixtures) and shared by the tests.
 """
@@ -20,9 +21,9 @@ from fm_jax.cache import init_cache
 from fm_jax.config import get_config
 from tests.fm_jax.helpers import LENGTHS, MAX_LEN, STEPS, B, random_params, sequences, step_tokens
 
-# the second variant turns on both MoE (experts, shared expert, top-k routing) and hyper-connections:
-# one more compiled model instead of two keeps the suite fast
-VARIANTS = {"dense": {}, "moe_hc2": {"ffn": "moe", "hc_mult": 2}}
+# the second variant turns on MoE (experts, shared expert, hash routing on layer 0, top-k routing after it)
+# and hyper-connections: one more compiled model instead of three keeps the suite fast
+VARIANTS = {"dense": {}, "moe_hc4": {"ffn": "moe", "hc_mult": 4, "n_hash_layers": 1}}
 
 
 def generate(c, params, seqs, prompt, step_fn):
@@ -59,10 +60,10 @@ def dense_run():
 
 
 @pytest.fixture(scope="module")
-def moe_hc2_run():
+def moe_hc4_run():
     """MoE + hyper-connections, decoded through the public (internally jitted) decode_step."""
-    c, params, seqs, prompt, ref = _run("moe_hc2")
-    assert c.ffn == "moe" and c.hc_mult == 2
+    c, params, seqs, prompt, ref = _run("moe_hc4")
+    assert c.ffn == "moe" and c.hc_mult == 4 and c.is_hash_layer(0) and not c.is_hash_layer(1)
     logits_p, logits_d, cache = generate(c, params, seqs, prompt,
                                          lambda p, cache, t: model.decode_step(p, c, cache, t))
     return {"c": c, "ref": ref, "logits_p": logits_p, "logits_d": logits_d, "cache": cache}
@@ -95,8 +96,8 @@ def test_dense_prefill_and_jitted_decode_match_forward(dense_run):
     check_matches_forward(dense_run)
 
 
-def test_moe_hc2_prefill_and_decode_match_forward(moe_hc2_run):
-    check_matches_forward(moe_hc2_run)
+def test_moe_hc4_prefill_and_decode_match_forward(moe_hc4_run):
+    check_matches_forward(moe_hc4_run)
 
 
 def test_jitted_decode_compiles_once(dense_run):

@@ -1,8 +1,9 @@
 """Sharding (SPEC §7): the ("data", "model") mesh, the partition rules (with their replication fallback),
 and prefill + decode under a (2, 4) mesh of 8 CPU devices giving the logits of one device.
 
-The model is tiny with MoE + hyper-connections (experts split over "model") and the prompts / lengths of
-test_model, so the single-device reference reuses that module's compiled programs when both run."""
+The model is tiny with MoE (one hash-routed layer) + hyper-connections (experts split over "model") and
+the prompts / lengths of test_model, so the single-device reference reuses that module's compiled programs
+when both run."""
 from __future__ import annotations
 
 import jax
@@ -33,7 +34,7 @@ from tests.fm_jax.helpers import (
     step_tokens,
 )
 
-CONFIG = {"ffn": "moe", "hc_mult": 2}
+CONFIG = {"ffn": "moe", "hc_mult": 4, "n_hash_layers": 1}  # = test_model's "moe_hc4" variant
 
 
 def spec_of(shardings, *path):
@@ -87,8 +88,11 @@ def test_param_rules_on_a_2x4_mesh():
         assert norm(spec_of(sh, *f, "experts", w)) == ("model",)                   # experts
     assert norm(spec_of(sh, *f, "shared", "w1")) == (None, "model")
     assert norm(spec_of(sh, *f, "shared", "w2")) == ("model",)
-    assert norm(spec_of(sh, *f, "router")) == ()
-    assert norm(spec_of(sh, "layers", 0, "hc_attn", "res")) == ()
+    assert norm(spec_of(sh, *f, "router")) == () and norm(spec_of(sh, *f, "router_bias")) == ()
+    assert norm(spec_of(sh, "layers", 0, "ffn", "tid2eid")) == ()                  # hash table, int32
+    for name in ("fn", "base", "scale"):                                            # mHC mixers
+        assert norm(spec_of(sh, "layers", 0, "hc_attn", name)) == ()
+        assert norm(spec_of(sh, "hc_head", name)) == ()
     assert norm(spec_of(sh, "embed")) == ("model",) and norm(spec_of(sh, "lm_head")) == (None, "model")
     # nothing is ever split over "data"
     assert all("data" not in tuple(s.spec) for s in jax.tree_util.tree_leaves(sh))

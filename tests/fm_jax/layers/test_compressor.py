@@ -17,7 +17,7 @@ from fm_jax.layers.rope import yarn_inv_freq
 
 SETTINGS = settings(max_examples=10, deadline=None)
 D_MODEL, D, EPS = 24, 16, 1e-6
-INV = yarn_inv_freq(4, 160000.0, 8192, 1024, 8.0, 32, 1)  # rope_dim 4, YaRN active
+INV = yarn_inv_freq(4, 160000.0, 1024, 8.0, 32, 1)  # rope_dim 4, YaRN active
 CASES = [(4, True), (16, False)]  # (ratio, overlap): CSA and an HCA-like ratio
 T = 37  # not a multiple of 4 or 16: a trailing partial block
 

@@ -1,5 +1,7 @@
 """YaRN RoPE with interleaved pairs: relative-position invariance, inverse, the frequency table against a
-float64 re-statement of DeepSeek's `precompute_freqs_cis`, and the layout (pairs, nope dims untouched)."""
+float64 re-statement of DeepSeek-V4's `precompute_freqs_cis`, the layout (pairs, nope dims untouched), and
+the per-layer tables (window-only layers: `rope_base` without YaRN; compressed layers: `compress_rope_base`
+with YaRN, SPEC §9)."""
 from __future__ import annotations
 
 import math
@@ -18,17 +20,18 @@ SETTINGS = settings(max_examples=20, deadline=None)
 EPS32 = 2.0 ** -24
 _rope = jax.jit(apply_rope, static_argnames=("inverse",))  # the table travels as an array argument
 
-# (rope_dim, base, max_seq_len, original_len, factor, beta_fast, beta_slow)
-V4_COMPRESSED = (64, 160000.0, 1048576, 65536, 16.0, 32, 1)   # YaRN active (V4-Flash compressed layers)
-V4_WINDOW = (64, 10000.0, 1048576, 65536, 16.0, 32, 1)
-TINY = (8, 10000.0, 4096, 65536, 16.0, 32, 1)                 # max_seq_len <= original: plain RoPE
-SHORT_ORIG = (16, 160000.0, 8192, 1024, 8.0, 32, 1)           # YaRN active at small sizes
+# (rope_dim, base, original_len, factor, beta_fast, beta_slow); original_len 0 = no YaRN
+V4_COMPRESSED = (64, 160000.0, 65536, 16.0, 32, 1)   # YaRN (V4-Flash compressed layers)
+V4_WINDOW = (64, 10000.0, 0, 16.0, 32, 1)             # plain (V4-Flash window-only layers)
+TINY = (8, 10000.0, 0, 16.0, 32, 1)
+SHORT_ORIG = (16, 160000.0, 1024, 8.0, 32, 1)         # YaRN with a short original length
 TABLES = [V4_COMPRESSED, V4_WINDOW, TINY, SHORT_ORIG]
+MAX_POS = 1048576  # positions drawn below this
 
 
-def deepseek_freqs_f64(dim, base, seqlen, original_seq_len, factor, beta_fast, beta_slow) -> np.ndarray:
-    """DeepSeek-V3/V4 `precompute_freqs_cis` (model.py), restated in float64; returns the per-pair
-    frequencies (the angle of pair i at position t is t * freqs[i])."""
+def deepseek_freqs_f64(dim, base, original_seq_len, factor, beta_fast, beta_slow) -> np.ndarray:
+    """DeepSeek-V4 `precompute_freqs_cis` (model.py; YaRN iff `original_seq_len > 0`), restated in
+    float64; returns the per-pair frequencies (the angle of pair i at position t is t * freqs[i])."""
     def find_correction_dim(num_rotations, dim, base, max_seq_len):
         return dim * math.log(max_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -43,7 +46,7 @@ def deepseek_freqs_f64(dim, base, seqlen, original_seq_len, factor, beta_fast, b
         return np.clip((np.arange(dim, dtype=np.float64) - lo) / (hi - lo), 0, 1)
 
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if seqlen > original_seq_len:
+    if original_seq_len > 0:
         low, high = find_correction_range(beta_fast, beta_slow, dim, base, original_seq_len)
         smooth = 1 - linear_ramp_factor(low, high, dim // 2)
         freqs = freqs / factor * (1 - smooth) + freqs * smooth
@@ -63,10 +66,10 @@ def rope_f64(x: np.ndarray, pos: np.ndarray, freqs: np.ndarray) -> np.ndarray:
 def test_yarn_table_matches_deepseek_float64(table):
     got = yarn_inv_freq(*table)
     assert got.dtype == np.float32 and got.shape == (table[0] // 2,)
-    want = deepseek_freqs_f64(table[0], table[1], table[2], table[3], table[4], table[5], table[6])
+    want = deepseek_freqs_f64(*table)
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=8 * EPS32, atol=0)
-    if table[2] > table[3]:  # YaRN really changes the low frequencies
-        plain = deepseek_freqs_f64(table[0], table[1], 1, table[3], table[4], table[5], table[6])
+    if table[2] > 0:  # YaRN really changes the low frequencies
+        plain = deepseek_freqs_f64(table[0], table[1], 0, *table[3:])
         assert np.any(np.abs(want / plain - 1) > 0.5)
 
 
@@ -74,9 +77,9 @@ def test_yarn_table_matches_deepseek_float64(table):
 @given(st.integers(0, 2**31 - 1), st.sampled_from(TABLES), st.integers(0, 2**20 - 1))
 def test_rotation_matches_float64_complex_rotation(seed, table, pos_bound):
     freqs32 = yarn_inv_freq(*table)
-    freqs = deepseek_freqs_f64(*table[:1], table[1], table[2], table[3], table[4], table[5], table[6])
+    freqs = deepseek_freqs_f64(*table)
     rng = np.random.default_rng(seed)
-    pos = rng.integers(0, min(pos_bound, table[2] - 1) + 1, size=(6,))
+    pos = rng.integers(0, min(pos_bound, MAX_POS - 1) + 1, size=(6,))
     x = rng.standard_normal((6, 3, table[0] + 8)).astype(np.float32)
     got = np.asarray(_rope(jnp.asarray(x), jnp.asarray(pos)[:, None], freqs32), np.float64)
     want = rope_f64(x.astype(np.float64), pos[:, None], freqs)
@@ -117,7 +120,7 @@ def test_inverse_undoes_rotation(seed, table):
     inv = yarn_inv_freq(*table)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((4, 2, table[0] + 4)).astype(np.float32)
-    pos = jnp.asarray(rng.integers(0, table[2], size=(4, 1)))
+    pos = jnp.asarray(rng.integers(0, MAX_POS, size=(4, 1)))
     y = _rope(jnp.asarray(x), pos, inv)
     back = np.asarray(_rope(y, pos, inv, inverse=True))
     np.testing.assert_allclose(back, x, atol=2e-6 * np.abs(x).max())
@@ -136,14 +139,26 @@ def test_interleaved_pairs_not_neox_halves():
     assert apply_rope(jnp.asarray(x, jnp.bfloat16), jnp.asarray(3), inv).dtype == jnp.bfloat16
 
 
-def test_layer_tables_use_their_base():
-    c = get_config("tiny")
-    assert c.layer_kinds[0] == "window" and c.layer_kinds[1] == "csa"
-    np.testing.assert_array_equal(inv_freq_for_layer(c, 0), yarn_inv_freq(c.rope_dim, c.rope_base, c.max_seq_len,
-                                  c.rope_original_len, c.rope_factor, c.beta_fast, c.beta_slow))
-    np.testing.assert_array_equal(inv_freq_for_layer(c, 1), yarn_inv_freq(c.rope_dim, c.compress_rope_base,
-                                  c.max_seq_len, c.rope_original_len, c.rope_factor, c.beta_fast, c.beta_slow))
-    assert not np.array_equal(inv_freq_for_layer(c, 0), inv_freq_for_layer(c, 1))
+@pytest.mark.parametrize("preset", ["tiny", "small", "v4_flash"])
+def test_layer_tables_window_plain_compressed_yarn(preset):
+    """SPEC §9: window-only layers use rope_base WITHOUT YaRN (even where max_seq_len exceeds the original
+    length), CSA and HCA layers compress_rope_base WITH YaRN (even where it does not)."""
+    c = get_config(preset)
+    kinds = c.layer_kinds
+    plain = deepseek_freqs_f64(c.rope_dim, c.rope_base, 0, c.rope_factor, c.beta_fast, c.beta_slow)
+    yarn = deepseek_freqs_f64(c.rope_dim, c.compress_rope_base, c.rope_original_len, c.rope_factor,
+                              c.beta_fast, c.beta_slow)
+    assert {"window", "csa", "hca"} <= set(kinds)
+    for layer, kind in enumerate(kinds):
+        want = plain if kind == "window" else yarn
+        np.testing.assert_allclose(inv_freq_for_layer(c, layer).astype(np.float64), want, rtol=8 * EPS32, atol=0)
+    # the window table is the plain base-10000 one: pair i has frequency 10000 ** (-2i / rope_dim)
+    np.testing.assert_allclose(plain, 10000.0 ** (-np.arange(0, c.rope_dim, 2) / c.rope_dim), rtol=1e-12)
+    # YaRN really rescales the lowest frequency of compressed layers (by rope_factor itself at V4's dims)
+    lowest = c.compress_rope_base ** (-(c.rope_dim - 2) / c.rope_dim)
+    assert yarn[-1] < 0.9 * lowest
+    if preset == "v4_flash":
+        assert yarn[-1] * c.rope_factor == pytest.approx(lowest, rel=1e-12)
 
 
 def test_jit_matches_eager():
