@@ -204,6 +204,20 @@ PRESETS: dict[str, dict] = {
         ffn="moe", n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_inter_dim=448,
         page_entries=64,
     ),
+    # The trained miniature (checkpoints/mini, train.pretrain on train.tasks): V4's architecture at
+    # ~9M parameters. 2 window-only layers, then CSA/HCA alternating (4 CSA layers, so the release's
+    # min_layers=3 vote means something), mHC with 4 streams, every layer MoE (first layer hash-routed),
+    # V4's window (128), ratios (4 / 128), RoPE bases and YaRN. head_dim 128 against index_head_dim 32
+    # keeps the Memory Indexer's always-resident index keys small next to the attention KV.
+    "mini": dict(
+        vocab_size=512, d_model=256, n_layers=9, n_heads=4, head_dim=128, rope_dim=16,
+        q_lora_rank=128, o_groups=2, o_lora_rank=128, window=128,
+        compress_ratios=(0, 0, 4, 128, 4, 128, 4, 128, 4), csa_ratio=4, hca_ratio=128,
+        n_index_heads=4, index_head_dim=32, index_topk=64, max_seq_len=131072,
+        ffn="moe", n_routed_experts=4, n_shared_experts=1, moe_top_k=2, moe_inter_dim=128,
+        page_entries=16, hc_mult=4, hc_sinkhorn_iters=20, n_hash_layers=1, routed_scaling_factor=1.5,
+        swiglu_limit=10.0, dtype="bfloat16",
+    ),
     # V4-Flash as in its official config.json (SPEC §9). Exact: mHC (hc_mult 4, Sinkhorn 20, eps 1e-6),
     # every layer MoE with sqrt(softplus) routing, 3 hash-routed layers, route scale 1.5, SwiGLU clamp 10,
     # RoPE 10000 plain (window layers) / 160000 + YaRN (compressed layers), entry visibility. Not modelled:

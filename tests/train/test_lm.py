@@ -10,6 +10,10 @@ from fm_jax.model import init_params
 from train import lm
 
 
+_fwd = jax.jit(lm.forward_train, static_argnums=(1, 3, 4))
+_ref = jax.jit(lambda p, c, t: backbone.run_sequence(p, c, t, impl="xla")[0], static_argnums=1)
+
+
 def _setup(seed=0, t=83, **over):
     c = get_config("tiny", **over)
     params = init_params(c, jax.random.PRNGKey(seed))
@@ -21,19 +25,19 @@ def _setup(seed=0, t=83, **over):
 def test_sparse_forward_matches_backbone(over):
     """Stage 'sparse' computes what inference computes: same logits as backbone.run_sequence (float32)."""
     c, params, tokens = _setup(t=83, **over)  # ragged: 83 is not a multiple of the window or the ratios
-    ref = backbone.run_sequence(params, c, tokens, impl="xla")[0]
-    got, auxes = lm.forward_train(params, c, tokens, "sparse", remat=False)
+    ref = _ref(params, c, tokens)
+    got, auxes = _fwd(params, c, tokens, "sparse", False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
     assert any("kl" in a for a in auxes)
 
 
 def test_dense_stage_is_sparse_with_unbounded_topk():
     c, params, tokens = _setup(t=70)
-    dense, _ = lm.forward_train(params, c, tokens, "dense", remat=False)
+    dense, _ = _fwd(params, c, tokens, "dense", False)
     big = c.replace(index_topk=1024)
-    sparse, _ = lm.forward_train(params, big, tokens, "sparse", remat=False)
+    sparse, _ = _fwd(params, big, tokens, "sparse", False)
     np.testing.assert_allclose(np.asarray(dense), np.asarray(sparse), rtol=1e-6, atol=1e-6)
-    small, _ = lm.forward_train(params, c, tokens, "sparse", remat=False)
+    small, _ = _fwd(params, c, tokens, "sparse", False)
     assert not np.allclose(np.asarray(dense), np.asarray(small), atol=1e-3)  # top-k really restricts
 
 
@@ -71,10 +75,10 @@ def test_kl_gradient_reaches_only_the_indexer():
     c, params, tokens = _setup(t=48)
 
     def kl_only(p):
-        _, auxes = lm.forward_train(p, c, tokens, "dense", remat=False)
+        _, auxes = lm.forward_train(p, c, tokens, "dense", remat=True)
         return sum(a["kl"] for a in auxes if "kl" in a)
 
-    g = jax.grad(kl_only)(params)
+    g = jax.jit(jax.grad(kl_only))(params)
     for layer, lg in enumerate(g["layers"]):
         for name, sub in lg["attn"].items():
             norm = float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(sub)))
