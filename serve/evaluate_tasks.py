@@ -15,6 +15,7 @@ and ``accuracy_vs_budget.png`` (lsa / recency / random at the budget-sweep conte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -22,10 +23,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fm_jax import backbone
 from serve.engine import MODES, LSAConfig, generate
 from serve.shipped import load_shipped
+from train import labels as LB
 from train import tasks as T
 
 RETRIEVAL = tuple(t for t in T.TASKS if t != "local")
@@ -44,8 +48,40 @@ def lsa_config(config, length: int, budget: float, tail_fraction: float, tau: in
     return LSAConfig(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), sink_pages=0, seed=seed)
 
 
-def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_tokens: int, batch: int):
-    """Greedy answers of `examples` in `mode` -> (scores [n], stats of the last call, generated tokens)."""
+@functools.partial(jax.jit, static_argnames=("config", "top_p"))
+def _kept_picks(params, config, tokens, top_p: float):
+    """Every CSA layer's top-p kept picks at every position of tokens [B, T] -> {layer: int32 [B, T, k]}."""
+    _, _, aux = backbone.run_sequence(params, config, tokens)
+    return {l: LB.kept_picks(aux[l]["topk"], aux[l]["topk_logits"], top_p) for l in config.csa_layers}
+
+
+def golden_entries(params, config, examples, tau: int, top_p: float = LB.DEFAULT_TOP_P) -> list[np.ndarray]:
+    """The golden entries of each example's first decode window (the Memory Indexer's training labels,
+    `train.labels.golden_labels`, from a teacher-forced run of prompt + answer): entry ids per example."""
+    tokens = np.stack([np.concatenate([e.prompt, e.answer]) for e in examples])
+    kept = {l: np.asarray(v) for l, v in _kept_picks(params, config, jnp.asarray(tokens), top_p).items()}
+    min_layers = LB.default_min_layers(len(kept))
+    out = []
+    for b, e in enumerate(examples):
+        csr, _ = LB.golden_labels({l: k[b] for l, k in kept.items()}, [len(e.prompt) - 1], tau, config.csa_ratio,
+                                  min_layers)
+        out.append(csr.indices[csr.pointers[0]:csr.pointers[1]])
+    return out
+
+
+def golden_recall(golden: list[np.ndarray], resident_pages, page_entries: int) -> float | None:
+    """Fraction of the golden entries that sit in the pages resident for the first window (pooled)."""
+    hit = total = 0
+    for g, pages in zip(golden, resident_pages):
+        hit += int(np.isin(g // page_entries, np.asarray(pages)).sum())
+        total += len(g)
+    return hit / total if total else None
+
+
+def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_tokens: int, batch: int,
+             golden=None):
+    """Greedy answers of `examples` in `mode` -> (scores [n], stats per call, generated tokens); with
+    `golden` (per example) each call's stats get "golden_recall" of its first window's resident set."""
     scores, stats, outs = [], [], []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
@@ -55,6 +91,9 @@ def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_t
         for e, toks in zip(chunk, res.tokens):
             scores.append(T.score(e.task, e, toks))
             outs.append(toks)
+        if golden is not None and res.stats.get("resident_pages"):
+            res.stats["golden_recall"] = golden_recall(golden[i:i + batch], res.stats["resident_pages"][0],
+                                                       config.page_entries)
         stats.append(res.stats)
     return np.asarray(scores), stats, outs
 
@@ -68,7 +107,7 @@ def evaluate(args) -> dict:
     params, config, indexer = load_shipped(args.ckpt)
     names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
     new_tokens = max(len(T.make_example(n, min(args.lengths), 0).answer) for n in names) + 1
-    rows, t0 = [], time.perf_counter()
+    rows, t0, golden_cache = [], time.perf_counter(), {}
     runs = [(L, m, args.budget) for L in args.lengths for m in args.modes]
     runs += [(args.sweep_length, m, b) for b in args.sweep for m in ("lsa", "recency", "random")
              if (args.sweep_length, m, b) not in runs]
@@ -78,7 +117,14 @@ def evaluate(args) -> dict:
         for name in names:
             ex = batch_examples(name, length, args.n, args.seed_base + length)
             t1 = time.perf_counter()
-            sc, stats, _ = run_mode(params, config, indexer, ex, mode, lsa, new_tokens, batch)
+            golden = None
+            if mode != "full":
+                key = (length, name)
+                if key not in golden_cache:
+                    golden_cache[key] = [g for i in range(0, len(ex), batch)
+                                         for g in golden_entries(params, config, ex[i:i + batch], args.tau)]
+                golden = golden_cache[key]
+            sc, stats, _ = run_mode(params, config, indexer, ex, mode, lsa, new_tokens, batch, golden)
             row = {"length": length, "mode": mode, "budget": budget if mode != "full" else 1.0, "task": name,
                    "accuracy": float(sc.mean()), "n": len(sc), "kmax_pages": lsa.kmax_pages,
                    "tail_pages": lsa.recency_tail_pages,
