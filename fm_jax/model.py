@@ -29,7 +29,8 @@ def init_params(config: ModelConfig, key: jax.Array):
     and, with hyper-connections (hc_mult > 1), "hc_head" and per layer "hc_attn" / "hc_ffn" (float32).
     MoE layers hold float32 router leaves and, on hash layers, the int32 table "tid2eid"."""
     c, dt = config, config.compute_dtype
-    k_emb, k_head, k_hc, *k_layers = jax.random.split(key, 3 + c.n_layers)
+    k_emb, k_head, *k_layers = jax.random.split(key, 2 + c.n_layers)
+    k_hc = jax.random.fold_in(key, c.n_layers)  # a key of its own, leaving the others as without mHC
     layers = []
     for layer, kl in enumerate(k_layers):
         ka, kf, kc, ki, kh1, kh2 = jax.random.split(kl, 6)
