@@ -53,9 +53,15 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_top_k: int = 2
     moe_inter_dim: int = 64
+    # V4 routing (SPEC §9): routed weights x routed_scaling_factor; the first n_hash_layers MoE layers
+    # route by token id; expert SwiGLU clamp (0 = off)
+    routed_scaling_factor: float = 1.0
+    n_hash_layers: int = 0
+    swiglu_limit: float = 0.0
     # residual: hc_mult = 1 is the plain residual; > 1 enables hyper-connections (SPEC verify)
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 8
+    hc_eps: float = 1e-6
     norm_eps: float = 1e-6
     # LSA paging: 1 page = page_entries CSA entries
     page_entries: int = 8
@@ -165,6 +171,17 @@ def _validate(c: ModelConfig) -> None:
         bad("dtype", "must be 'float32' or 'bfloat16'")
     if c.hc_sinkhorn_iters <= 0:
         bad("hc_sinkhorn_iters", "must be positive")
+    if not c.hc_eps >= 0:
+        bad("hc_eps", "must be >= 0")
+    if not c.routed_scaling_factor > 0:
+        bad("routed_scaling_factor", "must be > 0")
+    if not c.swiglu_limit >= 0:
+        bad("swiglu_limit", "must be >= 0 (0 = no clamp)")
+    h = c.n_hash_layers
+    if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h <= c.n_layers:
+        bad("n_hash_layers", f"must be an int in [0, n_layers={c.n_layers}]")
+    if c.n_hash_layers and c.ffn != "moe":
+        bad("n_hash_layers", "hash routing needs ffn='moe'")
 
 
 def _v4_flash_ratios() -> tuple[int, ...]:
