@@ -507,13 +507,17 @@ def _read_tensor(ck: _Checkpoint, name: str, leaf: _Leaf, block: tuple, n_expert
                 raise ValueError(f"expert ids must lie in [0, n_routed_experts={n_experts}), got "
                                  f"[{a.min()}, {a.max()}]")
             return a.astype(np.int32)
-        if dt == "F8_E4M3":
-            return dequantize_fp8_blocks(a, ck.get(_scale_name(name)), block)
-        if dt in ("I8", "U8"):
-            return dequantize_fp4(a, ck.get(_scale_name(name)))
-        return a.astype(np.float32)
+        if dt not in ("F8_E4M3", "I8", "U8"):
+            return a.astype(np.float32)
     except ValueError as e:
         raise ValueError(f"{ck.describe(name)}: {e}") from None
+    scale = _scale_name(name)
+    try:
+        if dt == "F8_E4M3":
+            return dequantize_fp8_blocks(a, ck.get(scale), block)
+        return dequantize_fp4(a, ck.get(scale))
+    except ValueError as e:
+        raise ValueError(f"{ck.describe(scale)} (the scale of {name!r}): {e}") from None
 
 
 def _read_leaf(ck: _Checkpoint, leaf: _Leaf, block: tuple, dtype, ape_halves: str, n_experts: int) -> np.ndarray:
