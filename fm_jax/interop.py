@@ -4,6 +4,8 @@ Memory-Indexer joint checkpoints (SPEC §4).
 * :func:`load_deepseek_v4` / :func:`save_deepseek_v4`: a directory with ``config.json`` and
   ``model.safetensors`` (or shards listed by ``model.safetensors.index.json``) in the reference's naming
   and dtypes <-> ``(ModelConfig, params)`` in this project's parameter tree.
+  :func:`config_from_v4_json` / :func:`config_to_v4_json` map ``config.json``; :func:`v4_param_shapes` is
+  the loaded tree (shapes and dtypes).
 * :func:`load_flashmemory_checkpoint` / :func:`save_flashmemory_checkpoint`: the FlashMemory release's
   ``retrievers.l{ID}.*`` file <-> ``(IndexerConfig, params)`` of :mod:`fm_jax.memory_indexer`.
 
@@ -104,6 +106,41 @@ def _split_ratios(ratios: tuple) -> int:
     return other[0] if other else 128
 
 
+def _rope_fields(raw: Mapping) -> dict:
+    """YaRN fields and the RoPE table length. HF nests YaRN in ``rope_scaling``; the reference inference
+    config keeps it at the top level. Without any, no YaRN (factor 1)."""
+    rs = raw.get("rope_scaling") or {}
+    if not isinstance(rs, Mapping):
+        raise ValueError(f"config.json `rope_scaling` must be an object, got {rs!r}")
+    rtype = rs.get("type", rs.get("rope_type", "yarn"))
+    if rtype != "yarn":
+        raise ValueError(f"config.json `rope_scaling.type`={rtype!r} is not supported (only 'yarn')")
+
+    def pick(field, hf, ref, default):
+        if hf in rs:
+            return _typed(field, "rope_scaling." + hf, rs[hf])
+        return _typed(field, ref, raw[ref]) if ref in raw else default
+
+    out = {"rope_factor": pick("rope_factor", "factor", "rope_factor", 1.0),
+           "rope_original_len": pick("rope_original_len", "original_max_position_embeddings", "original_seq_len",
+                                     None),
+           "beta_fast": pick("beta_fast", "beta_fast", "beta_fast", 32),
+           "beta_slow": pick("beta_slow", "beta_slow", "beta_slow", 1)}
+    for field in ("beta_fast", "beta_slow"):  # ModelConfig keeps them as ints
+        if float(out[field]).is_integer():
+            out[field] = int(out[field])
+    key, v = _lookup(raw, ("max_position_embeddings", "max_seq_len"))
+    if key is not None:
+        out["max_seq_len"] = _typed("max_seq_len", key, v)
+    elif out["rope_original_len"]:  # the inference config: the YaRN-extended length
+        out["max_seq_len"] = int(out["rope_original_len"] * out["rope_factor"])
+    else:
+        out["max_seq_len"] = ModelConfig.max_seq_len
+    if out["rope_original_len"] is None:
+        out["rope_original_len"] = out["max_seq_len"]
+    return out
+
+
 def config_from_v4_json(raw: Mapping, dtype=None) -> tuple[ModelConfig, dict]:
     """A DeepSeek-V4 ``config.json`` (HF or reference-inference field names) -> (ModelConfig, format info).
 
@@ -132,28 +169,7 @@ def config_from_v4_json(raw: Mapping, dtype=None) -> tuple[ModelConfig, dict]:
         raise ValueError(f"config.json `qk_nope_head_dim`={raw['qk_nope_head_dim']} + `qk_rope_head_dim`="
                          f"{kw['rope_dim']} != `head_dim`={kw['head_dim']}")
 
-    # RoPE scaling: HF nests it in rope_scaling, the inference config keeps it at the top level
-    rs = raw.get("rope_scaling") or {}
-    if not isinstance(rs, Mapping):
-        raise ValueError(f"config.json `rope_scaling` must be an object, got {rs!r}")
-    rtype = rs.get("type", rs.get("rope_type", "yarn"))
-    if rs and rtype != "yarn":
-        raise ValueError(f"config.json `rope_scaling.type`={rtype!r} is not supported (only 'yarn')")
-    for field, hf, ref, default in (("rope_factor", "factor", "rope_factor", 1.0),
-                                    ("rope_original_len", "original_max_position_embeddings", "original_seq_len",
-                                     None),
-                                    ("beta_fast", "beta_fast", "beta_fast", 32), ("beta_slow", "beta_slow",
-                                                                                  "beta_slow", 1)):
-        key, v = ("rope_scaling." + hf, rs[hf]) if hf in rs else (ref, raw[ref]) if ref in raw else (None, None)
-        kw[field] = default if key is None else _typed(field, key, v)
-    key, v = _lookup(raw, ("max_position_embeddings", "max_seq_len"))
-    kw["max_seq_len"] = (int(kw["rope_factor"] * (kw["rope_original_len"] or 0)) or ModelConfig.max_seq_len) \
-        if key is None else _typed("max_seq_len", key, v)
-    if kw["rope_original_len"] is None:
-        kw["rope_original_len"] = kw["max_seq_len"]
-    for field in ("beta_fast", "beta_slow"):  # ModelConfig keeps them as ints
-        if float(kw[field]).is_integer():
-            kw[field] = int(kw[field])
+    kw.update(_rope_fields(raw))
 
     n = kw["n_layers"]
     ratios = raw.get("compress_ratios")
@@ -273,8 +289,8 @@ def _hyper_leaves(path, prefix, rows, hc, d, n_scale):
             _Leaf(path + ("scale",), (prefix + "scale",), "same", "f32", (n_scale,), "float32")]
 
 
-def v4_leaves(config: ModelConfig) -> list[_Leaf]:
-    """Every parameter leaf of a DeepSeek-V4-format model, in checkpoint order (see the module docstring)."""
+def _v4_leaves(config: ModelConfig) -> list[_Leaf]:
+    """Every parameter leaf of a DeepSeek-V4-format model and its checkpoint tensors, in checkpoint order."""
     c = config
     d, hc, hd = c.d_model, c.hc_mult, c.head_dim
     out = [_Leaf(("embed",), ("embed.weight",), "same", "bf16", (c.vocab_size, d)),
@@ -339,7 +355,7 @@ def v4_param_shapes(config: ModelConfig):
     tensors (the reference keeps them in float32), int32 for ``tid2eid``, ``config.dtype`` for the rest.
     """
     tree = {"layers": [{} for _ in range(config.n_layers)]}
-    for leaf in v4_leaves(config):
+    for leaf in _v4_leaves(config):
         _put(tree, leaf.path, jax.ShapeDtypeStruct(leaf.shape, _leaf_dtype(leaf, config.dtype)))
     return tree
 
@@ -527,7 +543,7 @@ def _read_leaf(ck: _Checkpoint, leaf: _Leaf, block: tuple, dtype, ape_halves: st
             out[e] = _read_tensor(ck, name, leaf, block, n_experts).T
         return out
     arrays = [_read_tensor(ck, name, leaf, block, n_experts) for name in leaf.names]
-    return np.ascontiguousarray(_to_leaf(leaf, arrays, ape_halves)).astype(dtype)
+    return np.asarray(_to_leaf(leaf, arrays, ape_halves), dtype=dtype, order="C")
 
 
 def _skipped_mtp(name: str, n_layers: int, n_mtp: int) -> bool:
@@ -592,7 +608,7 @@ def load_deepseek_v4(path, *, dtype=None, mesh=None, ape_halves: str = "overlap_
         raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
     config, fmt = config_from_v4_json(raw, dtype)
     ck = _Checkpoint(root)
-    leaves = v4_leaves(config)
+    leaves = _v4_leaves(config)
 
     used = set()
     for leaf in leaves:
@@ -725,7 +741,7 @@ def save_deepseek_v4(path, config: ModelConfig, params, *, quantize: bool = True
     for f in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
         if os.path.exists(os.path.join(root, f)):
             raise ValueError(f"{root!r} already holds {f}; write a checkpoint into a new directory")
-    leaves = v4_leaves(config)
+    leaves = _v4_leaves(config)
     known = {leaf.path for leaf in leaves}
     for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
