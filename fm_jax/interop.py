@@ -5,7 +5,7 @@ Memory-Indexer joint checkpoints (SPEC §4).
   ``model.safetensors`` (or shards listed by ``model.safetensors.index.json``) in the reference's naming
   and dtypes <-> ``(ModelConfig, params)`` in this project's parameter tree.
   :func:`config_from_v4_json` / :func:`config_to_v4_json` map ``config.json``; :func:`v4_param_shapes` is
-  the loaded tree (shapes and dtypes).
+  the loaded tree (shapes and dtypes); the format itself is :mod:`fm_jax.v4_format`.
 * :func:`load_flashmemory_checkpoint` / :func:`save_flashmemory_checkpoint`: the FlashMemory release's
   ``retrievers.l{ID}.*`` file <-> ``(IndexerConfig, params)`` of :mod:`fm_jax.memory_indexer`.
 
@@ -21,18 +21,33 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding
 
-from fm_jax.config import KIND_CSA, KIND_WINDOW, ModelConfig, get_config
+from fm_jax.config import ModelConfig
 from fm_jax.memory_indexer import IndexerConfig, check_field_names, check_layer_params
 from fm_jax.safetensors_file import SafetensorsFile, write_safetensors
+from fm_jax.sharding import param_spec
+from fm_jax.v4_format import (
+    APE_HALVES,
+    Leaf,
+    canonical_name,
+    config_from_v4_json,
+    config_to_v4_json,
+    from_leaf,
+    leaf_dtype,
+    leaf_where,
+    put_leaf,
+    scale_name,
+    to_leaf,
+    v4_leaves,
+    v4_param_shapes,
+)
 from fm_jax.weight_formats import (
-    FP8_BLOCK,
     dequantize_fp4,
     dequantize_fp8_blocks,
     fp4_shapes,
@@ -41,387 +56,23 @@ from fm_jax.weight_formats import (
     quantize_fp8_blocks,
 )
 
+__all__ = ["config_from_v4_json", "config_to_v4_json", "load_deepseek_v4", "load_flashmemory_checkpoint",
+           "save_deepseek_v4", "save_flashmemory_checkpoint", "v4_param_shapes"]
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-APE_HALVES = ("overlap_first", "current_first")
-
-
-# ====================================================================================================
-# DeepSeek-V4: config.json <-> ModelConfig
-# ====================================================================================================
-# ModelConfig field <- config.json names (HF's first, then the reference inference config's)
-_REQUIRED = {
-    "vocab_size": ("vocab_size",), "d_model": ("hidden_size", "dim"), "n_layers": ("num_hidden_layers", "n_layers"),
-    "n_heads": ("num_attention_heads", "n_heads"), "head_dim": ("head_dim",),
-    "rope_dim": ("qk_rope_head_dim", "rope_head_dim"), "q_lora_rank": ("q_lora_rank",), "o_groups": ("o_groups",),
-    "o_lora_rank": ("o_lora_rank",), "window": ("sliding_window", "window_size"),
-    "n_index_heads": ("index_n_heads",), "index_head_dim": ("index_head_dim",), "index_topk": ("index_topk",),
-    "n_routed_experts": ("n_routed_experts",), "n_shared_experts": ("n_shared_experts",),
-    "moe_top_k": ("num_experts_per_tok", "n_activated_experts"),
-    "moe_inter_dim": ("moe_intermediate_size", "moe_inter_dim"), "hc_mult": ("hc_mult",),
-    "rope_base": ("rope_theta",), "compress_rope_base": ("compress_rope_theta",),
-}
-# optional ones, defaulting to the reference ModelArgs' values
-_OPTIONAL = {
-    "norm_eps": (("rms_norm_eps", "norm_eps"), 1e-6), "hc_eps": (("hc_eps",), 1e-6),
-    "hc_sinkhorn_iters": (("hc_sinkhorn_iters",), 20),
-    "routed_scaling_factor": (("routed_scaling_factor", "route_scale"), 1.0),
-    "n_hash_layers": (("num_hash_layers", "n_hash_layers"), 0), "swiglu_limit": (("swiglu_limit",), 0.0),
-}
-_FLOAT_FIELDS = {"rope_base", "compress_rope_base", "norm_eps", "hc_eps", "routed_scaling_factor", "swiglu_limit",
-                 "rope_factor", "beta_fast", "beta_slow"}
-# config.json fields this project implements only at one value: (names, allowed values)
-_FIXED = [(("num_key_value_heads",), (1,)), (("scoring_func", "score_func"), ("sqrtsoftplus",)),
-          (("hidden_act",), ("silu",)), (("tie_word_embeddings",), (False,)), (("norm_topk_prob",), (True,)),
-          (("topk_method",), ("noaux_tc",)), (("first_k_dense_replace",), (0,))]
-CSA_RATIO = 4  # the reference: overlapping windows and a Lightning Indexer exactly where the ratio is 4
-
-
-def _lookup(raw: dict, names: tuple):
-    for n in names:
-        if n in raw:
-            return n, raw[n]
-    return None, None
-
-
-def _typed(field: str, key: str, v):
-    if field in _FLOAT_FIELDS:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"config.json `{key}` must be a number, got {v!r}")
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"config.json `{key}` must be an int, got {v!r}")
-    return v
-
-
-def _split_ratios(ratios: tuple) -> int:
-    """hca_ratio: the one non-zero ratio other than 4 (128 when every compressed layer is CSA)."""
-    other = sorted({r for r in ratios if r not in (0, CSA_RATIO)})
-    if len(other) > 1:
-        raise ValueError(f"config.json `compress_ratios` mixes ratios {other} besides {CSA_RATIO}: this project has "
-                         "one CSA ratio (4) and one HCA ratio")
-    return other[0] if other else 128
-
-
-def _rope_fields(raw: Mapping) -> dict:
-    """YaRN fields and the RoPE table length. HF nests YaRN in ``rope_scaling``; the reference inference
-    config keeps it at the top level. Without any, no YaRN (factor 1)."""
-    rs = raw.get("rope_scaling") or {}
-    if not isinstance(rs, Mapping):
-        raise ValueError(f"config.json `rope_scaling` must be an object, got {rs!r}")
-    rtype = rs.get("type", rs.get("rope_type", "yarn"))
-    if rtype != "yarn":
-        raise ValueError(f"config.json `rope_scaling.type`={rtype!r} is not supported (only 'yarn')")
-
-    def pick(field, hf, ref, default):
-        if hf in rs:
-            return _typed(field, "rope_scaling." + hf, rs[hf])
-        return _typed(field, ref, raw[ref]) if ref in raw else default
-
-    out = {"rope_factor": pick("rope_factor", "factor", "rope_factor", 1.0),
-           "rope_original_len": pick("rope_original_len", "original_max_position_embeddings", "original_seq_len",
-                                     None),
-           "beta_fast": pick("beta_fast", "beta_fast", "beta_fast", 32),
-           "beta_slow": pick("beta_slow", "beta_slow", "beta_slow", 1)}
-    for field in ("beta_fast", "beta_slow"):  # ModelConfig keeps them as ints
-        if float(out[field]).is_integer():
-            out[field] = int(out[field])
-    key, v = _lookup(raw, ("max_position_embeddings", "max_seq_len"))
-    if key is not None:
-        out["max_seq_len"] = _typed("max_seq_len", key, v)
-    elif out["rope_original_len"]:  # the inference config: the YaRN-extended length
-        out["max_seq_len"] = int(out["rope_original_len"] * out["rope_factor"])
-    else:
-        out["max_seq_len"] = ModelConfig.max_seq_len
-    if out["rope_original_len"] is None:
-        out["rope_original_len"] = out["max_seq_len"]
-    return out
-
-
-def config_from_v4_json(raw: Mapping, dtype=None) -> tuple[ModelConfig, dict]:
-    """A DeepSeek-V4 ``config.json`` (HF or reference-inference field names) -> (ModelConfig, format info).
-
-    format info: ``{"block": (128, 128), "n_mtp": int}`` (fp8 block size; MTP layers listed after the
-    ``n_layers`` main layers). Unknown fields are ignored; a missing required field, or one at a value this
-    project does not implement (e.g. ``scoring_func`` other than ``sqrtsoftplus``), is a ``ValueError``
-    naming it. ``dtype`` (``"float32"`` / ``"bfloat16"``; default ``torch_dtype``, else bfloat16) sets
-    ``ModelConfig.dtype``.
-    """
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
-    kw = {}
-    for field, names in _REQUIRED.items():
-        key, v = _lookup(raw, names)
-        if key is None:
-            raise ValueError(f"config.json is missing `{names[0]}` (ModelConfig `{field}`)")
-        kw[field] = _typed(field, key, v)
-    for field, (names, default) in _OPTIONAL.items():
-        key, v = _lookup(raw, names)
-        kw[field] = default if key is None else _typed(field, key, v)
-    for names, allowed in _FIXED:
-        key, v = _lookup(raw, names)
-        if key is not None and v not in allowed:
-            raise ValueError(f"config.json `{key}`={v!r} is not supported (this project implements {allowed})")
-    if "qk_nope_head_dim" in raw and raw["qk_nope_head_dim"] + kw["rope_dim"] != kw["head_dim"]:
-        raise ValueError(f"config.json `qk_nope_head_dim`={raw['qk_nope_head_dim']} + `qk_rope_head_dim`="
-                         f"{kw['rope_dim']} != `head_dim`={kw['head_dim']}")
-
-    kw.update(_rope_fields(raw))
-
-    n = kw["n_layers"]
-    ratios = raw.get("compress_ratios")
-    if not isinstance(ratios, (list, tuple)) or len(ratios) < n or \
-            any(isinstance(r, bool) or not isinstance(r, int) for r in ratios):
-        raise ValueError(f"config.json `compress_ratios` must list an int ratio for each of the {n} layers "
-                         f"(then the MTP layers), got {ratios!r}")
-    kw["compress_ratios"] = tuple(ratios[:n])
-    kw["csa_ratio"], kw["hca_ratio"] = CSA_RATIO, _split_ratios(kw["compress_ratios"])
-    n_mtp = raw.get("num_nextn_predict_layers", len(ratios) - n)
-
-    if dtype is None:
-        dtype = raw.get("torch_dtype", "bfloat16")
-        dtype = dtype if dtype in ("float32", "bfloat16") else "bfloat16"
-    dtype = _dtype_name(dtype)
-    kw.update(ffn="moe", dtype=dtype, compress_rope_position="first")  # SPEC §9: the chunk's first token
-
-    q = raw.get("quantization_config") or {}
-    block = tuple(q.get("weight_block_size", FP8_BLOCK))
-    if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block):
-        raise ValueError(f"config.json `quantization_config.weight_block_size` must be two positive ints, got "
-                         f"{q.get('weight_block_size')!r}")
-    if q.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"config.json `quantization_config.fmt`={q['fmt']!r} is not supported (only 'e4m3')")
-
-    flash = get_config("v4_flash")
-    same_as_flash = (kw["d_model"], n, kw["compress_ratios"]) == (flash.d_model, flash.n_layers,
-                                                                  flash.compress_ratios)
-    config = ModelConfig(name="v4_flash" if same_as_flash else "deepseek_v4", **kw)
-    return config, {"block": block, "n_mtp": int(n_mtp)}
-
-
-def _dtype_name(dtype) -> str:
-    try:
-        name = jnp.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    return name
-
-
-def config_to_v4_json(config: ModelConfig, quantize: bool = True) -> dict:
-    """The HF-style ``config.json`` of :func:`save_deepseek_v4` (read back by :func:`config_from_v4_json`)."""
-    c = config
-    raw = {
-        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
-        "num_nextn_predict_layers": 0, "num_attention_heads": c.n_heads, "num_key_value_heads": 1,
-        "head_dim": c.head_dim, "qk_rope_head_dim": c.rope_dim, "q_lora_rank": c.q_lora_rank,
-        "o_groups": c.o_groups, "o_lora_rank": c.o_lora_rank, "sliding_window": c.window,
-        "index_n_heads": c.n_index_heads, "index_head_dim": c.index_head_dim, "index_topk": c.index_topk,
-        "n_routed_experts": c.n_routed_experts, "n_shared_experts": c.n_shared_experts,
-        "num_experts_per_tok": c.moe_top_k, "moe_intermediate_size": c.moe_inter_dim,
-        "num_hash_layers": c.n_hash_layers, "scoring_func": "sqrtsoftplus",
-        "routed_scaling_factor": c.routed_scaling_factor, "norm_topk_prob": True, "topk_method": "noaux_tc",
-        "swiglu_limit": c.swiglu_limit, "hidden_act": "silu", "hc_mult": c.hc_mult,
-        "hc_sinkhorn_iters": c.hc_sinkhorn_iters, "hc_eps": c.hc_eps, "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_base, "compress_rope_theta": c.compress_rope_base,
-        "rope_scaling": {"type": "yarn", "factor": c.rope_factor, "original_max_position_embeddings":
-                         c.rope_original_len, "beta_fast": c.beta_fast, "beta_slow": c.beta_slow},
-        "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": False, "torch_dtype": c.dtype,
-        "compress_ratios": list(c.compress_ratios),
-    }
-    if quantize:
-        raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                      "activation_scheme": "dynamic", "weight_block_size": list(FP8_BLOCK)}
-        raw["expert_dtype"] = "fp4"
-    return raw
-
-
-# ====================================================================================================
-# DeepSeek-V4: checkpoint tensors <-> parameter leaves
-# ====================================================================================================
-@dataclass(frozen=True)
-class _Leaf:
-    """One parameter leaf and the checkpoint tensors it comes from.
-
-    layout (checkpoint -> leaf): "same"; "t" (transpose); "wo_a" ([G*r, in] -> [G, in, r]); "fuse"
-    (compressor wkv + wgate [C, d] each -> [d, 2C]); "experts" (E tensors [out, in] -> [E, in, out]);
-    "ape" (overlapping compressor ape [r, 2D], halves in `ape_halves` order). store: the reference's
-    on-disk format (fp8 / fp4 / bf16 / f32 / i32). kind: leaf dtype ("compute" = the model dtype).
-    """
-
-    path: tuple
-    names: tuple
-    layout: str
-    store: str
-    shape: tuple
-    kind: str = "compute"
-
-    def ckpt_shapes(self) -> list[tuple]:
-        s = self.shape
-        if self.layout == "t":
-            return [s[::-1]]
-        if self.layout == "wo_a":
-            return [(s[0] * s[2], s[1])]
-        if self.layout == "fuse":
-            return [(s[1] // 2, s[0])] * 2
-        if self.layout == "experts":
-            return [(s[2], s[1])] * s[0]
-        return [s]
-
-
-def _compressor_leaves(path, prefix, d, dim, ratio, overlap):
-    coff = 2 if overlap else 1
-    return [_Leaf(path + ("wkv_gate",), (prefix + "wkv.weight", prefix + "wgate.weight"), "fuse", "bf16",
-                  (d, 2 * coff * dim)),
-            _Leaf(path + ("ape",), (prefix + "ape",), "ape" if overlap else "same", "f32", (ratio, coff * dim),
-                  "float32"),
-            _Leaf(path + ("norm",), (prefix + "norm.weight",), "same", "bf16", (dim,))]
-
-
-def _hyper_leaves(path, prefix, rows, hc, d, n_scale):
-    return [_Leaf(path + ("fn",), (prefix + "fn",), "same", "f32", (rows, hc * d), "float32"),
-            _Leaf(path + ("base",), (prefix + "base",), "same", "f32", (rows,), "float32"),
-            _Leaf(path + ("scale",), (prefix + "scale",), "same", "f32", (n_scale,), "float32")]
-
-
-def _v4_leaves(config: ModelConfig) -> list[_Leaf]:
-    """Every parameter leaf of a DeepSeek-V4-format model and its checkpoint tensors, in checkpoint order."""
-    c = config
-    d, hc, hd = c.d_model, c.hc_mult, c.head_dim
-    out = [_Leaf(("embed",), ("embed.weight",), "same", "bf16", (c.vocab_size, d)),
-           _Leaf(("lm_head",), ("head.weight",), "t", "bf16", (d, c.vocab_size)),
-           _Leaf(("final_norm",), ("norm.weight",), "same", "bf16", (d,))]
-    if hc > 1:
-        out += _hyper_leaves(("hc_head",), "hc_head_", hc, hc, d, 1)
-    for i in range(c.n_layers):
-        L, p = ("layers", i), f"layers.{i}."
-        out += [_Leaf(L + ("attn_norm",), (p + "attn_norm.weight",), "same", "bf16", (d,)),
-                _Leaf(L + ("ffn_norm",), (p + "ffn_norm.weight",), "same", "bf16", (d,))]
-        if hc > 1:
-            for site in ("attn", "ffn"):
-                out += _hyper_leaves(L + (f"hc_{site}",), f"{p}hc_{site}_", (2 + hc) * hc, hc, d, 3)
-        a, pa = L + ("attn",), p + "attn."
-        out += [_Leaf(a + ("wq_a",), (pa + "wq_a.weight",), "t", "fp8", (d, c.q_lora_rank)),
-                _Leaf(a + ("q_norm",), (pa + "q_norm.weight",), "same", "bf16", (c.q_lora_rank,)),
-                _Leaf(a + ("wq_b",), (pa + "wq_b.weight",), "t", "fp8", (c.q_lora_rank, c.n_heads * hd)),
-                _Leaf(a + ("wkv",), (pa + "wkv.weight",), "t", "fp8", (d, hd)),
-                _Leaf(a + ("kv_norm",), (pa + "kv_norm.weight",), "same", "bf16", (hd,)),
-                _Leaf(a + ("wo_a",), (pa + "wo_a.weight",), "wo_a", "fp8",
-                      (c.o_groups, c.heads_per_group * hd, c.o_lora_rank)),
-                _Leaf(a + ("wo_b",), (pa + "wo_b.weight",), "t", "fp8", (c.o_groups * c.o_lora_rank, d)),
-                _Leaf(a + ("sink",), (pa + "attn_sink",), "same", "f32", (c.n_heads,), "float32")]
-        kind = c.layer_kind(i)
-        if kind != KIND_WINDOW:
-            out += _compressor_leaves(a + ("compressor",), pa + "compressor.", d, hd, c.compress_ratios[i],
-                                      overlap=kind == KIND_CSA)
-        if kind == KIND_CSA:
-            ix, pix = a + ("indexer",), pa + "indexer."
-            out += [_Leaf(ix + ("wq_b",), (pix + "wq_b.weight",), "t", "fp8",
-                          (c.q_lora_rank, c.n_index_heads * c.index_head_dim)),
-                    _Leaf(ix + ("weights_proj",), (pix + "weights_proj.weight",), "t", "bf16", (d, c.n_index_heads))]
-            out += _compressor_leaves(ix + ("compressor",), pix + "compressor.", d, c.index_head_dim, c.csa_ratio,
-                                      overlap=True)
-        f, pf = L + ("ffn",), p + "ffn."
-        n_e, inter = c.n_routed_experts, c.moe_inter_dim
-        out.append(_Leaf(f + ("router",), (pf + "gate.weight",), "t", "bf16", (d, n_e), "float32"))
-        if i < c.n_hash_layers:
-            out.append(_Leaf(f + ("tid2eid",), (pf + "gate.tid2eid",), "same", "i32", (c.vocab_size, c.moe_top_k),
-                             "int32"))
-        else:
-            out.append(_Leaf(f + ("router_bias",), (pf + "gate.bias",), "same", "f32", (n_e,), "float32"))
-        for w, shape in (("w1", (n_e, d, inter)), ("w2", (n_e, inter, d)), ("w3", (n_e, d, inter))):
-            names = tuple(f"{pf}experts.{e}.{w}.weight" for e in range(n_e))
-            out.append(_Leaf(f + ("experts", w), names, "experts", "fp4", shape))
-        if c.n_shared_experts:
-            si = inter * c.n_shared_experts
-            for w, shape in (("w1", (d, si)), ("w2", (si, d)), ("w3", (d, si))):
-                out.append(_Leaf(f + ("shared", w), (f"{pf}shared_experts.{w}.weight",), "t", "fp8", shape))
-    return out
-
-
-def _leaf_dtype(leaf: _Leaf, dtype: str):
-    return {"compute": jnp.dtype(dtype), "float32": jnp.dtype(jnp.float32), "int32": jnp.dtype(jnp.int32)}[leaf.kind]
-
-
-def v4_param_shapes(config: ModelConfig):
-    """The parameter pytree that :func:`load_deepseek_v4` returns, as ``jax.ShapeDtypeStruct`` leaves.
-
-    Leaf dtypes: float32 for ``router``, ``router_bias``, ``sink``, the compressors' ``ape`` and the mHC
-    tensors (the reference keeps them in float32), int32 for ``tid2eid``, ``config.dtype`` for the rest.
-    """
-    tree = {"layers": [{} for _ in range(config.n_layers)]}
-    for leaf in _v4_leaves(config):
-        _put(tree, leaf.path, jax.ShapeDtypeStruct(leaf.shape, _leaf_dtype(leaf, config.dtype)))
-    return tree
-
-
-def _put(tree, path, value):
-    node = tree
-    for k in path[:-1]:
-        node = node[k] if isinstance(k, int) else node.setdefault(k, {})
-    node[path[-1]] = value
-
-
-def _where(path) -> str:
-    return "params" + "".join(f"[{k!r}]" for k in path)
-
-
-def _to_leaf(leaf: _Leaf, arrays: list, ape_halves: str) -> np.ndarray:
-    (a, *rest) = arrays
-    if leaf.layout == "t":
-        return a.T
-    if leaf.layout == "wo_a":
-        g, inn, r = leaf.shape
-        return a.reshape(g, r, inn).transpose(0, 2, 1)
-    if leaf.layout == "fuse":
-        return np.concatenate([a.T, rest[0].T], axis=1)
-    if leaf.layout == "ape" and ape_halves == "current_first":
-        return np.concatenate(np.split(a, 2, axis=-1)[::-1], axis=-1)
-    return a
-
-
-def _from_leaf(leaf: _Leaf, x: np.ndarray, ape_halves: str):
-    """Leaf (NumPy) -> the checkpoint tensors of `leaf.names`, in order (a generator: experts one by one)."""
-    if leaf.layout == "experts":
-        yield from (x[e].T for e in range(x.shape[0]))
-    elif leaf.layout == "t":
-        yield x.T
-    elif leaf.layout == "wo_a":
-        g, inn, r = leaf.shape
-        yield x.transpose(0, 2, 1).reshape(g * r, inn)
-    elif leaf.layout == "fuse":
-        kv, gate = np.split(x, 2, axis=1)
-        yield kv.T
-        yield gate.T
-    else:
-        yield _to_leaf(leaf, [x], ape_halves)  # "same", and "ape" (the half swap is its own inverse)
 
 
 # ====================================================================================================
 # DeepSeek-V4: reading
 # ====================================================================================================
-_HF_RENAMES = {"self_attn": "attn", "mlp": "ffn", "weight_scale_inv": "scale", "e_score_correction_bias": "bias"}
 _FLOAT_DTYPES = ("F32", "BF16", "F16")
 _INT_DTYPES = ("I32", "I64")
 _SCALE_DTYPES = ("F8_E8M0", "F32", "BF16")
 _MTP = re.compile(r"^(?:mtp\.|layers\.(\d+)\.)")
-
-
-def canonical_name(name: str) -> str:
-    """A checkpoint tensor name in the reference's naming: HF's ``model.`` prefix dropped, and the renames of
-    the reference's ``convert.py`` (``self_attn``/``mlp``/``weight_scale_inv``/``e_score_correction_bias``)."""
-    if name.startswith("model."):
-        name = name[len("model."):]
-    return ".".join(_HF_RENAMES.get(part, part) for part in name.split("."))
-
-
-def _scale_name(name: str) -> str:
-    return (name[: -len(".weight")] if name.endswith(".weight") else name) + ".scale"
 
 
 class _Checkpoint:
@@ -477,20 +128,20 @@ class _Checkpoint:
         return self.files[fname].get(stored)
 
 
-def _check_tensor(ck: _Checkpoint, name: str, shape: tuple, leaf: _Leaf, block: tuple) -> list[str]:
+def _check_tensor(ck: _Checkpoint, name: str, shape: tuple, leaf: Leaf, block: tuple) -> list[str]:
     """Validate one checkpoint tensor from the headers (before any data is read); returns the names it uses."""
     if name not in ck.where:
-        raise ValueError(f"checkpoint {ck.root!r} is missing tensor {name!r} (for {_where(leaf.path)})")
+        raise ValueError(f"checkpoint {ck.root!r} is missing tensor {name!r} (for {leaf_where(leaf.path)})")
     dt, got = ck.info(name)
     want, used = shape, [name]
     if leaf.kind == "int32":
         if dt not in _INT_DTYPES:
             raise ValueError(f"{ck.describe(name)} has dtype {dt}, expected an integer table ({_INT_DTYPES})")
     elif dt == "F8_E4M3":
-        used.append(_scale_name(name))
+        used.append(scale_name(name))
         scale_shape = fp8_scale_shape(shape, block)
     elif dt in ("I8", "U8") and leaf.layout == "experts":
-        used.append(_scale_name(name))
+        used.append(scale_name(name))
         try:
             want, scale_shape = fp4_shapes(shape)
         except ValueError as e:
@@ -501,7 +152,7 @@ def _check_tensor(ck: _Checkpoint, name: str, shape: tuple, leaf: _Leaf, block: 
                          f"{fmt}F8_E4M3 with a block scale, or one of {_FLOAT_DTYPES})")
     if tuple(got) != tuple(want):
         raise ValueError(f"{ck.describe(name)} has shape {tuple(got)}, expected {tuple(want)} "
-                         f"(dtype {dt}, for {_where(leaf.path)})")
+                         f"(dtype {dt}, for {leaf_where(leaf.path)})")
     if len(used) == 2:
         scale = used[1]
         if scale not in ck.where:
@@ -513,7 +164,7 @@ def _check_tensor(ck: _Checkpoint, name: str, shape: tuple, leaf: _Leaf, block: 
     return used
 
 
-def _read_tensor(ck: _Checkpoint, name: str, leaf: _Leaf, block: tuple, n_experts: int) -> np.ndarray:
+def _read_tensor(ck: _Checkpoint, name: str, leaf: Leaf, block: tuple, n_experts: int) -> np.ndarray:
     """One checkpoint tensor, dequantised to float32 (or int32 for integer tables), PyTorch layout."""
     dt, _ = ck.info(name)
     a = ck.get(name)
@@ -527,7 +178,7 @@ def _read_tensor(ck: _Checkpoint, name: str, leaf: _Leaf, block: tuple, n_expert
             return a.astype(np.float32)
     except ValueError as e:
         raise ValueError(f"{ck.describe(name)}: {e}") from None
-    scale = _scale_name(name)
+    scale = scale_name(name)
     try:
         if dt == "F8_E4M3":
             return dequantize_fp8_blocks(a, ck.get(scale), block)
@@ -536,14 +187,14 @@ def _read_tensor(ck: _Checkpoint, name: str, leaf: _Leaf, block: tuple, n_expert
         raise ValueError(f"{ck.describe(scale)} (the scale of {name!r}): {e}") from None
 
 
-def _read_leaf(ck: _Checkpoint, leaf: _Leaf, block: tuple, dtype, ape_halves: str, n_experts: int) -> np.ndarray:
+def _read_leaf(ck: _Checkpoint, leaf: Leaf, block: tuple, dtype, ape_halves: str, n_experts: int) -> np.ndarray:
     if leaf.layout == "experts":  # stack expert by expert: one expert's float32 copy at a time
         out = np.empty(leaf.shape, dtype)
         for e, name in enumerate(leaf.names):
             out[e] = _read_tensor(ck, name, leaf, block, n_experts).T
         return out
     arrays = [_read_tensor(ck, name, leaf, block, n_experts) for name in leaf.names]
-    return np.asarray(_to_leaf(leaf, arrays, ape_halves), dtype=dtype, order="C")
+    return np.asarray(to_leaf(leaf, arrays, ape_halves), dtype=dtype, order="C")
 
 
 def _skipped_mtp(name: str, n_layers: int, n_mtp: int) -> bool:
@@ -608,7 +259,7 @@ def load_deepseek_v4(path, *, dtype=None, mesh=None, ape_halves: str = "overlap_
         raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
     config, fmt = config_from_v4_json(raw, dtype)
     ck = _Checkpoint(root)
-    leaves = _v4_leaves(config)
+    leaves = v4_leaves(config)
 
     used = set()
     for leaf in leaves:
@@ -625,17 +276,14 @@ def load_deepseek_v4(path, *, dtype=None, mesh=None, ape_halves: str = "overlap_
 
     params = {"layers": [{} for _ in range(config.n_layers)]}
     for leaf in leaves:
-        x = _read_leaf(ck, leaf, fmt["block"], _leaf_dtype(leaf, config.dtype), ape_halves, config.n_routed_experts)
-        _put(params, leaf.path, _place(x, leaf.path, config, mesh))
+        x = _read_leaf(ck, leaf, fmt["block"], leaf_dtype(leaf, config.dtype), ape_halves, config.n_routed_experts)
+        put_leaf(params, leaf.path, _place(x, leaf.path, config, mesh))
     return config, params
 
 
 def _place(x: np.ndarray, path: tuple, config: ModelConfig, mesh):
     if mesh is None:
         return jax.device_put(x)
-    from jax.sharding import NamedSharding
-
-    from fm_jax.sharding import param_spec
     return jax.device_put(x, NamedSharding(mesh, param_spec(path, x.shape, config, mesh)))
 
 
@@ -657,10 +305,10 @@ def _encode(name: str, x: np.ndarray, store: str, quantize: bool, leaf_dtype) ->
             return [(name, x.astype(leaf_dtype), False)]
         if store == "fp8":
             q, s = quantize_fp8_blocks(x)
-            return [(name, q, False), (_scale_name(name), s, True)]
+            return [(name, q, False), (scale_name(name), s, True)]
         if store == "fp4":
             q, s = quantize_fp4(x)
-            return [(name, q, False), (_scale_name(name), s, True)]
+            return [(name, q, False), (scale_name(name), s, True)]
         return [(name, x.astype(ml_dtypes.bfloat16), False)]
     except ValueError as e:
         raise ValueError(f"cannot write tensor {name!r}: {e}") from None
@@ -702,17 +350,17 @@ class _ShardWriter:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, fh, indent=1)
 
 
-def _get_leaf(params, leaf: _Leaf) -> np.ndarray:
+def _get_leaf(params, leaf: Leaf) -> np.ndarray:
     node = params
     for k in leaf.path:
         try:
             node = node[k]
         except (KeyError, IndexError, TypeError):
-            raise ValueError(f"params have no {_where(leaf.path)} (needed for checkpoint tensor "
+            raise ValueError(f"params have no {leaf_where(leaf.path)} (needed for checkpoint tensor "
                              f"{leaf.names[0]!r})") from None
     x = np.asarray(jax.device_get(node))
     if tuple(x.shape) != tuple(leaf.shape):
-        raise ValueError(f"{_where(leaf.path)} has shape {tuple(x.shape)}, expected {tuple(leaf.shape)}")
+        raise ValueError(f"{leaf_where(leaf.path)} has shape {tuple(x.shape)}, expected {tuple(leaf.shape)}")
     return x
 
 
@@ -741,17 +389,17 @@ def save_deepseek_v4(path, config: ModelConfig, params, *, quantize: bool = True
     for f in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
         if os.path.exists(os.path.join(root, f)):
             raise ValueError(f"{root!r} already holds {f}; write a checkpoint into a new directory")
-    leaves = _v4_leaves(config)
+    leaves = v4_leaves(config)
     known = {leaf.path for leaf in leaves}
     for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
         if p not in known:
-            raise ValueError(f"{_where(p)} has no place in the DeepSeek-V4 checkpoint format")
+            raise ValueError(f"{leaf_where(p)} has no place in the DeepSeek-V4 checkpoint format")
     writer = _ShardWriter(root, max_shard_bytes)
     for leaf in leaves:
         x = _get_leaf(params, leaf)
         src = x.astype(np.int32) if leaf.kind == "int32" else x.astype(np.float32)
-        for name, t in zip(leaf.names, _from_leaf(leaf, src, ape_halves)):
+        for name, t in zip(leaf.names, from_leaf(leaf, src, ape_halves)):
             for out_name, arr, is_scale in _encode(name, np.ascontiguousarray(t), leaf.store, quantize, x.dtype):
                 writer.add(_hf_name(out_name, is_scale) if hf_names else out_name, arr)
     writer.finish()
