@@ -186,6 +186,8 @@ def _validate(c: ModelConfig) -> None:
         bad("routed_scaling_factor", "must be > 0")
     if not c.swiglu_limit >= 0:
         bad("swiglu_limit", "must be >= 0 (0 = no clamp)")
+    if c.n_hash_layers > c.n_layers:
+        bad("n_hash_layers", f"must be <= n_layers={c.n_layers}")
 
 
 def _v4_flash_ratios() -> tuple[int, ...]:

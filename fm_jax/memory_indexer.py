@@ -44,9 +44,8 @@ Matched (read from the release's PyTorch source):
 * Score ``sigmoid(sum_h w_h * relu(q_h . k))`` in float32; keys dequantised as ``fp8 * scale`` from
   the 132-byte layout (bytes[:128] e4m3fn, bytes[128:132] one float32 scale).
 * Ensemble across layers per entry by ``max`` (``retriever.py`` default) or ``mean``.
-* Checkpoint keys ``retrievers.l{ID}.{wq_a.weight, wq_b.weight, q_norm_weight, weights_proj.weight}``
-  in PyTorch ``[out, in]`` layout; n_heads / q_lora_rank / d_model read from the tensor shapes.
-  The release casts weights to float32 before use; so does ``score_layer`` (params keep their dtype).
+* The release casts weights to float32 before use; so does ``score_layer`` (params keep their dtype).
+  Its checkpoint files (``retrievers.l{ID}.*``) are read and written by ``fm_jax.interop``.
 
 Differences and what could not be verified:
 
@@ -67,10 +66,6 @@ Differences and what could not be verified:
 * The head-weighted relu sum runs in ``pallas_kernels.indexer_scores`` (the single implementation shared
   with the engine); its off-GPU XLA path splits the float32 q into two bf16 parts (~2^-17 relative),
   and it factors the fp8 per-entry scale out of the relu (exact for scale >= 0).
-* The released weights themselves (``flashmemory_ds_v4.safetensors``) are not reachable from here, so
-  loading was verified on files written in the same key/shape/dtype layout, not on the real file.
-  Whether the release's safetensors carries ``__metadata__`` (e.g. ``head_dim``) is unknown: without
-  it ``head_dim`` defaults to 128, as in the release.
 * The release's sglang hook calls ``l10/l12/l20`` "CSA layer index (not transformer layer ID)"; here
   target layer ids are backbone layer ids, and the ``v4_flash`` preset places CSA layers so that 10,
   12 and 20 are CSA layers. Its serving hook defaults to ``mean`` ensembling (retriever.py: ``max``)
@@ -79,8 +74,6 @@ Differences and what could not be verified:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,16 +88,6 @@ from fm_jax.layers.rope import apply_rope, yarn_inv_freq
 from pallas_kernels import indexer_scores
 
 PARAM_NAMES = ("wq_a", "q_norm_weight", "wq_b", "weights_proj")
-# checkpoint tensor name (within "retrievers.l{ID}.") -> our param name, and whether it is [out, in]
-_CKPT_TENSORS = {
-    "wq_a.weight": ("wq_a", True),
-    "wq_b.weight": ("wq_b", True),
-    "q_norm_weight": ("q_norm_weight", False),
-    "weights_proj.weight": ("weights_proj", True),
-}
-_CKPT_PREFIX = "retrievers."
-_META_CONFIG_KEY = "fm_jax.indexer_config"
-FLASHMEMORY_DEFAULT_HEAD_DIM = 128
 V4_FLASH_TARGET_LAYERS = (10, 12, 20)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -167,7 +150,7 @@ class IndexerConfig:
         }
 
     def replace(self, **overrides) -> IndexerConfig:
-        _check_field_names(overrides)
+        check_field_names(overrides)
         return dataclasses.replace(self, **overrides)
 
 
@@ -215,7 +198,8 @@ def _validate_indexer_config(c: IndexerConfig) -> None:
         bad("param_dtype", "must be 'float32' or 'bfloat16'")
 
 
-def _check_field_names(overrides: Mapping[str, Any]) -> None:
+def check_field_names(overrides: Mapping[str, Any]) -> None:
+    """ValueError naming the first key of `overrides` that is not an `IndexerConfig` field."""
     fields = {f.name for f in dataclasses.fields(IndexerConfig)}
     for k in overrides:
         if k not in fields:
@@ -230,7 +214,7 @@ def config_from_model(model_config, **overrides) -> IndexerConfig:
     YaRN factor / original length / betas, ``max_seq_len``), ``norm_eps``; target layers = the model's
     CSA layers, or (10, 12, 20) for the ``v4_flash`` preset. Any field can be overridden.
     """
-    _check_field_names(overrides)
+    check_field_names(overrides)
     csa = tuple(model_config.csa_layers)
     if getattr(model_config, "name", None) == "v4_flash" and set(V4_FLASH_TARGET_LAYERS) <= set(csa):
         targets = V4_FLASH_TARGET_LAYERS
@@ -257,16 +241,6 @@ def config_from_model(model_config, **overrides) -> IndexerConfig:
 # ----------------------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------------------
-def _layer_key(layer) -> str:
-    if isinstance(layer, str):
-        if not (layer.startswith("l") and layer[1:].isdigit()):
-            raise ValueError(f"layer name {layer!r} is not of the form 'l{{ID}}'")
-        return layer
-    if not _is_int(layer):
-        raise ValueError(f"layer id {layer!r} is neither an int nor 'l{{ID}}'")
-    return f"l{int(layer)}"
-
-
 def init_params(indexer_config: IndexerConfig, key: jax.Array) -> dict:
     """Random scorers for every target layer: ``{"l{ID}": {wq_a, q_norm_weight, wq_b, weights_proj}}``.
 
@@ -341,7 +315,8 @@ def init_from_lightning_indexer(indexer_config: IndexerConfig, model_params, mod
     return out
 
 
-def _check_layer_params(layer_params, c: IndexerConfig, where: str = "layer_params") -> None:
+def check_layer_params(layer_params, c: IndexerConfig, where: str = "layer_params") -> None:
+    """ValueError naming `where` and the missing or misshaped tensor of one scorer's params."""
     if not isinstance(layer_params, Mapping):
         raise ValueError(f"{where} must be a dict with keys {PARAM_NAMES}")  # noqa: TRY004
     for pname, shape in c.param_shapes().items():
@@ -464,7 +439,7 @@ def score_layer(layer_params, indexer_config: IndexerConfig, hidden, index_keys,
     are skipped for traced values); the computation is jitted.
     """
     c = indexer_config
-    _check_layer_params(layer_params, c)
+    check_layer_params(layer_params, c)
     hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths)
     return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="sigmoid")
 
@@ -473,7 +448,7 @@ def layer_logits(layer_params, indexer_config: IndexerConfig, hidden, index_keys
                  impl: str = "auto") -> jax.Array:
     """Pre-sigmoid logits float32 ``[B, N]`` (masked entries ``-inf``); for losses on logits."""
     c = indexer_config
-    _check_layer_params(layer_params, c)
+    check_layer_params(layer_params, c)
     hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths)
     return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="none")
 
@@ -542,199 +517,3 @@ def select(scores, threshold: float, lengths=None) -> jax.Array:
         n = scores.shape[-1]
         keep = keep & (jnp.arange(n, dtype=jnp.int32) < jnp.asarray(lengths, jnp.int32)[..., None])
     return keep
-
-
-# ----------------------------------------------------------------------------------------------------
-# FlashMemory joint checkpoints
-# ----------------------------------------------------------------------------------------------------
-def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(path, framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        for k in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            tensors[k] = f.get_tensor(k)
-    return tensors, meta
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _read_pt(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path!r} (a .pt checkpoint) needs torch, which is not importable; "
-                          "convert it to .safetensors or install torch") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")  # noqa: TRY004
-    return {k: _torch_to_numpy(v) for k, v in state.items() if hasattr(v, "detach")}, {}
-
-
-def load_flashmemory_checkpoint(path, layers=None, **config_overrides) -> tuple[IndexerConfig, dict]:
-    """Read a joint FlashMemory checkpoint (``retrievers.l{ID}.*`` keys) -> ``(indexer_config, params)``.
-
-    ``.safetensors`` is read with safetensors; ``.pt`` only when torch is importable, and only with
-    ``torch.load(weights_only=True)``. ``layers``: None (every layer in the file) or ids / ``"l{ID}"``.
-    d_model, q_lora_rank and n_heads come from the tensor shapes; ``head_dim`` from the file's metadata
-    when present, else 128 (the release's), checked to divide ``wq_b``'s rows. Config fields this module
-    wrote into the metadata on save are restored; ``config_overrides`` override the rest (e.g.
-    ``max_seq_len``, ``rope_dtype``). Params keep the on-disk dtype, transposed to ``[in, out]``.
-    A missing layer / tensor or a misshaped tensor is a ``ValueError`` naming it.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        tensors, meta = _read_safetensors(path)
-    elif path.endswith((".pt", ".pth", ".bin")):
-        tensors, meta = _read_pt(path)
-    else:
-        raise ValueError(f"unsupported checkpoint extension for {path!r}: use .safetensors (or .pt with torch)")
-
-    found: dict[str, dict[str, np.ndarray]] = {}
-    for k, v in tensors.items():
-        if not k.startswith(_CKPT_PREFIX):
-            continue
-        rest = k[len(_CKPT_PREFIX):]
-        lname, _, tname = rest.partition(".")
-        found.setdefault(lname, {})[tname] = v
-    if not found:
-        raise ValueError(f"{path!r} is not a joint FlashMemory checkpoint: no 'retrievers.l{{ID}}.*' keys "
-                         f"(keys start with {sorted(tensors)[:3]})")
-    bad_names = [n for n in found if not (n.startswith("l") and n[1:].isdigit())]
-    if bad_names:
-        raise ValueError(f"checkpoint layer names {['retrievers.' + n for n in bad_names]} are not 'l{{ID}}'")
-
-    if layers is None:
-        names = sorted(found, key=lambda n: int(n[1:]))
-    else:
-        names = [_layer_key(x) for x in layers]
-        if not names:
-            raise ValueError("layers must name at least one layer")
-    for n in names:
-        if n not in found:
-            raise ValueError(f"layer {n!r} (keys 'retrievers.{n}.*') not found in {path!r}; available: "
-                             f"{sorted(found, key=lambda x: int(x[1:]))}")
-
-    for n in names:
-        sub = found[n]
-        for tname in _CKPT_TENSORS:
-            if tname not in sub:
-                raise ValueError(f"checkpoint is missing tensor 'retrievers.{n}.{tname}'")
-        extra = [t for t in sub if t not in _CKPT_TENSORS and "freqs_cis" not in t]
-        if extra:
-            raise ValueError(f"checkpoint has unexpected tensors {[f'retrievers.{n}.{t}' for t in extra]}")
-        for tname, arr in sub.items():
-            if tname in _CKPT_TENSORS and not np.issubdtype(arr.dtype, np.floating) \
-                    and arr.dtype.name not in ("bfloat16", "float16"):
-                raise ValueError(f"tensor 'retrievers.{n}.{tname}' has non-float dtype {arr.dtype}")
-
-    # ---- dims from the first layer, checked on every layer ----
-    stored = {}
-    if _META_CONFIG_KEY in meta:
-        try:
-            stored = json.loads(meta[_META_CONFIG_KEY])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint metadata {_META_CONFIG_KEY!r} is not valid JSON: {e}") from None
-    head_dim = FLASHMEMORY_DEFAULT_HEAD_DIM
-    head_dim_src = "default (FlashMemory release)"
-    if "head_dim" in meta:
-        head_dim, head_dim_src = meta["head_dim"], "metadata 'head_dim'"
-    elif "head_dim" in stored:
-        head_dim, head_dim_src = stored["head_dim"], f"metadata {_META_CONFIG_KEY!r}"
-    if "head_dim" in config_overrides:
-        head_dim, head_dim_src = config_overrides["head_dim"], "override"
-    try:
-        head_dim = int(head_dim)
-    except (TypeError, ValueError):
-        raise ValueError(f"head_dim {head_dim!r} from {head_dim_src} is not an int") from None
-
-    first = found[names[0]]
-    wq_a0 = first["wq_a.weight"]
-    if wq_a0.ndim != 2:
-        raise ValueError(f"tensor 'retrievers.{names[0]}.wq_a.weight' must be 2-D [q_lora_rank, d_model], "
-                         f"got shape {wq_a0.shape}")
-    q_lora_rank, d_model = wq_a0.shape
-    wq_b0 = first["wq_b.weight"]
-    if wq_b0.ndim != 2:
-        raise ValueError(f"tensor 'retrievers.{names[0]}.wq_b.weight' must be 2-D [n_heads*head_dim, "
-                         f"q_lora_rank], got shape {wq_b0.shape}")
-    if head_dim <= 0 or wq_b0.shape[0] % head_dim:
-        raise ValueError(f"tensor 'retrievers.{names[0]}.wq_b.weight' has {wq_b0.shape[0]} rows, not a "
-                         f"multiple of head_dim={head_dim} ({head_dim_src})")
-    n_heads = wq_b0.shape[0] // head_dim
-    expected = {
-        "wq_a.weight": (q_lora_rank, d_model),
-        "wq_b.weight": (n_heads * head_dim, q_lora_rank),
-        "q_norm_weight": (q_lora_rank,),
-        "weights_proj.weight": (n_heads, d_model),
-    }
-    for n in names:
-        for tname, shape in expected.items():
-            got = tuple(found[n][tname].shape)
-            if got != shape:
-                raise ValueError(f"tensor 'retrievers.{n}.{tname}' has shape {got}, expected {shape} "
-                                 f"(d_model={d_model}, q_lora_rank={q_lora_rank}, n_heads={n_heads}, "
-                                 f"head_dim={head_dim})")
-
-    fields = {f.name for f in dataclasses.fields(IndexerConfig)}
-    kw = {k: v for k, v in stored.items() if k in fields}
-    if "target_layers" in kw:
-        kw["target_layers"] = tuple(kw["target_layers"])
-    _check_field_names(config_overrides)
-    kw.update(config_overrides)
-    kw.update(d_model=int(d_model), q_lora_rank=int(q_lora_rank), n_heads=int(n_heads), head_dim=head_dim,
-              target_layers=tuple(int(n[1:]) for n in names))
-    dtypes = {found[n][t].dtype for n in names for t in _CKPT_TENSORS}
-    if "param_dtype" not in config_overrides and "param_dtype" not in stored and len(dtypes) == 1:
-        only = next(iter(dtypes)).name
-        if only in ("float32", "bfloat16"):
-            kw["param_dtype"] = only
-    config = IndexerConfig(**kw)
-
-    params = {}
-    for n in names:
-        layer = {}
-        for tname, (pname, transpose) in _CKPT_TENSORS.items():
-            arr = found[n][tname]
-            layer[pname] = jnp.asarray(np.ascontiguousarray(arr.T if transpose else arr))
-        params[n] = layer
-    return config, params
-
-
-def save_flashmemory_checkpoint(path, indexer_config: IndexerConfig, params) -> None:
-    """Write ``params`` as a joint FlashMemory ``.safetensors`` (PyTorch ``[out, in]`` weights).
-
-    Tensors keep their dtype (so save -> load is bit-exact); metadata records ``head_dim`` and the full
-    ``IndexerConfig`` as JSON under ``"fm_jax.indexer_config"``, which the release's loader ignores.
-    """
-    from safetensors.numpy import save_file
-
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"save_flashmemory_checkpoint writes .safetensors only, got {path!r}")
-    c = indexer_config
-    tensors = {}
-    for name in c.layer_names:
-        if name not in params:
-            raise ValueError(f"params have no scorer {name!r} for target layer {name[1:]}")
-        _check_layer_params(params[name], c, where=f"params[{name!r}]")
-        for tname, (pname, transpose) in _CKPT_TENSORS.items():
-            arr = np.asarray(jax.device_get(params[name][pname]))
-            tensors[f"{_CKPT_PREFIX}{name}.{tname}"] = np.ascontiguousarray(arr.T if transpose else arr)
-    cfg = dataclasses.asdict(c)
-    cfg["target_layers"] = list(c.target_layers)
-    meta = {"format": "pt", "head_dim": str(c.head_dim), "n_heads": str(c.n_heads),
-            _META_CONFIG_KEY: json.dumps(cfg, sort_keys=True)}
-    save_file(tensors, path, metadata=meta)

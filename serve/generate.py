@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 
+from fm_jax import interop
 from fm_jax import memory_indexer as mi
 from fm_jax.config import PRESETS, get_config
 from fm_jax.model import init_params
@@ -31,7 +32,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _indexer(args, config, params):
     if args.indexer:
-        return mi.load_flashmemory_checkpoint(args.indexer)
+        return interop.load_flashmemory_checkpoint(args.indexer)
     icfg = mi.config_from_model(config)
     try:
         return icfg, mi.init_from_lightning_indexer(icfg, params, config)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from fm_jax import backbone
+from fm_jax import backbone, interop
 from fm_jax import memory_indexer as mi
 from fm_jax import model as fm_model
 from fm_jax.config import ModelConfig, get_config
@@ -190,7 +190,7 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
         icfg = mi.config_from_model(c, target_layers=targets, rope_dtype=rope_dtype)
         li = mi.init_from_lightning_indexer(icfg, model_params, c)
         tmp = li_path + ".tmp.safetensors"
-        mi.save_flashmemory_checkpoint(tmp, icfg, li)
+        interop.save_flashmemory_checkpoint(tmp, icfg, li)
         os.replace(tmp, li_path)
 
     bar = None

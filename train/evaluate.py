@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fm_jax import interop
 from fm_jax import memory_indexer as mi
 from pallas_kernels import indexer_scores
 from train import data as D
@@ -303,7 +304,7 @@ def load_indexer(ckpt: str, **overrides) -> tuple[mi.IndexerConfig, dict, str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{ckpt} is a directory without export/indexer.safetensors "
                                     "(has train.fit finished?)")
-    c, params = mi.load_flashmemory_checkpoint(path, **overrides)
+    c, params = interop.load_flashmemory_checkpoint(path, **overrides)
     return c, params, path
 
 

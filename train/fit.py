@@ -45,6 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fm_jax import interop
 from fm_jax import memory_indexer as mi
 from train import data as D
 from train.dump import _parse_override
@@ -289,7 +290,7 @@ def export(out: str, c: mi.IndexerConfig, params, dtype: str = "float32") -> dic
     cfg = c.replace(param_dtype=dtype)
     st = os.path.join(exp, "indexer.safetensors")
     tmp = st + ".tmp.safetensors"
-    mi.save_flashmemory_checkpoint(tmp, cfg, host)
+    interop.save_flashmemory_checkpoint(tmp, cfg, host)
     os.replace(tmp, st)
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(os.path.join(exp, "orbax")), host, force=True)
@@ -309,9 +310,9 @@ def indexer_config_for(data_dir: str, manifest: dict, init: str, overrides: dict
     (imported FlashMemory dumps). ``overrides`` apply last."""
     li = os.path.join(data_dir, D.LI_INIT)
     if os.path.exists(li):
-        c, _ = mi.load_flashmemory_checkpoint(li)
+        c, _ = interop.load_flashmemory_checkpoint(li)
     elif init not in ("lightning", "random"):
-        c, _ = mi.load_flashmemory_checkpoint(init)
+        c, _ = interop.load_flashmemory_checkpoint(init)
     elif init == "lightning":
         raise SystemExit(f"{li} is missing (imported data?): use --init random or --init CHECKPOINT")
     else:
@@ -324,14 +325,14 @@ def indexer_config_for(data_dir: str, manifest: dict, init: str, overrides: dict
 
 def _load_init(args, c: mi.IndexerConfig):
     if args.init == "lightning":
-        c2, params = mi.load_flashmemory_checkpoint(os.path.join(args.data, D.LI_INIT))
+        c2, params = interop.load_flashmemory_checkpoint(os.path.join(args.data, D.LI_INIT))
         if c2.param_shapes() != c.param_shapes():
             raise SystemExit(f"--init lightning: the Lightning Indexer's shapes {c2.param_shapes()} differ from "
                              f"the configured scorer's {c.param_shapes()} (use --init random)")
     elif args.init == "random":
         params = mi.init_params(c, jax.random.PRNGKey(args.seed))
     else:
-        c2, params = mi.load_flashmemory_checkpoint(args.init)
+        c2, params = interop.load_flashmemory_checkpoint(args.init)
         if c2.target_layers != c.target_layers or c2.param_shapes() != c.param_shapes():
             raise SystemExit(f"--init {args.init}: layers {c2.target_layers} / shapes {c2.param_shapes()} do not "
                              f"match the dump's {c.target_layers} / {c.param_shapes()}")
@@ -374,7 +375,7 @@ def run(args) -> dict:
     if args.n_hard > 0 and args.hard_neg_ckpt:
         hard_path = os.path.join(out, "hard_negatives.safetensors")
         if not os.path.exists(hard_path):
-            hc, hp = mi.load_flashmemory_checkpoint(args.hard_neg_ckpt)
+            hc, hp = interop.load_flashmemory_checkpoint(args.hard_neg_ckpt)
             D.mine_hard_negatives(D.IndexerDataset(args.data, train_ids), hc, hp, args.n_hard, hard_path,
                                   impl=args.eval_impl, progress=progress, source=os.path.abspath(args.hard_neg_ckpt))
     elif args.n_hard > 0:

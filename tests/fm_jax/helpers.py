@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fm_jax import memory_indexer as mi
 from fm_jax.model import init_params
 
 
@@ -86,3 +87,34 @@ def sequences(c, seed: int = 0):
 def step_tokens(seqs, lengths_now):
     """Token of every request at its next position (clamped for requests at capacity)."""
     return jnp.asarray(seqs[np.arange(B), np.minimum(lengths_now, MAX_LEN - 1)])
+
+
+# ---- Memory Indexer: small dims; max_seq_len > rope_original_len so that the YaRN ramp is active
+SMALL_INDEXER = {"d_model": 48, "q_lora_rank": 24, "n_heads": 4, "head_dim": 16, "rope_dim": 8,
+                 "max_seq_len": 131072, "target_layers": (1, 3, 5)}
+
+
+def small_indexer_config(**kw) -> mi.IndexerConfig:
+    return mi.IndexerConfig(**{**SMALL_INDEXER, **kw})
+
+
+def random_indexer_params(c: mi.IndexerConfig, seed: int = 0) -> dict:
+    """Random scorers with a random (non-unit) q_norm weight."""
+    params = mi.init_params(c, jax.random.key(seed))
+    rng = np.random.default_rng(seed + 100)
+    for name in params:
+        params[name]["q_norm_weight"] = jnp.asarray(
+            rng.uniform(0.5, 1.5, c.q_lora_rank).astype(np.float32)).astype(params[name]["wq_a"].dtype)
+    return params
+
+
+def release_indexer_tensors(layers=(10, 12), d=40, r=24, h=3, hd=128, seed=0):
+    """Random tensors under the FlashMemory release's names and PyTorch [out, in] layout."""
+    rng = np.random.default_rng(seed)
+    t = {}
+    for i in layers:
+        t[f"retrievers.l{i}.wq_a.weight"] = rng.normal(size=(r, d)).astype(np.float32)
+        t[f"retrievers.l{i}.wq_b.weight"] = rng.normal(size=(h * hd, r)).astype(np.float32)
+        t[f"retrievers.l{i}.q_norm_weight"] = rng.uniform(0.5, 1.5, r).astype(np.float32)
+        t[f"retrievers.l{i}.weights_proj.weight"] = rng.normal(size=(h, d)).astype(np.float32)
+    return t

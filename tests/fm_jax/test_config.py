@@ -95,6 +95,9 @@ INVALID = [
 
 INVALID += [("rope_base", 0.0, {}), ("compress_rope_base", -1.0, {}), ("norm_eps", -1e-6, {}),
             ("rope_original_len", 0, {}), ("beta_fast", 0, {}), ("rope_factor", float("nan"), {})]
+# V4 routing / mHC fields (SPEC §9)
+INVALID += [("hc_eps", -1e-6, {}), ("routed_scaling_factor", 0.0, {}), ("swiglu_limit", -1.0, {}),
+            ("n_hash_layers", -1, {"ffn": "moe"}), ("n_hash_layers", 5, {"ffn": "moe"}), ("n_hash_layers", 1, {})]
 
 
 def test_list_compress_ratios_become_a_hashable_tuple():

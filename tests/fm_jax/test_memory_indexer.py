@@ -1,14 +1,12 @@
 """Memory Indexer (SPEC §4): scoring vs a float64 per-entry loop, masking, ensembling, selection,
-initialisation from the backbone Lightning Indexer, FlashMemory checkpoint I/O and input checks.
+initialisation from the backbone Lightning Indexer and input checks (checkpoint I/O: test_interop.py).
 
 The last tests cross-check against a PyTorch re-statement of the FlashMemory release's scorer; they
 skip when torch is not importable.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,30 +14,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fm_jax import interop
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.layers.hadamard import hadamard
 from fm_jax.layers.norm import rms_norm
 from fm_jax.layers.quant import pack_index_keys
 from fm_jax.layers.rope import apply_rope, inv_freq_for_layer
-
-# small dims; max_seq_len > rope_original_len so that the YaRN ramp is active
-SMALL = {"d_model": 48, "q_lora_rank": 24, "n_heads": 4, "head_dim": 16, "rope_dim": 8,
-         "max_seq_len": 131072, "target_layers": (1, 3, 5)}
-
-
-def small_config(**kw) -> mi.IndexerConfig:
-    return mi.IndexerConfig(**{**SMALL, **kw})
-
-
-def random_params(c: mi.IndexerConfig, seed: int = 0) -> dict:
-    """Random scorers with a random (non-unit) q_norm weight."""
-    params = mi.init_params(c, jax.random.key(seed))
-    rng = np.random.default_rng(seed + 100)
-    for name in params:
-        params[name]["q_norm_weight"] = jnp.asarray(
-            rng.uniform(0.5, 1.5, c.q_lora_rank).astype(np.float32)).astype(params[name]["wq_a"].dtype)
-    return params
+from tests.fm_jax.helpers import random_indexer_params as random_params
+from tests.fm_jax.helpers import release_indexer_tensors
+from tests.fm_jax.helpers import small_indexer_config as small_config
 
 
 def random_inputs(c: mi.IndexerConfig, b: int = 3, n: int = 29, seed: int = 1):
@@ -390,126 +374,6 @@ def test_init_from_lightning_indexer_errors():
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_checkpoint_round_trip_bit_exact(tmp_path, param_dtype):
-    from safetensors import safe_open
-
-    c = small_config(param_dtype=param_dtype, rope_dtype="float32", threshold=0.25, ensemble="mean")
-    params = random_params(c, seed=11)
-    path = tmp_path / "fm.safetensors"
-    mi.save_flashmemory_checkpoint(path, c, params)
-    # PyTorch [out, in] layout under the release's key names
-    with safe_open(str(path), framework="numpy") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    assert shapes["retrievers.l3.wq_a.weight"] == (c.q_lora_rank, c.d_model)
-    assert shapes["retrievers.l3.wq_b.weight"] == (c.n_heads * c.head_dim, c.q_lora_rank)
-    assert shapes["retrievers.l3.q_norm_weight"] == (c.q_lora_rank,)
-    assert shapes["retrievers.l3.weights_proj.weight"] == (c.n_heads, c.d_model)
-    assert len(shapes) == 4 * len(c.target_layers)
-    c2, p2 = mi.load_flashmemory_checkpoint(path)
-    assert c2 == c
-    for name in params:
-        for k, v in params[name].items():
-            assert p2[name][k].dtype == v.dtype and p2[name][k].shape == v.shape
-            np.testing.assert_array_equal(np.asarray(p2[name][k]).view(np.uint8), np.asarray(v).view(np.uint8))
-    c3, p3 = mi.load_flashmemory_checkpoint(path, layers=["l5", 1])
-    assert c3.target_layers == (5, 1) and list(p3) == ["l5", "l1"]
-
-
-def _write_release_style(path, tensors, metadata=None):
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def _release_tensors(layers=(10, 12), d=40, r=24, h=3, hd=128, seed=0):
-    rng = np.random.default_rng(seed)
-    t = {}
-    for i in layers:
-        t[f"retrievers.l{i}.wq_a.weight"] = rng.normal(size=(r, d)).astype(np.float32)
-        t[f"retrievers.l{i}.wq_b.weight"] = rng.normal(size=(h * hd, r)).astype(np.float32)
-        t[f"retrievers.l{i}.q_norm_weight"] = rng.uniform(0.5, 1.5, r).astype(np.float32)
-        t[f"retrievers.l{i}.weights_proj.weight"] = rng.normal(size=(h, d)).astype(np.float32)
-    return t
-
-
-def test_load_release_style_file_without_metadata(tmp_path):
-    t = _release_tensors()
-    _write_release_style(tmp_path / "r.safetensors", t)
-    c, p = mi.load_flashmemory_checkpoint(tmp_path / "r.safetensors")
-    assert (c.d_model, c.q_lora_rank, c.n_heads, c.head_dim, c.target_layers) == (40, 24, 3, 128, (10, 12))
-    assert (c.rope_dim, c.rope_base, c.max_seq_len, c.rope_dtype) == (64, 160000.0, 1048576, "bfloat16")
-    np.testing.assert_array_equal(np.asarray(p["l12"]["wq_b"]), t["retrievers.l12.wq_b.weight"].T)
-    np.testing.assert_array_equal(np.asarray(p["l10"]["weights_proj"]), t["retrievers.l10.weights_proj.weight"].T)
-    # head_dim from metadata
-    t64 = _release_tensors(layers=(10,), hd=64, h=4)
-    _write_release_style(tmp_path / "m.safetensors", t64, metadata={"head_dim": "64"})
-    c64, _ = mi.load_flashmemory_checkpoint(tmp_path / "m.safetensors")
-    assert (c64.head_dim, c64.n_heads) == (64, 4)
-
-
-def test_bad_checkpoints(tmp_path, monkeypatch):
-    good = _release_tensors()
-    p = tmp_path / "a.safetensors"
-    _write_release_style(p, good)
-    with pytest.raises(ValueError, match=r"'l11'"):  # missing layer
-        mi.load_flashmemory_checkpoint(p, layers=[10, 11])
-
-    t = dict(good)
-    del t["retrievers.l12.q_norm_weight"]
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match=r"retrievers\.l12\.q_norm_weight"):  # missing tensor
-        mi.load_flashmemory_checkpoint(p)
-
-    t = dict(good)
-    t["retrievers.l12.weights_proj.weight"] = t["retrievers.l12.weights_proj.weight"][:, :-1]
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match=r"retrievers\.l12\.weights_proj\.weight"):  # misshaped
-        mi.load_flashmemory_checkpoint(p)
-
-    t = dict(good)
-    t["retrievers.l10.wq_b.weight"] = t["retrievers.l10.wq_b.weight"][:-3]
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match=r"retrievers\.l10\.wq_b\.weight.*head_dim"):  # rows % head_dim
-        mi.load_flashmemory_checkpoint(p)
-
-    t = {k.replace("retrievers.", "retriever."): v for k, v in good.items()}
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match="retrievers"):  # wrong key prefix
-        mi.load_flashmemory_checkpoint(p)
-
-    t = {k.replace("wq_a.weight", "wq_a.weights"): v for k, v in good.items()}
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match=r"retrievers\.l10\.wq_a\.weight"):  # misnamed tensor
-        mi.load_flashmemory_checkpoint(p)
-
-    t = {k.replace("retrievers.l12", "retrievers.layer12"): v for k, v in good.items()}
-    _write_release_style(p, t)
-    with pytest.raises(ValueError, match="layer12"):
-        mi.load_flashmemory_checkpoint(p)
-
-    with pytest.raises(ValueError, match="extension"):
-        mi.load_flashmemory_checkpoint(tmp_path / "a.npz")
-    monkeypatch.setitem(sys.modules, "torch", None)  # torch not importable -> .pt refused clearly
-    with pytest.raises(ImportError, match="torch"):
-        mi.load_flashmemory_checkpoint(tmp_path / "a.pt")
-
-
-def test_save_rejects_bad_params(tmp_path):
-    c = small_config()
-    params = random_params(c)
-    with pytest.raises(ValueError, match="'l5'"):
-        mi.save_flashmemory_checkpoint(tmp_path / "x.safetensors", c, {k: params[k] for k in ("l1", "l3")})
-    params["l3"]["wq_b"] = params["l3"]["wq_b"][:, :-1]
-    with pytest.raises(ValueError, match="wq_b"):
-        mi.save_flashmemory_checkpoint(tmp_path / "x.safetensors", c, params)
-    with pytest.raises(ValueError, match="safetensors"):
-        mi.save_flashmemory_checkpoint(tmp_path / "x.pt", c, random_params(c))
-
-
-# ---------------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------------
 def test_bad_inputs():
@@ -589,14 +453,14 @@ def test_matches_pytorch_release_restatement(tmp_path):
     torch = pytest.importorskip("torch")
     safetensors_torch = pytest.importorskip("safetensors.torch")
     d, r, h = 96, 64, 8
-    t = _release_tensors(layers=(10, 20), d=d, r=r, h=h, seed=21)
+    t = release_indexer_tensors(layers=(10, 20), d=d, r=r, h=h, seed=21)
     for k in t:  # release-like magnitudes
         if k.endswith(".weight"):
             t[k] = t[k] / math.sqrt(t[k].shape[1])
     sd = {k: torch.from_numpy(v.copy()) for k, v in t.items()}
     path = tmp_path / "rel.safetensors"
     safetensors_torch.save_file(sd, str(path))  # written by the torch writer, no metadata
-    c, params = mi.load_flashmemory_checkpoint(path)
+    c, params = interop.load_flashmemory_checkpoint(path)
     assert (c.n_heads, c.head_dim, c.rope_dim, c.rope_dtype) == (h, 128, 64, "bfloat16")
 
     rng = np.random.default_rng(22)
@@ -628,20 +492,8 @@ def test_matches_pytorch_release_restatement(tmp_path):
 
     # .pt loading (weights_only) gives the same params
     torch.save(sd, str(tmp_path / "rel.pt"))
-    c_pt, p_pt = mi.load_flashmemory_checkpoint(tmp_path / "rel.pt")
+    c_pt, p_pt = interop.load_flashmemory_checkpoint(tmp_path / "rel.pt")
     assert c_pt == c
     for name in params:
         for k in params[name]:
             np.testing.assert_array_equal(np.asarray(p_pt[name][k]), np.asarray(params[name][k]))
-
-
-def test_metadata_config_survives_release_loader_view(tmp_path):
-    """Our metadata is plain strings; the config JSON round-trips through it."""
-    from safetensors import safe_open
-
-    c = small_config(rope_dtype="float32", max_seq_len=65536)
-    mi.save_flashmemory_checkpoint(tmp_path / "m.safetensors", c, random_params(c))
-    with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
-        meta = f.metadata()
-    assert meta["head_dim"] == str(c.head_dim)
-    assert json.loads(meta["fm_jax.indexer_config"])["max_seq_len"] == 65536

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from fm_jax import memory_indexer as mi
+from fm_jax import interop
 from train import data as D
 from train import dump, evaluate, fit
 
@@ -113,7 +113,7 @@ def test_end_to_end_recall_beats_random(dumped, tmp_path):
         assert ev["docs"] == len(json.load(f)["val"])
 
     # exports: FlashMemory joint safetensors and orbax hold the same params
-    c, params = mi.load_flashmemory_checkpoint(os.path.join(run, "export", "indexer.safetensors"))
+    c, params = interop.load_flashmemory_checkpoint(os.path.join(run, "export", "indexer.safetensors"))
     assert c.target_layers == (1, 3) and c.n_heads == 4 and c.head_dim == 16
     import orbax.checkpoint as ocp
 
