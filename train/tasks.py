@@ -1,223 +1,435 @@
-"""Synthetic long-context tasks (RULER-style) over a small vocabulary: the trained miniature's curriculum
-and its evaluation suite.
+"""Synthetic long-context task suite (RULER-style) over a 512-token vocabulary: needles, associative
+recall, variable tracking and a local control task, seeded and exactly scorable.
 
-**Vocabulary** (`VOCAB_SIZE` = 512 ids):
+Vocabulary (``VOCAB_SIZE = 512``)
+---------------------------------
+=============  ==========  =====================================================================
+range          constant    meaning
+=============  ==========  =====================================================================
+0              ``PAD``     right padding in :func:`make_batch` (never inside a prompt)
+1              ``BOS``     first token of every prompt
+2              ``EOS``     ends the answer (training target after the last answer token)
+3              ``KEY``     starts a needle / pair: ``KEY <key tokens> VAL <value tokens> SEP``
+4              ``VAL``     separates a needle's key tokens from its value tokens
+5              ``QUERY``   starts the question (exactly once per prompt, right after the haystack)
+6              ``ANSWER``  last prompt token; the answer is generated after it
+7              ``SEP``     ends a needle, pair or assignment
+8              ``VAR``     starts an assignment ``VAR x ASSIGN y SEP``; also marks a variable question
+9              ``ASSIGN``  between an assignment's variable and its right-hand side
+10-15                      reserved (never emitted)
+16-143         ``KEY_TOKENS``     keys of needles / pairs, and variable names
+144-271        ``VALUE_TOKENS``   values (needle values, pair values, the literals variables end in)
+272-511        ``FILLER_TOKENS``  filler only
+=============  ==========  =====================================================================
 
-=========  =========  ====================================================================
-ids        name       meaning
-=========  =========  ====================================================================
-0          PAD        right padding of batches (never inside a prompt)
-1          BOS        first token of every prompt
-2          EOS        ends an answer (training targets only)
-3          KEY        starts a needle / pair: ``KEY <key tokens> VAL <value tokens> SEP``
-4          VAL        separates a needle's key from its value
-5          QUERY      starts the question at the end of the prompt
-6          ANSWER     last prompt token; the answer follows it
-7          SEP        ends a needle or an assignment
-8          VAR        starts an assignment: ``VAR <name> ASSIGN <name or value> SEP``
-9          ASSIGN     separates an assignment's name from its right-hand side
-10-15      (reserved)
-16-143     keys       key tokens, and variable names in ``var_tracking`` (`KEYS`)
-144-271    values     value tokens (`VALUES`)
-272-511    filler     the haystack: uniform random filler tokens (`FILLER`)
-=========  =========  ====================================================================
+``SPECIAL_TOKENS``, ``KEY_TOKENS``, ``VALUE_TOKENS`` and ``FILLER_TOKENS`` are ``range`` objects
+(``tok in KEY_TOKENS``; ``.start`` / ``.stop`` for NumPy comparisons).
 
-A prompt is ``BOS <haystack with needles> <question>``; the haystack is filler with the task's needles
-inserted at independent uniform depths (never overlapping, never inside the question). The question is
-``QUERY <query tokens> ANSWER`` and the model continues with the answer tokens (then EOS). Every answer
-token needs one needle that can be anywhere in the prompt: the model must look it up.
+Prompt grammar
+--------------
+::
 
-**Tasks** (`TASKS`; defaults in parentheses, override with ``make_example(..., **params)``):
+    prompt   := BOS haystack question                       (exactly context_len tokens)
+    haystack := filler with items inserted at seeded offsets (items never overlap or nest)
+    item     := KEY key+ VAL value+ SEP                     (needle / pair)
+              | VAR var ASSIGN (var | value) SEP            (assignment; var is a KEY_TOKENS token)
+    question := QUERY key+ ANSWER                           (needle tasks, mq_recall)
+              | QUERY VAR var ANSWER                        (var_tracking)
+    target   := answer EOS                                  (what the model generates after ANSWER)
 
-* ``niah_single``: one needle ``KEY k1 k2 VAL v1 v2 v3 SEP`` (``key_len=2``, ``value_len=3``); question
-  ``QUERY k1 k2 ANSWER``; answer ``v1 v2 v3``.
-* ``niah_multikey``: ``n_needles=4`` needles with distinct keys (the others are distractors); the
-  question names one of them.
-* ``niah_multivalue``: ``n_values=4`` needles with the same key, each with its own ``value_len=2`` values;
-  the answer is all their values in order of appearance.
-* ``mq_recall``: ``n_pairs=32`` pairs ``KEY k VAL v SEP`` (single-token keys, all distinct); question
-  ``QUERY k_1 ... k_M ANSWER`` with ``n_queries=8`` distinct keys of them; answer ``v_1 ... v_M``.
-* ``var_tracking``: ``n_chains=2`` chains of ``hops=3`` assignments: ``VAR x1 ASSIGN v SEP`` (v a value),
-  ``VAR x2 ASSIGN x1 SEP``, ``VAR x3 ASSIGN x2 SEP``, in that order in the prompt (other chains are
-  distractors); question ``QUERY x3 ANSWER``; the answer is the hop sequence ``x2 x1 v``.
-* ``local``: like ``niah_single`` but the needle sits within the last ``local_span=192`` tokens before the
-  question, so only recent context is needed (LSA must not hurt it).
+Filler is a sequence of *words* from a fixed lexicon (``N_FILLER_WORDS`` words of 1-4 filler tokens,
+built once from ``FILLER_SEED``), cut wherever an item is inserted; it gives the haystack local
+structure but carries no information about any answer. Filler never contains a special, key or value
+token, so every non-filler token of the haystack belongs to an item. How a question is read: when some
+needle's key tuple equals the question's key tokens as a whole, the answer is the values of every such
+needle in order of appearance (needle tasks); otherwise each question token is a single-token key stored
+in exactly one pair and the answer is their values in question order (``mq_recall``); ``QUERY VAR x``
+asks for the hop sequence from ``x`` down to a value (``var_tracking``).
 
-API: `make_example(name, context_len, seed, **params) -> Example` (deterministic per arguments; the prompt
-has exactly ``context_len`` tokens), `score(name, example, generated) -> float` (exact match per answer
-position, averaged), `make_batch(names, context_len, seed, batch) -> (tokens, loss_mask)` for training.
+Tasks (``TASKS``; defaults in ``DEFAULT_PARAMS``)
+-------------------------------------------------
+``niah_single`` (``key_len=2, value_len=3, depth=None``)
+    one needle ``KEY k1 k2 VAL v1 v2 v3 SEP``; question ``QUERY k1 k2 ANSWER``; answer ``v1 v2 v3``.
+``niah_multikey`` (``n_needles=4, key_len=2, value_len=3, depth=None``)
+    ``n_needles`` needles with pairwise different key tuples; the question asks for one of them (chosen
+    by the seed); the others are distractors. Answer: that needle's values.
+``niah_multivalue`` (``n_values=4, key_len=2, value_len=3``)
+    ``n_values`` needles with the same key tuple and independent values; answer: all their values
+    concatenated in order of appearance (``n_values * value_len`` tokens).
+``mq_recall`` (``n_pairs=32, n_queries=8``)
+    ``n_pairs`` pairs ``KEY k VAL v SEP`` (single tokens; keys pairwise different, values pairwise
+    different) scattered uniformly; question ``QUERY k_a k_b ... ANSWER`` lists ``n_queries`` different
+    keys in a seeded order; answer: their values in that order. Each answer token lives in a different
+    pair, so the tokens a ``tau``-step window needs span several distant places.
+``var_tracking`` (``n_chains=3, n_hops=3``)
+    ``n_chains`` chains of single-assignment statements; chain ``c`` defines ``x1 = v`` (``v`` a value
+    token), then ``x2 = x1``, ..., ``x_n = x_{n-1}`` (``n = n_hops``), each as ``VAR x ASSIGN y SEP``.
+    All variable names are different; a chain's statements appear in definition order, the chains are
+    interleaved at random. Question ``QUERY VAR x_n ANSWER`` for one chain; answer: the hop sequence
+    ``x_{n-1} ... x1 v`` (``n_hops`` tokens): answer token ``i`` is the right-hand side of the statement
+    assigning answer token ``i - 1`` (the queried variable for ``i = 0``): one distant lookup each.
+    The other chains are distractors.
+``local`` (``key_len=2, value_len=3, window=200``)
+    ``niah_single`` with the needle starting at most ``window`` tokens before ``QUERY`` (needs only the
+    recent context: sparse attention must not hurt it).
+
+Every answer token is a copy of exactly one haystack token: ``meta["answer_sources"][i]`` is its prompt
+position. ``depth`` (``niah_single``, ``niah_multikey``) pins the queried needle at that fraction of
+the filler (0 = right after BOS, 1 = right before the question) instead of a uniform draw.
+
+Metadata (``Example.meta``)
+---------------------------
+``params``          every parameter, defaults filled in
+``item_starts``     int64 ``[n_items]``, prompt position of each item's first token, in order of appearance
+``item_lengths``    int64 ``[n_items]``
+``target_items``    int64 ``[n_targets]``, indices into ``item_starts`` of the items holding the answer,
+                    in answer order
+``answer_sources``  int64 ``[A]``, the prompt position each answer token is copied from
+``question_start``  prompt position of ``QUERY``
+``filler_len``      number of filler tokens
+``target_depths``   float ``[n_targets]``, each target item's depth: filler tokens before it / ``filler_len``
+                    (uniform on [0, 1], pooled over targets, for every task but ``local`` unless
+                    ``depth`` pins it)
+``depth``           ``target_depths[0]`` (the item of the first answer token)
+
+Public API
+----------
+``make_example(name, context_len, seed, **params) -> Example``; ``score(name, example, generated) -> float``;
+``make_batch(names, context_len, seed, batch, params=None) -> (tokens, loss_mask)``;
+``answer_length(name, **params)``; building blocks for new tasks: ``needle``, ``assignment``,
+``make_filler``, ``filler_length``, ``build_prompt``; constants ``TASKS``, ``DEFAULT_PARAMS``,
+``VOCAB_SIZE``, the special tokens, the token ranges, ``HELDOUT_SEED``.
+
+Determinism and seeds
+---------------------
+An example is a pure function of ``(name, context_len, seed, params)``; the random stream depends on
+``name`` and ``seed`` only, so one seed at two context lengths or depths shares its keys and values.
+:func:`make_batch` uses example seeds ``seed * batch + row``, all below ``HELDOUT_SEED``; draw held-out
+evaluation examples with seeds ``>= HELDOUT_SEED`` so that training never saw them.
+
+Training batches (``make_batch``)
+---------------------------------
+Row ``r`` is ``prompt ⧺ answer ⧺ EOS`` right-padded with ``PAD`` to width ``context_len + max_A + 1``
+(``max_A`` = the longest answer among the batch's tasks, from :func:`answer_length`). The task of row
+``r`` is ``names[(seed * batch + r) % len(names)]`` (names cycle across rows and consecutive batches).
+``loss_mask[r, i] = 1`` exactly when ``tokens[r, i + 1]`` is an answer token or the answer's ``EOS``,
+i.e. the positions ``context_len - 1 .. context_len - 1 + A`` (the first one holds ``ANSWER``), so the
+next-token loss is ``sum_i mask[i] * -log p(tokens[i + 1] | tokens[:i + 1]) / sum(mask)`` with logits
+at positions ``[:-1]`` against targets ``[1:]`` and ``mask[:-1]``; the last column of the mask is
+always 0.
+
+Writing a new task against a trained checkpoint
+-----------------------------------------------
+Build items with the item grammar above (e.g. ``needle(keys, values)``), a question ``QUERY ... ANSWER``,
+and call :func:`build_prompt` with nondecreasing filler offsets; generate greedily after the prompt and
+stop at ``EOS``. Questions whose form the model never saw in training (e.g. asking a needle's key from
+its value) are out of distribution.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 VOCAB_SIZE = 512
 PAD, BOS, EOS, KEY, VAL, QUERY, ANSWER, SEP, VAR, ASSIGN = range(10)
-KEYS = (16, 144)      # [lo, hi)
-VALUES = (144, 272)
-FILLER = (272, 512)
+SPECIAL_TOKENS = range(0, 16)
+KEY_TOKENS = range(16, 144)
+VALUE_TOKENS = range(144, 272)
+FILLER_TOKENS = range(272, 512)
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "mq_recall", "var_tracking", "local")
-DEFAULTS = {
-    "niah_single": dict(key_len=2, value_len=3),
-    "niah_multikey": dict(key_len=2, value_len=3, n_needles=4),
-    "niah_multivalue": dict(key_len=2, value_len=2, n_values=4),
-    "mq_recall": dict(n_pairs=32, n_queries=8),
-    "var_tracking": dict(n_chains=2, hops=3),
-    "local": dict(key_len=2, value_len=3, local_span=192),
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "niah_single": {"key_len": 2, "value_len": 3, "depth": None},
+    "niah_multikey": {"n_needles": 4, "key_len": 2, "value_len": 3, "depth": None},
+    "niah_multivalue": {"n_values": 4, "key_len": 2, "value_len": 3},
+    "mq_recall": {"n_pairs": 32, "n_queries": 8},
+    "var_tracking": {"n_chains": 3, "n_hops": 3},
+    "local": {"key_len": 2, "value_len": 3, "window": 200},
 }
+HELDOUT_SEED = 1 << 40
+
+FILLER_SEED = 20260512
+N_FILLER_WORDS = 1024
+_lex_rng = np.random.default_rng(FILLER_SEED)
+_WORD_LEN = _lex_rng.integers(1, 5, N_FILLER_WORDS)
+_WORD_START = np.cumsum(_WORD_LEN) - _WORD_LEN
+_WORD_TOKENS = _lex_rng.integers(FILLER_TOKENS.start, FILLER_TOKENS.stop, int(_WORD_LEN.sum())).astype(np.int32)
+del _lex_rng
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Example:
+    """One task instance: ``prompt`` int32 ``[context_len]`` (BOS ... ANSWER), ``answer`` int32 ``[A]``
+    (no EOS), ``meta`` as in the module docstring."""
     task: str
-    prompt: np.ndarray      # int32 [T], BOS ... ANSWER
-    answer: np.ndarray      # int32 [A], without EOS
-    meta: dict = field(default_factory=dict)   # needle starts / depths, params
+    prompt: np.ndarray
+    answer: np.ndarray
+    meta: dict
 
 
-def _rng(name: str, context_len: int, seed: int, params: dict) -> np.random.Generator:
-    tag = zlib.crc32(repr((name, sorted(params.items()))).encode())
-    return np.random.default_rng(np.random.SeedSequence([tag, context_len, seed & 0xFFFFFFFF, seed >> 32]))
+def make_filler(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` int32 filler tokens: random words of the fixed lexicon, concatenated and cut to ``n``."""
+    if n < 0:
+        raise ValueError(f"filler length must be >= 0, got {n}")
+    ids = rng.integers(0, N_FILLER_WORDS, n // 2 + 16)  # mean word length 2.5: n // 2 words nearly always do
+    while _WORD_LEN[ids].sum() < n:
+        ids = np.concatenate([ids, rng.integers(0, N_FILLER_WORDS, n // 2 + 16)])
+    ends = np.cumsum(_WORD_LEN[ids])
+    k = int(np.searchsorted(ends, n)) + 1  # the first k words reach n tokens
+    ids, ends = ids[:k], ends[:k]
+    lens = _WORD_LEN[ids]
+    within = np.arange(int(ends[-1])) - np.repeat(ends - lens, lens)
+    return _WORD_TOKENS[np.repeat(_WORD_START[ids], lens) + within][:n]
 
 
-def _distinct(rng, lo_hi, n: int, width: int = 1) -> np.ndarray:
-    """n distinct tuples of `width` tokens from [lo, hi) -> int32 [n, width]."""
-    lo, hi = lo_hi
-    space = (hi - lo) ** width
-    if n > space:
-        raise ValueError(f"cannot draw {n} distinct {width}-token keys from {hi - lo} tokens")
-    codes = rng.choice(space, size=n, replace=False)
-    digits = [(codes // (hi - lo) ** i) % (hi - lo) for i in reversed(range(width))]
-    return (np.stack(digits, axis=1) + lo).astype(np.int32)
+def needle(keys, values) -> np.ndarray:
+    """``KEY keys.. VAL values.. SEP`` as int32."""
+    return np.concatenate([[KEY], keys, [VAL], values, [SEP]]).astype(np.int32)
 
 
-def _needle(key, value, open_tok=KEY, mid_tok=VAL) -> np.ndarray:
-    return np.concatenate([[open_tok], key, [mid_tok], value, [SEP]]).astype(np.int32)
+def assignment(var: int, rhs: int) -> np.ndarray:
+    """``VAR var ASSIGN rhs SEP`` as int32."""
+    return np.array([VAR, var, ASSIGN, rhs, SEP], np.int32)
 
 
-def _place(rng, body_len: int, needles: list[np.ndarray], lo: int = 0):
-    """Insert `needles` (in this order) into `body_len` filler tokens at uniform depths >= `lo` -> (body,
-    start of each needle)."""
-    total = sum(len(n) for n in needles)
-    free = body_len - total
-    if free < lo:
-        raise ValueError(f"context too short: {total} needle tokens do not fit in a {body_len}-token haystack")
-    slots = np.sort(rng.integers(lo, free + 1, size=len(needles)))
-    filler = rng.integers(*FILLER, size=free).astype(np.int32)
-    parts, starts, prev, shift = [], [], 0, 0
-    for s, n in zip(slots, needles):
-        parts.append(filler[prev:s])
-        starts.append(int(s + shift))
-        parts.append(n)
-        shift += len(n)
-        prev = s
-    parts.append(filler[prev:])
-    return np.concatenate(parts).astype(np.int32), starts
+def build_prompt(items: list[np.ndarray], question: np.ndarray, context_len: int, offsets,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``BOS haystack question`` of exactly ``context_len`` tokens.
+
+    ``items`` in order of appearance; ``offsets[i]`` (nondecreasing, in ``[0, filler_len]``) is the number
+    of filler tokens before item ``i``, where ``filler_len = context_len - 1 - len(question) - sum(len(items))``
+    (see :func:`filler_length`). Returns ``(prompt int32 [context_len], item_starts int64 [n_items])``.
+    """
+    lens = np.array([len(x) for x in items], np.int64)
+    n_fill = filler_length(context_len, int(lens.sum()), len(question))
+    offsets = np.asarray(offsets, np.int64)
+    if offsets.shape != lens.shape or (offsets.size and (offsets[0] < 0 or offsets[-1] > n_fill
+                                                         or np.any(np.diff(offsets) < 0))):
+        raise ValueError(f"offsets must be {len(items)} nondecreasing ints in [0, {n_fill}], got {offsets}")
+    hay_len = n_fill + int(lens.sum())
+    prompt = np.empty(context_len, np.int32)
+    prompt[0] = BOS
+    prompt[1 + hay_len:] = question
+    starts = 1 + offsets + np.cumsum(lens) - lens
+    is_item = np.zeros(context_len, bool)
+    if items:
+        ends = np.cumsum(lens)
+        pos = np.repeat(starts, lens) + np.arange(int(ends[-1])) - np.repeat(ends - lens, lens)
+        prompt[pos] = np.concatenate(items)
+        is_item[pos] = True
+    is_item[0] = True
+    is_item[1 + hay_len:] = True
+    prompt[~is_item] = make_filler(n_fill, rng)
+    return prompt, starts
 
 
-def _assemble(name, context_len, rng, needles, question, answer, params, lo_from_end=None, order=None):
-    body_len = context_len - 1 - len(question)
-    lo = 0 if lo_from_end is None else max(0, body_len - lo_from_end)
-    body, starts = _place(rng, body_len, needles, lo)
-    prompt = np.concatenate([[BOS], body, question]).astype(np.int32)
-    starts = [s + 1 for s in starts]
-    meta = {"needle_starts": starts, "depths": [s / context_len for s in starts], "params": params}
-    if order is not None:
-        meta["order"] = order
-    return Example(name, prompt, np.asarray(answer, np.int32), meta)
+def filler_length(context_len: int, items_len: int, question_len: int) -> int:
+    """Filler tokens left for a prompt of ``context_len`` (ValueError when negative)."""
+    n_fill = context_len - 1 - question_len - items_len
+    if n_fill < 0:
+        raise ValueError(f"context_len={context_len} is too small: BOS + items ({items_len}) + question "
+                         f"({question_len}) need {context_len - n_fill}")
+    return n_fill
+
+
+def _resolve(name: str, params: dict) -> dict:
+    if name not in DEFAULT_PARAMS:
+        raise ValueError(f"unknown task {name!r}; TASKS = {TASKS}")
+    unknown = set(params) - set(DEFAULT_PARAMS[name])
+    if unknown:
+        raise ValueError(f"task {name!r} has no parameter(s) {sorted(unknown)}; "
+                         f"it takes {sorted(DEFAULT_PARAMS[name])}")
+    p = {**DEFAULT_PARAMS[name], **params}
+    for k, v in p.items():
+        if k == "depth":
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"{name}: depth must be None or a number in [0, 1], got {v!r}")
+        elif not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: {k} must be a positive int, got {v!r}")
+    n_keys = len(KEY_TOKENS)
+    if name == "niah_multikey" and p["n_needles"] > n_keys ** p["key_len"]:
+        raise ValueError(f"{name}: n_needles={p['n_needles']} exceeds the {n_keys}**key_len distinct keys")
+    if name == "mq_recall":
+        if p["n_pairs"] > min(n_keys, len(VALUE_TOKENS)):
+            raise ValueError(f"{name}: n_pairs={p['n_pairs']} exceeds the {n_keys} distinct keys")
+        if p["n_queries"] > p["n_pairs"]:
+            raise ValueError(f"{name}: n_queries={p['n_queries']} exceeds n_pairs={p['n_pairs']}")
+    if name == "var_tracking":
+        if p["n_chains"] * p["n_hops"] > n_keys:
+            raise ValueError(f"{name}: n_chains * n_hops = {p['n_chains'] * p['n_hops']} variables exceed "
+                             f"the {n_keys} names")
+        if p["n_chains"] > len(VALUE_TOKENS):
+            raise ValueError(f"{name}: n_chains={p['n_chains']} exceeds the {len(VALUE_TOKENS)} values")
+    if name == "local" and p["window"] < p["key_len"] + p["value_len"] + 3:
+        raise ValueError(f"local: window={p['window']} is shorter than the needle "
+                         f"({p['key_len'] + p['value_len'] + 3} tokens)")
+    return p
+
+
+def answer_length(name: str, **params) -> int:
+    """Answer tokens (without EOS) of task ``name`` with ``params``: fixed per task and parameters."""
+    p = _resolve(name, params)
+    if name == "niah_multivalue":
+        return p["n_values"] * p["value_len"]
+    if name == "mq_recall":
+        return p["n_queries"]
+    if name == "var_tracking":
+        return p["n_hops"]
+    return p["value_len"]
+
+
+def _keys(rng, n):
+    return rng.integers(KEY_TOKENS.start, KEY_TOKENS.stop, n).astype(np.int32)
+
+
+def _values(rng, n):
+    return rng.integers(VALUE_TOKENS.start, VALUE_TOKENS.stop, n).astype(np.int32)
+
+
+def _offsets(rng, n_fill, n, pinned: int | None = None, depth: float | None = None) -> np.ndarray:
+    """``n`` iid uniform filler offsets in ``[0, n_fill]``; item ``pinned`` at ``depth`` when given."""
+    off = rng.integers(0, n_fill + 1, n)
+    if depth is not None:
+        off[pinned] = int(round(depth * n_fill))
+    return off
+
+
+def _needle_items(name, p, context_len, rng):
+    """Needle tasks: items (appearance order), question, answer, target item indices, value offsets."""
+    kl, vl = p["key_len"], p["value_len"]
+    n = p.get("n_needles", p.get("n_values", 1))
+    if name == "niah_multikey":
+        keys = _keys(rng, (n, kl))
+        while len({tuple(k) for k in keys}) < n:  # redraw until the key tuples are pairwise different
+            keys = _keys(rng, (n, kl))
+    else:
+        keys = np.broadcast_to(_keys(rng, (1, kl)), (n, kl))
+    values = _values(rng, (n, vl))
+    query = int(rng.integers(0, n)) if name == "niah_multikey" else 0
+    question = np.concatenate([[QUERY], keys[query], [ANSWER]]).astype(np.int32)
+    n_fill = filler_length(context_len, n * (kl + vl + 3), len(question))
+    if name == "local":
+        # needle start within `window` tokens of QUERY: start >= QUERY - window, i.e. offset >= n_fill + len - window
+        lo = max(0, n_fill + kl + vl + 3 - p["window"])
+        off = rng.integers(lo, n_fill + 1, 1)
+    else:
+        off = _offsets(rng, n_fill, n, query, p.get("depth"))
+    order = np.argsort(off, kind="stable")  # appearance order of needles
+    items = [needle(keys[i], values[i]) for i in order]
+    if name == "niah_multivalue":
+        targets = np.arange(n)
+    else:
+        targets = np.flatnonzero(order == query)
+    answer = np.concatenate([items[t][kl + 2:kl + 2 + vl] for t in targets])
+    src_within = np.tile(np.arange(kl + 2, kl + 2 + vl), len(targets))
+    return items, question, answer, targets, np.repeat(np.arange(len(targets)), vl), src_within, off[order]
+
+
+def _mq_items(p, context_len, rng):
+    n, m = p["n_pairs"], p["n_queries"]
+    keys = (rng.permutation(len(KEY_TOKENS))[:n] + KEY_TOKENS.start).astype(np.int32)
+    values = (rng.permutation(len(VALUE_TOKENS))[:n] + VALUE_TOKENS.start).astype(np.int32)
+    asked = rng.permutation(n)[:m]  # pairs appear in index order; `keys` is already a random permutation
+    question = np.concatenate([[QUERY], keys[asked], [ANSWER]]).astype(np.int32)
+    n_fill = filler_length(context_len, 5 * n, len(question))
+    off = np.sort(_offsets(rng, n_fill, n))
+    items = [needle(keys[i:i + 1], values[i:i + 1]) for i in range(n)]
+    return items, question, values[asked], asked, np.arange(m), np.full(m, 3), off
+
+
+def _var_items(p, context_len, rng):
+    c, h = p["n_chains"], p["n_hops"]
+    names = (rng.permutation(len(KEY_TOKENS))[:c * h] + KEY_TOKENS.start).reshape(c, h).astype(np.int32)
+    lits = (rng.permutation(len(VALUE_TOKENS))[:c] + VALUE_TOKENS.start).astype(np.int32)
+    query = int(rng.integers(0, c))
+    chain_of_slot = rng.permutation(np.repeat(np.arange(c), h))  # interleaving of the chains
+    question = np.array([QUERY, VAR, names[query, -1], ANSWER], np.int32)
+    n_fill = filler_length(context_len, 5 * c * h, len(question))
+    off = np.sort(_offsets(rng, n_fill, c * h))
+    items, slot_of = [], np.empty((c, h), np.int64)  # slot_of[c, j]: item index of chain c's statement j
+    seen = np.zeros(c, np.int64)
+    for s, ch in enumerate(chain_of_slot):
+        j = seen[ch]
+        seen[ch] += 1
+        items.append(assignment(names[ch, j], lits[ch] if j == 0 else names[ch, j - 1]))
+        slot_of[ch, j] = s
+    answer = np.concatenate([names[query, :-1][::-1], lits[query:query + 1]]).astype(np.int32)
+    targets = slot_of[query, ::-1]  # statement n assigns answer[0], ..., statement 1 assigns v
+    return items, question, answer, targets, np.arange(h), np.full(h, 3), off
 
 
 def make_example(name: str, context_len: int, seed: int, **params) -> Example:
-    """One instance of task `name` whose prompt has exactly `context_len` tokens (see the module doc)."""
-    if name not in DEFAULTS:
-        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
-    unknown = set(params) - set(DEFAULTS[name])
-    if unknown:
-        raise ValueError(f"task {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name])}")
-    p = {**DEFAULTS[name], **params}
-    if any(not isinstance(v, (int, np.integer)) or v <= 0 for v in p.values()):
-        raise ValueError(f"task parameters must be positive ints, got {p}")
-    if not isinstance(context_len, (int, np.integer)) or context_len <= 0:
+    """Task ``name`` at exactly ``context_len`` prompt tokens; deterministic in all arguments."""
+    p = _resolve(name, params)
+    if not isinstance(context_len, (int, np.integer)) or isinstance(context_len, bool) or context_len < 1:
         raise ValueError(f"context_len must be a positive int, got {context_len!r}")
-    rng = _rng(name, int(context_len), int(seed), p)
-    if name in ("niah_single", "local", "niah_multikey"):
-        n = p.get("n_needles", 1)
-        keys = _distinct(rng, KEYS, n, p["key_len"])
-        vals = rng.integers(*VALUES, size=(n, p["value_len"])).astype(np.int32)
-        target = int(rng.integers(n))
-        needles = [_needle(k, v) for k, v in zip(keys, vals)]
-        question = np.concatenate([[QUERY], keys[target], [ANSWER]])
-        span = p["local_span"] if name == "local" else None
-        ex = _assemble(name, context_len, rng, needles, question, vals[target], p, lo_from_end=span)
-        ex.meta["target"] = target
-        return ex
-    if name == "niah_multivalue":
-        key = _distinct(rng, KEYS, 1, p["key_len"])[0]
-        vals = rng.integers(*VALUES, size=(p["n_values"], p["value_len"])).astype(np.int32)
-        needles = [_needle(key, v) for v in vals]
-        return _assemble(name, context_len, rng, needles, np.concatenate([[QUERY], key, [ANSWER]]),
-                         vals.reshape(-1), p)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
     if name == "mq_recall":
-        if p["n_queries"] > p["n_pairs"]:
-            raise ValueError(f"n_queries={p['n_queries']} must be <= n_pairs={p['n_pairs']}")
-        keys = _distinct(rng, KEYS, p["n_pairs"])[:, 0]
-        vals = rng.integers(*VALUES, size=p["n_pairs"]).astype(np.int32)
-        q = rng.choice(p["n_pairs"], size=p["n_queries"], replace=False)
-        needles = [_needle([k], [v]) for k, v in zip(keys, vals)]
-        return _assemble(name, context_len, rng, needles, np.concatenate([[QUERY], keys[q], [ANSWER]]), vals[q], p,
-                         order=q.tolist())
-    # var_tracking: chain c is names[c, 0..hops-1]; x1 = value, x_{j+1} = x_j; assignments in hop order
-    n_c, hops = p["n_chains"], p["hops"]
-    names = _distinct(rng, KEYS, n_c * hops)[:, 0].reshape(n_c, hops)
-    roots = rng.integers(*VALUES, size=n_c).astype(np.int32)
-    owner = rng.permutation(np.repeat(np.arange(n_c), hops))  # which chain each depth-ordered slot belongs to
-    needles, hop_of = [], np.zeros(n_c, int)
-    for c in owner:
-        j = hop_of[c]
-        rhs = roots[c] if j == 0 else names[c, j - 1]
-        needles.append(_needle([names[c, j]], [rhs], VAR, ASSIGN))
-        hop_of[c] += 1
-    target = int(rng.integers(n_c))
-    answer = np.concatenate([names[target, :-1][::-1], [roots[target]]])
-    ex = _assemble(name, context_len, rng, needles, np.asarray([QUERY, names[target, -1], ANSWER]), answer, p)
-    ex.meta["target"] = target
-    return ex
+        parts = _mq_items(p, context_len, rng)
+    elif name == "var_tracking":
+        parts = _var_items(p, context_len, rng)
+    else:
+        parts = _needle_items(name, p, context_len, rng)
+    items, question, answer, targets, src_item, src_within, off = parts
+    prompt, starts = build_prompt(items, question, context_len, off, rng)
+    lens = np.array([len(x) for x in items], np.int64)
+    n_fill = context_len - 1 - len(question) - int(lens.sum())
+    depths = off[targets] / max(n_fill, 1)
+    meta = {
+        "params": p,
+        "item_starts": starts,
+        "item_lengths": lens,
+        "target_items": np.asarray(targets, np.int64),
+        "answer_sources": starts[np.asarray(targets)[src_item]] + src_within,
+        "question_start": context_len - len(question),
+        "filler_len": n_fill,
+        "target_depths": depths,
+        "depth": float(depths[0]),
+    }
+    return Example(name, prompt, np.asarray(answer, np.int32), meta)
 
 
-def score(name: str, example: Example, generated) -> float:
-    """Exact match per answer position, averaged: missing tokens count wrong, extra tokens are ignored."""
+def score(name: str, example: Example, generated_tokens) -> float:
+    """Exact match per answer position, averaged over the answer: a missing position counts wrong,
+    tokens past the answer's length (EOS included) are ignored."""
     if name != example.task:
-        raise ValueError(f"example is a {example.task!r} instance, not {name!r}")
-    gen = np.asarray(generated, np.int64).reshape(-1)[: len(example.answer)]
-    hits = np.sum(gen == example.answer[: len(gen)])
-    return float(hits) / len(example.answer)
+        raise ValueError(f"score: name {name!r} does not match the example's task {example.task!r}")
+    gen = np.asarray(generated_tokens).reshape(-1)[:len(example.answer)]
+    return float(np.sum(gen == example.answer[:len(gen)]) / len(example.answer))
 
 
-def make_batch(names, context_len: int, seed: int, batch: int):
-    """A training batch of mixed tasks (task of row i drawn by `seed`, default parameters).
-
-    Returns ``tokens`` int32 [batch, L] = prompt ⧺ answer ⧺ EOS, right-padded with PAD to
-    ``L = context_len + max answer length + 1``, and ``loss_mask`` float32 [batch, L] with
-    ``loss_mask[b, i] = 1`` iff ``tokens[b, i + 1]`` is an answer token or the EOS, i.e. the positions whose
-    next-token prediction is scored (from the ANSWER token to the last answer token)."""
-    names = tuple(names)
-    for n in names:
-        if n not in DEFAULTS:
-            raise ValueError(f"unknown task {n!r}; choose one of {TASKS}")
-    rng = np.random.default_rng(np.random.SeedSequence([0x7A5C, seed & 0xFFFFFFFF, seed >> 32]))
-    picks = rng.integers(len(names), size=batch)
-    seeds = rng.integers(0, 2**62, size=batch)
-    exs = [make_example(names[k], context_len, int(s)) for k, s in zip(picks, seeds)]
-    width = context_len + max(len(e.answer) for e in exs) + 1
+def make_batch(names, context_len: int, seed: int, batch: int, params: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Training batch: ``tokens`` int32 ``[batch, context_len + max_A + 1]`` and ``loss_mask`` float32 of the
+    same shape, per the module docstring (row ``r``: task ``names[(seed * batch + r) % len(names)]``,
+    example seed ``seed * batch + r``). ``params`` maps a task name to its parameters."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        raise ValueError("make_batch: names is empty")
+    if batch < 1:
+        raise ValueError(f"make_batch: batch must be >= 1, got {batch}")
+    if seed < 0 or (seed + 1) * batch > HELDOUT_SEED:
+        raise ValueError(f"make_batch: seed={seed} must be >= 0 with (seed + 1) * batch <= HELDOUT_SEED")
+    params = params or {}
+    unknown = set(params) - set(names)
+    if unknown:
+        raise ValueError(f"make_batch: params given for tasks not in names: {sorted(unknown)}")
+    max_a = max(answer_length(n, **params.get(n, {})) for n in set(names))
+    width = context_len + max_a + 1
     tokens = np.full((batch, width), PAD, np.int32)
     mask = np.zeros((batch, width), np.float32)
-    for b, e in enumerate(exs):
-        a = len(e.answer)
-        tokens[b, :context_len] = e.prompt
-        tokens[b, context_len:context_len + a] = e.answer
-        tokens[b, context_len + a] = EOS
-        mask[b, context_len - 1:context_len + a] = 1.0
+    for r in range(batch):
+        s = seed * batch + r
+        name = names[s % len(names)]
+        ex = make_example(name, context_len, s, **params.get(name, {}))
+        a = len(ex.answer)
+        tokens[r, :context_len] = ex.prompt
+        tokens[r, context_len:context_len + a] = ex.answer
+        tokens[r, context_len + a] = EOS
+        mask[r, context_len - 1:context_len + a] = 1.0
     return tokens, mask
