@@ -12,6 +12,7 @@ import pytest
 from fm_jax import memory_indexer as mi
 from train import data as D
 from train import dump, evaluate, fit
+from train.labels import n_candidates
 
 N_DOCS, LENGTH, TAU = 40, 1024, 8
 FIT_ARGS = ["--batch-size", "16", "--val-fraction", "0.2", "--buckets", "64,128,256", "--warmup", "30",
@@ -37,17 +38,19 @@ def test_dump_manifest_and_labels(dumped):
     assert summary["docs_written"] == N_DOCS
     m = D.read_manifest(out)
     assert m["target_layers"] == [1, 3] and m["vote_layers"] == [1, 3] and m["ratio"] == 4
-    assert m["tau"] == TAU and m["min_layers"] == 2
+    assert m["tau"] == TAU and m["min_layers"] == 2 and m["top_p"] == 0.6 and m["label_score_max"] == 2
     ds = D.IndexerDataset(out)
     doc = ds.doc(0)
     assert doc.hidden[1].shape == (LENGTH, 64) and doc.hidden[1].dtype.name == "bfloat16"
     assert doc.keys[3].shape == (LENGTH // 4, 20) and doc.keys[3].dtype == np.uint8
-    assert np.all(doc.positions % TAU == 0) and np.all(doc.positions // 4 >= 8)
-    # every positive is complete before its query position; positives are a minority of candidates
+    # query tokens are the last tokens before the boundaries k * tau; each sees >= index_topk entries
+    assert np.all(doc.positions % TAU == TAU - 1) and np.all(n_candidates(doc.positions, 4) >= 8)
+    np.testing.assert_array_equal(doc.n_candidates, n_candidates(doc.positions, 4))
+    # every positive is visible to its query token; positives are a minority of candidates
     for q in range(len(doc.positions)):
         idx, sc = doc.labels.row(q)
-        assert np.all((idx + 1) * 4 <= doc.positions[q])
-        assert np.all(sc == 1.0)  # min_layers = 2 of 2 voting layers
+        assert np.all(idx < doc.n_candidates[q])
+        assert np.all(sc == 2.0)  # layer count: min_layers = 2 of 2 voting layers
     rate = m["totals"]["positives"] / sum(int(n) for n in ds.cand_counts)
     assert 0.005 < rate < 0.3
 
