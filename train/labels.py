@@ -173,22 +173,24 @@ def task_queries(prompt_len: int, n_tokens: int, tau: int, ratio: int, min_candi
                  prompt_queries: int = 0) -> np.ndarray:
     """Query tokens of a task document (prompt ⧺ teacher-forced answer, ``n_tokens`` in all): the decode
     cycle boundaries ``t = prompt_len + k * tau < n_tokens`` (k >= 0, windows cut at the document's end)
-    plus ``prompt_queries`` boundaries ``t = prompt_len - j * tau`` (j >= 1) inside the prompt, evenly
-    spread over those available, nearest first. Returns ``s = t - 1`` for those whose query sees at least
-    ``min_candidates`` entries, ascending, int32 [Q]."""
+    plus ``prompt_queries`` boundaries ``t = prompt_len - j * tau >= 1`` (j >= 1) inside the prompt, evenly
+    spread over those available (the nearest and the farthest included). Only boundaries whose query sees
+    at least ``min_candidates`` entries count. Returns the query tokens ``s = t - 1``, ascending, int32
+    [Q]."""
     if tau <= 0 or ratio <= 0:
         raise ValueError(f"tau and ratio must be positive, got tau={tau} ratio={ratio}")
     if not 1 <= prompt_len <= n_tokens:
         raise ValueError(f"prompt_len={prompt_len} must lie in [1, n_tokens={n_tokens}]")
-    t = np.arange(prompt_len, n_tokens, tau, dtype=np.int64)
+    def usable(t):  # boundaries whose query token sees enough entries
+        return t[n_candidates(t - 1, ratio) >= max(1, min_candidates)]
+
+    t = usable(np.arange(prompt_len, n_tokens, tau, dtype=np.int64))
     if prompt_queries > 0:
-        inside = prompt_len - tau * np.arange(1, prompt_len // tau + 1, dtype=np.int64)
-        inside = inside[inside >= 1]
+        inside = usable(prompt_len - tau * np.arange(1, (prompt_len - 1) // tau + 1, dtype=np.int64))
         if len(inside) > prompt_queries:
             inside = inside[np.unique(np.linspace(0, len(inside) - 1, prompt_queries).round().astype(np.int64))]
         t = np.concatenate([inside, t])
-    s = np.sort(t) - 1
-    return s[n_candidates(s, ratio) >= max(1, min_candidates)].astype(np.int32)
+    return (np.sort(t) - 1).astype(np.int32)
 
 
 def golden_labels(kept_by_layer: Mapping[int, np.ndarray], query_positions, tau: int, ratio: int,

@@ -6,8 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.labels import (CSR, default_min_layers, golden_labels, kept_picks, n_candidates, query_grid, step_golden,
-                          task_queries, topp_keep, validate_csr, window_union)
+from train.labels import (
+    CSR,
+    default_min_layers,
+    golden_labels,
+    kept_picks,
+    n_candidates,
+    query_grid,
+    step_golden,
+    task_queries,
+    topp_keep,
+    validate_csr,
+    window_union,
+)
 
 
 def _release_topp(values, top_p):
@@ -180,8 +191,8 @@ def test_query_positions():
     # plus prompt boundaries len(prompt) - j * tau spread over the prompt
     assert task_queries(50, 70, 8, 4).tolist() == [49, 57, 65]
     assert task_queries(50, 53, 8, 4).tolist() == [49]   # answer shorter than tau: one cut window
-    # prompt boundaries 42 (nearest) and 2 (farthest); the query token 1 of boundary 2 sees no entry
-    assert task_queries(50, 70, 8, 4, min_candidates=1, prompt_queries=2).tolist() == [41, 49, 57, 65]
+    # prompt boundaries 42 (nearest) and 10 (farthest usable: the query token 1 of boundary 2 sees no entry)
+    assert task_queries(50, 70, 8, 4, min_candidates=1, prompt_queries=2).tolist() == [9, 41, 49, 57, 65]
     assert task_queries(50, 70, 8, 4, min_candidates=1, prompt_queries=100).tolist() == \
         [9, 17, 25, 33, 41, 49, 57, 65]
     assert task_queries(50, 70, 8, 4, min_candidates=10, prompt_queries=100)[0] == 41  # 9..33 see < 10
