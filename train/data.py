@@ -17,9 +17,9 @@ On disk (one directory per dump; never pickle)::
     li_init.safetensors           the backbone Lightning Indexer's query tower as a FlashMemory joint
                                   checkpoint (initialisation for train.fit; carries the IndexerConfig)
 
-A query's candidates are the entries visible to its token (``train.labels.n_candidates``); a manifest with
-``"candidates": "stored"`` (imported release dumps, whose keys cover the prompt only) caps them at the
-stored entries.
+A query's candidates are the entries visible to its token (``train.labels.n_candidates``); with
+``"candidates": "stored"`` (imported release dumps, whose keys cover the prompt only) they are all the
+stored entries, as in the release's dataloader.
 
 A *sample* is one (document, query) pair. Its entries are all positives plus negatives drawn uniformly from
 the other candidates (``ceil(neg_ratio * n_pos)``, at least ``min_neg``) plus up to ``n_hard`` hard negatives
@@ -165,8 +165,9 @@ def read_manifest(data_dir: str) -> dict:
 
 def candidates_of(manifest: dict, positions, n_entries: int) -> np.ndarray:
     """Candidate entries of each query int64 [Q] (see the module docstring)."""
-    n = n_candidates(positions, int(manifest["ratio"]))
-    return np.minimum(n, n_entries) if manifest.get("candidates") == "stored" else n
+    if manifest.get("candidates") == "stored":
+        return np.full(len(positions), n_entries, np.int64)
+    return n_candidates(positions, int(manifest["ratio"]))
 
 
 # ---------------------------------------------------------------------------------------------------
