@@ -292,3 +292,42 @@ def test_persistent_ids_and_truncation(tmp_path):
     path.write_bytes(good[: len(good) // 3])
     with pytest.raises(ValueError, match=r"doc_t\.pkl"):
         safe_load_pickle(str(path))
+
+
+RELEASE_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "release_doc_00000.pkl")
+FIXTURE_ROWS = [[(2, 5), (0, 3)], [], [(5, 4)], [(1, 3), (7, 3)], [(3, 21)], [], [(0, 4), (4, 3)], [(8, 6)], [],
+                [(2, 3)], [], [(1, 9)]]
+
+
+def test_a_pickle_written_by_real_torch_imports(tmp_path):
+    """tests/train/data/release_doc_00000.pkl was written by torch 2.13 (CPU) with ``pickle.dump`` of a dict
+    built as the release's ``_flush_one_training_state`` builds it (torch.cat of per-token bf16 rows,
+    torch.tensor of Python lists, compk from a torch.cat of two column slices): 12 decode rows, d = 8,
+    6 prompt blocks of 132 bytes, labels FIXTURE_ROWS (chunks 7 and 8 were generated, not prompt)."""
+    a = safe_load_pickle(RELEASE_FIXTURE)
+    n, d = 12, 8
+    ptr = np.cumsum([0] + [len(r) for r in FIXTURE_ROWS])
+    doc = {"label_indices": np.array([b for r in FIXTURE_ROWS for b, _ in r], np.int32),
+           "label_scores": np.array([s for r in FIXTURE_ROWS for _, s in r], np.int32),
+           "label_pointers": ptr.astype(np.int32)}
+    for lyr in (10, 12):
+        doc[f"hidden_layer_{lyr}"] = (np.arange(n * d, dtype=np.float32).reshape(n, d) / 16 + lyr).astype(
+            ml_dtypes.bfloat16)
+        doc[f"positions_layer_{lyr}"] = 29 + np.arange(n, dtype=np.int64)
+        doc[f"compk_layer_{lyr}"] = ((np.arange(6 * 132) * 7 + lyr) % 256).astype(np.uint8).reshape(6, 132)
+    for k, v in doc.items():
+        assert a[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(a[k], v, err_msg=k)
+    assert a["logits_layer_12_token_2"].shape == (8,) and a["logits_layer_12_token_2"].dtype.name == "bfloat16"
+    for tau, rows in ((4, list(range(12))), (1, [0, 2, 3, 4, 6, 9, 11])):  # tau 1: row 7 has only chunk 8
+        out = str(tmp_path / f"real{tau}")
+        m = import_pickles([RELEASE_FIXTURE], out, tau=tau, progress=False)
+        assert m["index_key_bytes"] == 132 and m["d_model"] == d
+        got = D.IndexerDataset(out).doc(0)
+        exp = _expected_samples(doc, tau, n_blocks=6)
+        assert [t for t, _ in exp] == rows
+        np.testing.assert_array_equal(got.positions, 29 + np.array(rows))
+        np.testing.assert_array_equal(got.hidden[12], doc["hidden_layer_12"][rows])
+        for q, (_, best) in enumerate(exp):
+            ids, sc = got.labels.row(q)
+            assert ids.tolist() == sorted(best) and sc.tolist() == [float(best[i]) for i in sorted(best)]
