@@ -98,8 +98,10 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
     """Causal attention of one layer over a whole sequence. x: [B, T, d_model] (normed).
 
     Returns (out [B, T, d_model], aux) with aux = {"cache": the layer's decode cache after `lengths[b]`
-    tokens (only when `max_len` is given, else None), "index_keys": packed keys [B, T // r, D + 4] and
-    "topk": the Lightning Indexer's picks int32 [B, T, index_topk] (-1 = none) for CSA layers}.
+    tokens (only when `max_len` is given, else None), "index_keys": packed keys [B, T // r, D + 4],
+    "topk": the Lightning Indexer's picks int32 [B, T, k] (-1 = none) and "topk_logits": their logits
+    float32 [B, T, k] (sorted descending, -inf = none) for CSA layers, k = min(index_topk, T // r) (index_topk
+    when T < r)}.
     """
     b, t, _ = x.shape
     kind, r = c.layer_kind(layer), c.compress_ratios[layer]
@@ -123,7 +125,7 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
             q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
             scores = indexer_scores(q_i, w_i, keys, jnp.broadcast_to(n_vis, (b, t)).astype(jnp.int32),
                                     act="none", impl=impl)
-            sel = select_topk(scores, c.index_topk)
+            sel, sel_logits = select_topk(scores, c.index_topk, with_values=True)
         else:
             sel = jnp.broadcast_to(jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1), (b, t, n))
     o = _attend_sequence(q, pool, sel.astype(jnp.int32), window_kv, window_len, p["sink"],
@@ -134,6 +136,7 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
     if kind == KIND_CSA:
         aux["index_keys"] = keys if keys is not None else jnp.zeros((b, 0, c.index_key_bytes), jnp.uint8)
         aux["topk"] = sel if n else jnp.full((b, t, c.index_topk), -1, jnp.int32)
+        aux["topk_logits"] = sel_logits if n else jnp.full((b, t, c.index_topk), -jnp.inf, jnp.float32)
     return out, aux
 
 

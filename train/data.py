@@ -10,12 +10,16 @@ On disk (one directory per dump; never pickle)::
         hidden_layer_{L}   bf16  [T, d_model]   residual input of target layer L at every position
                                                ("hidden_rows": "queries" -> [Q, d_model], one row per query)
         compk_layer_{L}    uint8 [N, D + 4]     the layer's packed fp8 index keys (SPEC §3)
-        query_positions    int32 [Q]            query positions t (tau grid)
+        query_positions    int32 [Q]            query token positions s (hidden row and RoPE position)
         label_indices      int32 [nnz]          CSR golden labels (train.labels)
-        label_scores       float32 [nnz]
+        label_scores       float32 [nnz]        layer counts (manifest "label_score_max" = their maximum)
         label_pointers     int64 [Q + 1]
     li_init.safetensors           the backbone Lightning Indexer's query tower as a FlashMemory joint
                                   checkpoint (initialisation for train.fit; carries the IndexerConfig)
+
+A query's candidates are the entries visible to its token (``train.labels.n_candidates``); with
+``"candidates": "stored"`` (imported release dumps, whose keys cover the prompt only) they are all the
+stored entries, as in the release's dataloader.
 
 A *sample* is one (document, query) pair. Its entries are all positives plus negatives drawn uniformly from
 the other candidates (``ceil(neg_ratio * n_pos)``, at least ``min_neg``) plus up to ``n_hard`` hard negatives
@@ -47,10 +51,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from train.labels import CSR, validate_csr
+from train.labels import CSR, n_candidates, validate_csr
 
 FORMAT = "fm_jax.indexer_data"
-VERSION = 1
+VERSION = 2  # 2: query_positions are query tokens (entries visible to them), scores are layer counts
 MANIFEST = "manifest.json"
 LI_INIT = "li_init.safetensors"
 HARD_FORMAT = "fm_jax.hard_negatives"
@@ -159,6 +163,13 @@ def read_manifest(data_dir: str) -> dict:
     return m
 
 
+def candidates_of(manifest: dict, positions, n_entries: int) -> np.ndarray:
+    """Candidate entries of each query int64 [Q] (see the module docstring)."""
+    if manifest.get("candidates") == "stored":
+        return np.full(len(positions), n_entries, np.int64)
+    return n_candidates(positions, int(manifest["ratio"]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # one document
 # ---------------------------------------------------------------------------------------------------
@@ -191,7 +202,6 @@ def doc_from_tensors(tensors: dict[str, np.ndarray], manifest: dict, doc_id: str
     if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
         raise ShardError(f"{where}: query_positions must be int [Q], got {pos.dtype}{pos.shape}")
     q = len(pos)
-    r = int(manifest["ratio"])
     d = int(manifest["d_model"])
     kb = int(manifest["index_key_bytes"])
     n_entries = None
@@ -222,7 +232,7 @@ def doc_from_tensors(tensors: dict[str, np.ndarray], manifest: dict, doc_id: str
         raise ShardError(f"{where}: hidden_layer_* disagree in their number of rows")
     if q and (pos.min() < 0 or rows.max() >= n_rows):
         raise ShardError(f"{where}: query rows exceed the {n_rows} stored hidden rows")
-    n_cand = pos.astype(np.int64) // r
+    n_cand = candidates_of(manifest, pos, int(n_entries))
     if q and n_cand.max() > n_entries:
         raise ShardError(f"{where}: a query at position {int(pos.max())} would see {int(n_cand.max())} entries "
                          f"but only {n_entries} are stored")
@@ -273,7 +283,7 @@ class IndexerDataset:
             qp = np.asarray(t["query_positions"], np.int64)
             if ptr.ndim != 1 or len(ptr) != len(qp) + 1:
                 raise ShardError(f"{path}: label_pointers has shape {ptr.shape}, expected [{len(qp) + 1}]")
-            nc = qp // self.ratio
+            nc = candidates_of(self.manifest, qp, int(self._entries[di].get("n_entries", 0)))
             ok = np.flatnonzero(nc > 0)
             samples.append(np.stack([np.full(len(ok), di), ok], 1))
             pos_counts.append(np.diff(ptr)[ok])
@@ -500,6 +510,7 @@ class BatchStream:
         n_real = len(sample_ids)
         d = int(ds.manifest["d_model"])
         kb = int(ds.manifest["index_key_bytes"])
+        score_max = float(ds.manifest.get("label_score_max") or 1.0)  # soft labels: layer count -> [0, 1]
         first = ds.doc(int(ds.samples[sample_ids[0]][0]))
         hdt = first.hidden[layers[0]].dtype
         out = {
@@ -536,7 +547,7 @@ class BatchStream:
             ids = np.concatenate([pos, hard, neg]).astype(np.int64)
             k = len(ids)
             lab = np.zeros(k, np.float32)
-            lab[:p] = pscore if cfg.soft_labels else 1.0
+            lab[:p] = pscore / score_max if cfg.soft_labels else 1.0
             out["entry_ids"][j, :k] = ids
             out["labels"][j, :k] = lab
             out["mask"][j, :k] = True

@@ -1,11 +1,26 @@
-"""Dump Memory Indexer training data from the backbone (SPEC §6): ``python -m train.dump``.
+"""Dump Memory Indexer training data from the backbone (SPEC §6, §9): ``python -m train.dump``.
 
 For every document the backbone runs once over the whole token sequence
 (``fm_jax.backbone.run_sequence``, the uncached causal pass, which equals prefill followed by
-teacher-forced decode). Recorded per target CSA layer: the layer's residual input ``h_t`` at every
-position (bf16) and its packed index keys ([N, D + 4] uint8); from every voting CSA layer the native
-Lightning Indexer's top-k at every step, from which ``train.labels.golden_labels`` builds the CSR labels
-of the ``tau``-grid query positions. The picks themselves are not stored.
+teacher-forced decode). Recorded per target CSA layer: the layer's normed attention input ``h`` at every
+position (bf16) and its packed index keys ([N, D + 4] uint8); from every voting CSA layer the Lightning
+Indexer's top-k ids and logits at every step, cut by top-p on the device (``train.labels.kept_picks``),
+from which ``train.labels.golden_labels`` builds the CSR labels as the FlashMemory release does (per-step
+top-p, a vote of >= ``min_layers`` layers, union over the window, score = layer count; see
+``train.labels``). The picks themselves are not stored.
+
+**Query / hidden alignment (the engine's convention, ``serve/engine.py``).** At a cycle boundary with
+``t`` tokens held the engine scores the Memory Indexer with the hidden state of the last processed token
+(position ``t - 1``, RoPE position ``t - 1``) over the entries complete at that point, and the window
+that follows runs the decode steps at positions ``t .. t + tau - 1``. A stored query position is that
+query token ``s = t - 1``: ``query_positions[q] = s``, its hidden row is ``hidden_layer_{L}[s]`` (rows
+indexed by position), its candidates are ``n_visible_entries(s, ratio)`` entries (``train.labels.
+n_candidates``; = the engine's ``t // ratio``), and its positives come from the steps ``[s + 1, s + 1 +
+tau)``. Boundaries: ``t = k * tau`` (k >= 1, whole window inside) for token files and synthetic
+documents; for task documents (prompt ⧺ answer, teacher forced) the decode boundaries ``t = len(prompt)
++ k * tau`` (k >= 0, inside the document; the last window is cut at its end) plus ``--prompt-queries``
+boundaries ``len(prompt) - j * tau`` inside the prompt. Queries that see fewer than ``--min-candidates``
+entries are dropped.
 
 Output (see ``train.data`` for the format): ``manifest.json``, one ``doc_<id>.safetensors`` per document
 with a ``doc_<id>.json`` sidecar, and ``li_init.safetensors`` (the Lightning Indexer's query tower as a
@@ -13,9 +28,9 @@ FlashMemory joint checkpoint, the initialisation of ``train.fit``). A rerun with
 documents whose shard and sidecar are complete; a rerun with different settings is refused.
 
 Inputs: ``--tokens`` files (``.npy`` 1-D = one document, 2-D = one per row; ``.jsonl`` one JSON list of
-token ids, or an object with ``"tokens"`` / ``"input_ids"``, per line) or ``--synthetic N`` documents
-from ``train.synthetic``. The backbone is ``init_params(preset, --model-seed)`` or an orbax checkpoint
-(``--model-params``).
+token ids, or an object with ``"tokens"`` / ``"input_ids"``, per line), ``--synthetic N`` documents from
+``train.synthetic``, or ``--tasks a,b --n-docs N --length L`` task documents from ``train.tasks``. The
+backbone is ``init_params(preset, --model-seed)`` or an orbax checkpoint (``--model-params``).
 
 Example (tiny preset, CPU)::
 
@@ -42,9 +57,10 @@ from fm_jax import memory_indexer as mi
 from fm_jax import model as fm_model
 from fm_jax.config import ModelConfig, get_config
 from train import data as D
-from train.labels import default_min_layers, golden_labels, query_grid
+from train.labels import DEFAULT_TOP_P, default_min_layers, golden_labels, kept_picks, query_grid, task_queries
 
-SETTINGS_KEYS = ("model", "target_layers", "vote_layers", "tau", "min_layers", "min_candidates", "rope_dtype")
+SETTINGS_KEYS = ("model", "target_layers", "vote_layers", "tau", "top_p", "min_layers", "min_candidates",
+                 "prompt_queries", "rope_dtype")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,25 +114,45 @@ def synthetic_source(n_docs: int, length: int, vocab_size: int, seed: int,
         yield f"syn{seed}-{i:06d}", toks, f"synthetic(seed={seed}, i={i}, length={length})"
 
 
+def task_source(tasks, length: int, n_docs: int, seed: int) -> Iterator[tuple[str, np.ndarray, str, int]]:
+    """``n_docs`` task documents (round-robin over ``tasks``) from ``train.tasks.make_example``: yields
+    ``(doc_id, prompt ⧺ answer int32 [T], source, len(prompt))``."""
+    from train import tasks as T  # imported here: the task suite is optional for every other source
+
+    unknown = [t for t in tasks if t not in T.TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"unknown task(s) {unknown or tasks!r}; train.tasks.TASKS = {list(T.TASKS)}")
+    for i in range(n_docs):
+        name = tasks[i % len(tasks)]
+        ex_seed = seed * 1_000_003 + i
+        ex = T.make_example(name, length, ex_seed)
+        prompt, answer = np.asarray(ex.prompt, np.int32), np.asarray(ex.answer, np.int32)
+        if prompt.ndim != 1 or answer.ndim != 1 or not len(prompt):
+            raise ValueError(f"task {name!r} (seed {ex_seed}): prompt and answer must be 1-D, prompt non-empty")
+        yield (f"{_safe_id(name)}-{seed}-{i:06d}", np.concatenate([prompt, answer]),
+               f"task({name}, context_len={length}, seed={ex_seed})", len(prompt))
+
+
 # ---------------------------------------------------------------------------------------------------
 # backbone pass
 # ---------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("config", "targets", "voters", "impl"))
-def _dump_forward(params, tokens, config, targets, voters, impl):
+@functools.partial(jax.jit, static_argnames=("config", "targets", "voters", "top_p", "impl"))
+def _dump_forward(params, tokens, config, targets, voters, top_p, impl):
     _, _, aux = backbone.run_sequence(params, config, tokens, impl=impl)
     hidden = tuple(aux[lyr]["hidden"].astype(jnp.bfloat16) for lyr in targets)
     keys = tuple(aux[lyr]["index_keys"] for lyr in targets)
-    topk = tuple(aux[lyr]["topk"] for lyr in voters)
-    return hidden, keys, topk
+    kept = tuple(kept_picks(aux[lyr]["topk"], aux[lyr]["topk_logits"], top_p) for lyr in voters)
+    return hidden, keys, kept
 
 
-def _settings(model_config: ModelConfig, model_desc: dict, targets, voters, tau, min_layers, min_candidates,
-              rope_dtype) -> dict:
+def _settings(model_config: ModelConfig, model_desc: dict, targets, voters, tau, top_p, min_layers,
+              min_candidates, prompt_queries, rope_dtype) -> dict:
     import dataclasses
 
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()}
     return {"model": {**model_desc, "config": cfg}, "target_layers": list(targets), "vote_layers": list(voters),
-            "tau": tau, "min_layers": min_layers, "min_candidates": min_candidates, "rope_dtype": rope_dtype}
+            "tau": tau, "top_p": top_p, "min_layers": min_layers, "min_candidates": min_candidates,
+            "prompt_queries": prompt_queries, "rope_dtype": rope_dtype}
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
@@ -147,7 +183,9 @@ def build_manifest(out_dir: str, settings: dict, model_config: ModelConfig) -> d
         "format": D.FORMAT, "version": D.VERSION, **settings,
         "ratio": model_config.csa_ratio, "d_model": model_config.d_model,
         "index_key_bytes": model_config.index_key_bytes, "index_topk": model_config.index_topk,
-        "hidden_rows": "positions", "hidden_dtype": "bfloat16", "li_init": D.LI_INIT, "docs": docs,
+        "hidden_rows": "positions", "hidden_dtype": "bfloat16", "li_init": D.LI_INIT,
+        "candidates": "visible", "label_score": "layer_count", "label_score_max": len(settings["vote_layers"]),
+        "query": "last token before the window: positives from steps [s + 1, s + 1 + tau)", "docs": docs,
         "totals": {"docs": len(docs), "tokens": int(sum(d["n_tokens"] for d in docs)),
                    "queries": int(sum(d["n_queries"] for d in docs)),
                    "positives": int(sum(d["n_positives"] for d in docs))},
@@ -160,12 +198,15 @@ def _pad_len(t: int, multiple: int, cap: int) -> int:
     return min(cap, -(-t // multiple) * multiple)
 
 
-def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], model_config: ModelConfig,
-                   model_params, *, model_desc: dict | None = None, target_layers=None, vote_layers=None,
-                   tau: int = 16, min_layers: int | None = None, min_candidates: int | None = None,
-                   pad_multiple: int = 512, batch_docs: int = 1, impl: str = "auto", rope_dtype: str = "float32",
-                   progress: bool = True, total: int | None = None) -> dict:
-    """Dump ``docs`` into ``out_dir``; returns a summary with throughput figures."""
+def dump_documents(out_dir: str, docs: Iterable[tuple], model_config: ModelConfig, model_params, *,
+                   model_desc: dict | None = None, target_layers=None, vote_layers=None, tau: int = 16,
+                   top_p: float = DEFAULT_TOP_P, min_layers: int | None = None, min_candidates: int | None = None,
+                   prompt_queries: int = 0, pad_multiple: int = 512, batch_docs: int = 1, impl: str = "auto",
+                   rope_dtype: str = "float32", progress: bool = True, total: int | None = None) -> dict:
+    """Dump ``docs`` into ``out_dir``; returns a summary with throughput figures.
+
+    ``docs`` yields ``(doc_id, tokens, source)`` (plain documents: ``query_grid``) or ``(doc_id, tokens,
+    source, prompt_len)`` (task documents: ``task_queries`` with ``prompt_queries``)."""
     c = model_config
     csa = tuple(c.csa_layers)
     if not csa:
@@ -179,10 +220,15 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
     min_layers = default_min_layers(len(voters)) if min_layers is None else int(min_layers)
     if not 1 <= min_layers <= len(voters):
         raise ValueError(f"min_layers={min_layers} must lie in [1, {len(voters)}]")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must lie in [0, 1]")
+    if tau <= 0 or prompt_queries < 0:
+        raise ValueError(f"tau={tau} must be positive and prompt_queries={prompt_queries} non-negative")
     min_candidates = c.index_topk if min_candidates is None else int(min_candidates)
     r = c.csa_ratio
     os.makedirs(out_dir, exist_ok=True)
-    settings = _settings(c, model_desc or {}, targets, voters, tau, min_layers, min_candidates, rope_dtype)
+    settings = _settings(c, model_desc or {}, targets, voters, tau, float(top_p), min_layers, min_candidates,
+                         int(prompt_queries), rope_dtype)
     _check_settings(out_dir, settings)
 
     li_path = os.path.join(out_dir, D.LI_INIT)
@@ -200,26 +246,29 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
     n_done = n_skipped = n_tokens = 0
     t_compute = 0.0
     t_start = time.perf_counter()
-    pending: list[tuple[str, np.ndarray, str]] = []
+    pending: list[tuple[str, np.ndarray, str, int | None]] = []
 
     def flush():
         nonlocal n_done, n_tokens, t_compute
         if not pending:
             return
-        lens = [len(t) for _, t, _ in pending]
+        lens = [len(t) for _, t, _, _ in pending]
         t_pad = _pad_len(max(lens), pad_multiple, c.max_seq_len)
         toks = np.zeros((len(pending), t_pad), np.int32)
-        for i, (_, t, _) in enumerate(pending):
+        for i, (_, t, _, _) in enumerate(pending):
             toks[i, :len(t)] = t
         t0 = time.perf_counter()
-        hidden, keys, topk = _dump_forward(model_params, jnp.asarray(toks), config=c, targets=targets,
-                                           voters=voters, impl=impl)
-        hidden, keys, topk = jax.device_get((hidden, keys, topk))
+        hidden, keys, kept = _dump_forward(model_params, jnp.asarray(toks), config=c, targets=targets,
+                                           voters=voters, top_p=float(top_p), impl=impl)
+        hidden, keys, kept = jax.device_get((hidden, keys, kept))
         t_compute += time.perf_counter() - t0
-        for b, (doc_id, t, source) in enumerate(pending):
+        for b, (doc_id, t, source, prompt_len) in enumerate(pending):
             n = len(t)
-            positions = query_grid(n, tau, r, min_candidates)
-            csr, stats = golden_labels({v: topk[i][b, :n] for i, v in enumerate(voters)}, positions, tau, r,
+            if prompt_len is None:
+                positions = query_grid(n, tau, r, min_candidates)
+            else:
+                positions = task_queries(prompt_len, n, tau, r, min_candidates, prompt_queries)
+            csr, stats = golden_labels({v: kept[i][b, :n] for i, v in enumerate(voters)}, positions, tau, r,
                                        min_layers)
             tensors = {"query_positions": positions, "label_indices": csr.indices, "label_scores": csr.scores,
                        "label_pointers": csr.pointers}
@@ -230,7 +279,7 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
             info = D.save_shard(os.path.join(out_dir, fname), tensors,
                                 {"format": D.FORMAT, "doc_id": doc_id, "n_tokens": n})
             entry = {"id": doc_id, "file": fname, **info, "n_tokens": n, "n_entries": n // r,
-                     "n_queries": len(positions), "n_positives": len(csr.indices),
+                     "n_queries": len(positions), "n_positives": len(csr.indices), "prompt_len": prompt_len,
                      "source": source, **{k: round(v, 3) for k, v in stats.items()}}
             D.atomic_write_json(os.path.join(out_dir, f"doc_{doc_id}.json"), entry)
             n_done += 1
@@ -244,7 +293,9 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
             build_manifest(out_dir, settings, c)
 
     seen = set()
-    for doc_id, toks, source in docs:
+    for doc in docs:
+        doc_id, toks, source = doc[:3]
+        prompt_len = int(doc[3]) if len(doc) > 3 and doc[3] is not None else None
         if doc_id in seen:
             raise ValueError(f"duplicate document id {doc_id!r}")
         seen.add(doc_id)
@@ -260,7 +311,9 @@ def dump_documents(out_dir: str, docs: Iterable[tuple[str, np.ndarray, str]], mo
             if bar is not None:
                 bar.update(1)
             continue
-        pending.append((doc_id, toks.astype(np.int32), source))
+        if prompt_len is not None and not 1 <= prompt_len <= len(toks):
+            raise ValueError(f"document {doc_id} ({source}): prompt_len={prompt_len} outside [1, {len(toks)}]")
+        pending.append((doc_id, toks.astype(np.int32), source, prompt_len))
         if len(pending) >= batch_docs:
             flush()
     flush()
@@ -293,6 +346,10 @@ def _int_list(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def _str_list(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
 def load_model(preset: str, overrides: dict, seed: int, params_dir: str | None):
     c = get_config(preset, **overrides)
     params = fm_model.init_params(c, jax.random.PRNGKey(seed))
@@ -311,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("documents")
     src.add_argument("--tokens", nargs="+", default=[], help=".npy / .jsonl token files")
     src.add_argument("--synthetic", type=int, default=0, help="number of built-in synthetic documents")
-    src.add_argument("--length", type=int, default=1024, help="tokens per synthetic document")
-    src.add_argument("--synthetic-seed", type=int, default=0)
+    src.add_argument("--tasks", type=_str_list, default=(),
+                     help="task documents from train.tasks (comma-separated names), round-robin")
+    src.add_argument("--n-docs", type=int, default=0, help="number of task documents")
+    src.add_argument("--length", type=int, default=1024,
+                     help="tokens per synthetic document / context_len of task documents")
+    src.add_argument("--synthetic-seed", type=int, default=0, help="seed of synthetic and task documents")
     m = p.add_argument_group("backbone")
     m.add_argument("--preset", default="tiny", help="fm_jax.config preset")
     m.add_argument("--override", type=_parse_override, action="append", default=[],
@@ -325,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CSA layers whose hidden states / keys are stored (default: config_from_model's)")
     lab.add_argument("--vote-layers", type=_int_list, default=None, help="CSA layers that vote (default: all)")
     lab.add_argument("--tau", type=int, default=16, help="query grid / lookahead window in decode steps")
+    lab.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                     help="top-p over each layer's top-k softmax at every step (the release's client dump: 0.6)")
     lab.add_argument("--min-layers", type=int, default=None,
-                     help="votes needed (default: a strict majority of the voters)")
+                     help="layers that must keep an entry at one step (default: 3, or all voters if fewer)")
+    lab.add_argument("--prompt-queries", type=int, default=0,
+                     help="task documents: extra query boundaries inside the prompt (on the tau grid)")
     lab.add_argument("--min-candidates", type=int, default=None,
                      help="first query needs this many complete entries (default: index_topk)")
     lab.add_argument("--rope-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -340,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if not args.tokens and args.synthetic <= 0:
-        raise SystemExit("give --tokens FILE... or --synthetic N")
+    if not args.tokens and args.synthetic <= 0 and not args.tasks:
+        raise SystemExit("give --tokens FILE..., --synthetic N or --tasks NAMES --n-docs N")
+    if args.tasks and args.n_docs <= 0:
+        raise SystemExit("--tasks needs --n-docs N (N > 0)")
     overrides = dict(args.override)
     c, params = load_model(args.preset, overrides, args.model_seed, args.model_params)
     desc = {"preset": args.preset, "overrides": {k: list(v) if isinstance(v, tuple) else v
@@ -353,11 +420,14 @@ def main(argv=None) -> dict:
             yield from read_token_file(path)
         if args.synthetic > 0:
             yield from synthetic_source(args.synthetic, args.length, c.vocab_size, args.synthetic_seed, args.tau)
+        if args.tasks:
+            yield from task_source(args.tasks, args.length, args.n_docs, args.synthetic_seed)
 
-    total = args.synthetic if not args.tokens else None
+    total = None if args.tokens else max(args.synthetic, 0) + (args.n_docs if args.tasks else 0)
     summary = dump_documents(args.out, sources(), c, params, model_desc=desc, target_layers=args.target_layers,
-                             vote_layers=args.vote_layers, tau=args.tau, min_layers=args.min_layers,
-                             min_candidates=args.min_candidates, pad_multiple=args.pad_multiple,
+                             vote_layers=args.vote_layers, tau=args.tau, top_p=args.top_p,
+                             min_layers=args.min_layers, min_candidates=args.min_candidates,
+                             prompt_queries=args.prompt_queries, pad_multiple=args.pad_multiple,
                              batch_docs=args.batch_docs, impl=args.impl, rope_dtype=args.rope_dtype,
                              progress=not args.no_progress, total=total)
     print(json.dumps(summary), file=sys.stderr)

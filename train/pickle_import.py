@@ -1,29 +1,43 @@
-"""Import the public FlashMemory ``doc_*.pkl`` training dumps into our shard format, safely:
+"""Import the FlashMemory release's own training dumps (``doc_*.pkl``) into our shard format, safely:
 ``python -m train.pickle_import``.
 
-A FlashMemory dump is one pickle per document holding a dict of arrays: ``hidden_layer_{L}`` (hidden
-states of target layer L), ``compk_layer_{L}`` (its packed index keys, ``[N, D + 4]`` uint8, or float
-``[N, D]`` keys that are packed here), and CSR labels ``label_indices`` / ``label_scores`` /
-``label_pointers``. Optional: ``query_positions`` (or ``positions``); without it the query positions are
-the grid ``first_query + q * tau`` (``--tau``, ``--first-query``).
+**The release's layout** (``_flush_one_training_state`` in its sglang fork's ``deepseek_v4.py``): one
+pickle per request, ``pickle.dump`` of a dict of *torch tensors*, one row per decode token::
 
-Pickles can run arbitrary code on load, so they are read with a *restricted* unpickler that resolves
-only the handful of numpy / ml_dtypes callables needed to rebuild plain arrays (``_reconstruct``,
-``ndarray``, ``dtype``, ``scalar``, ``_frombuffer``, ``_codecs.encode``); any other global (``os.system``,
-``builtins.eval``, torch's tensor rebuilders, ...) and any persistent id are refused with
-``RefusedPickle`` *before* anything is called. After loading, the top level must be a dict of str keys to
-numeric arrays (or numbers / lists of numbers); object arrays and anything else are refused as well.
+    hidden_layer_{i}     bf16  [n_decode, d]       the indexer input x of each decode token, CSA layer i
+    positions_layer_{i}  int64 [n_decode]          each decode token's absolute position
+    compk_layer_{i}      uint8 [n_blocks, 132]     the prompt's packed index keys (128 fp8 + fp32 scale)
+    label_indices        int32 [nnz]               CSR per decode token: golden chunks (top-p 0.6, >= 3 layers)
+    label_scores         int32 [nnz]               their layer counts
+    label_pointers       int32 [n_decode + 1]
+    logits_layer_{i}_token_{j}, q_layer_{i}_token_{j}, weights_layer_{i}_token_{j}   (j < 3; ignored here)
 
-Hidden rows: ``--hidden-rows auto`` stores per-query rows when ``hidden_layer_*`` has exactly Q rows and a
-query position lies beyond them, else rows indexed by position.
+``i`` is the release's CSA-layer number (its retrievers' ``l{i}`` names), kept as our target-layer id.
+Samples are built as the release's dataloader builds them (``training/dataloader.py``): decode row ``t``
+(every ``--sample-interval`` rows) is a query with the hidden state of row ``t`` at position
+``positions[t]``; its positives are the union of the label rows ``[t, min(t + tau, n_decode))`` restricted
+to the prompt's blocks (``< n_blocks``), each with its maximum layer count (the release's weighted loss);
+its candidates are all ``n_blocks`` prompt blocks (manifest ``"candidates": "stored"``). Rows whose union
+holds no prompt block are dropped (the release substitutes a random pseudo-positive).
+
+**Safety.** Pickles can run arbitrary code on load, so they are read with a *restricted* unpickler and
+without torch: the only callables it resolves are our own stand-ins for torch's tensor rebuilder
+(``torch._utils._rebuild_tensor_v2``), its storage loader (``torch.storage._load_from_bytes``, whose
+payload is torch's legacy storage format: a few plain pickles, then each storage as an int64 element
+count and its raw little-endian bytes, parsed here with ``numpy.frombuffer``), ``collections.OrderedDict``
+(the empty backward-hook dict), the numpy reconstructors of plain arrays and the torch storage type names;
+any other global (``os.system``, ``builtins.eval``, ...) and any persistent id at the top level are
+refused with ``RefusedPickle`` *before* anything is called. After loading, the top level must be a dict of
+str keys to numeric arrays.
 
 Example::
 
-    python -m train.pickle_import --out /tmp/fm_import --ratio 4 --tau 64 /data/flashmemory/doc_*.pkl
+    python -m train.pickle_import --out /tmp/fm_import --tau 64 /data/flashmemory/doc_*.pkl
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import os
@@ -31,13 +45,14 @@ import pickle
 import re
 import sys
 
+import ml_dtypes
 import numpy as np
 
 from train import data as D
-from train.labels import CSR, validate_csr
+from train.labels import CSR, validate_csr, window_union
 
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
-ALLOWED_GLOBALS = frozenset(
+ALLOWED_NUMPY_GLOBALS = frozenset(
     [(m, "_reconstruct") for m in _NUMPY_MODULES]
     + [(m, "scalar") for m in _NUMPY_MODULES]
     + [("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")]
@@ -45,26 +60,130 @@ ALLOWED_GLOBALS = frozenset(
     + [("ml_dtypes", n) for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                   "float8_e5m2fnuz", "float8_e4m3b11fnuz")]
 )
+# torch's legacy storage classes (``torch.<Name>Storage``) -> the numpy dtype of their elements
+TORCH_STORAGE_DTYPES = {
+    "ByteStorage": np.uint8, "CharStorage": np.int8, "ShortStorage": np.int16, "IntStorage": np.int32,
+    "LongStorage": np.int64, "HalfStorage": np.float16, "FloatStorage": np.float32,
+    "DoubleStorage": np.float64, "BFloat16Storage": ml_dtypes.bfloat16, "BoolStorage": np.bool_,
+    "Float8_e4m3fnStorage": ml_dtypes.float8_e4m3fn, "Float8_e5m2Storage": ml_dtypes.float8_e5m2,
+}
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
 
 
 class RefusedPickle(pickle.UnpicklingError):
-    """A pickle that holds (or would build) anything but plain numeric arrays."""
+    """A pickle that holds (or would build) anything but plain numeric arrays / torch tensors."""
+
+
+class _Storage:
+    """A torch storage read from its legacy serialisation: ``data`` is a 1-D numpy array."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+
+def _int_tuple(x, what: str, where: str) -> tuple[int, ...]:
+    if not isinstance(x, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+        raise RefusedPickle(f"{where}: tensor {what} must be a tuple of ints, got {x!r}")
+    return x
+
+
+def _rebuild_tensor(where: str):
+    def rebuild(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, *extra):
+        if not isinstance(storage, _Storage) or not isinstance(offset, int) or extra:
+            raise RefusedPickle(f"{where}: malformed torch tensor")
+        if hooks and len(hooks):
+            raise RefusedPickle(f"{where}: a torch tensor carries backward hooks")
+        size, stride = _int_tuple(size, "size", where), _int_tuple(stride, "stride", where)
+        data = storage.data
+        if len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride):
+            raise RefusedPickle(f"{where}: malformed torch tensor (size {size}, stride {stride}, offset {offset})")
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+        if last >= len(data):
+            raise ValueError(f"{where}: a tensor of size {size} reads past its storage of {len(data)} elements")
+        view = np.lib.stride_tricks.as_strided(data[offset:] if len(data) else data, size,
+                                               [st * data.itemsize for st in stride], writeable=False)
+        return np.array(view)
+    return rebuild
+
+
+class _LegacyStorageUnpickler(pickle.Unpickler):
+    """The pickles inside torch's legacy storage format: storage type names and persistent storage ids."""
+
+    def __init__(self, f, where: str, refs: dict):
+        super().__init__(f)
+        self._where, self._refs = where, refs
+
+    def find_class(self, module, name):
+        if module == "torch" and name in TORCH_STORAGE_DTYPES:
+            return ("storage_type", name)
+        raise RefusedPickle(f"{self._where}: refused to load: a tensor storage references {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], tuple) and pid[1][0] == "storage_type"
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise RefusedPickle(f"{self._where}: unsupported persistent id in a tensor storage: {pid!r:.80}")
+        if len(pid) == 6 and pid[5] is not None:
+            raise RefusedPickle(f"{self._where}: storage views are not supported")
+        ref = self._refs.setdefault(pid[2], [TORCH_STORAGE_DTYPES[pid[1][1]], pid[4], None])
+        return ref
+
+
+def _load_legacy_storage(where: str):
+    def load(b):
+        if not isinstance(b, bytes):
+            raise RefusedPickle(f"{where}: a torch storage payload is not bytes")
+        f = io.BytesIO(b)
+        refs: dict = {}
+
+        def plain():
+            return _LegacyStorageUnpickler(f, where, refs).load()
+
+        if plain() != _LEGACY_MAGIC or plain() != _LEGACY_PROTOCOL:
+            raise ValueError(f"{where}: a torch storage is not in torch's legacy serialisation format")
+        info = plain()
+        if not isinstance(info, dict) or not info.get("little_endian", False):
+            raise ValueError(f"{where}: big-endian torch storages are not supported")
+        root = plain()
+        keys = plain()
+        if not isinstance(keys, list) or sorted(keys) != sorted(refs):
+            raise ValueError(f"{where}: torch storage keys {keys!r:.60} do not match its references")
+        for key in keys:
+            dtype, numel, _ = refs[key]
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{where}: truncated torch storage")
+            n = int(np.frombuffer(head, "<i8")[0])
+            nbytes = n * np.dtype(dtype).itemsize
+            raw = f.read(nbytes)
+            if n != numel or len(raw) != nbytes:
+                raise ValueError(f"{where}: torch storage {key} holds {len(raw)} of {numel} elements' bytes")
+            refs[key][2] = np.frombuffer(raw, dtype)
+        if not any(root is r for r in refs.values()):
+            raise RefusedPickle(f"{where}: a torch storage payload holds something other than one storage")
+        return _Storage(root[2])
+    return load
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     def __init__(self, f, where: str):
         super().__init__(f)
         self._where = where
+        self._torch = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor(where),
+                       ("torch.storage", "_load_from_bytes"): _load_legacy_storage(where),
+                       ("collections", "OrderedDict"): collections.OrderedDict}
 
     def find_class(self, module, name):
-        if (module, name) in ALLOWED_GLOBALS:
+        if (module, name) in self._torch:
+            return self._torch[(module, name)]
+        if (module, name) in ALLOWED_NUMPY_GLOBALS:
             return super().find_class(module, name)
         raise RefusedPickle(f"{self._where}: refused to load: the pickle references the global "
-                            f"{module}.{name}; only numpy arrays and plain numbers are accepted")
+                            f"{module}.{name}; only arrays, torch tensors and plain numbers are accepted")
 
     def persistent_load(self, pid):
-        raise RefusedPickle(f"{self._where}: refused to load: the pickle uses persistent ids (e.g. torch "
-                            "tensors); convert the dump to numpy arrays first")
+        raise RefusedPickle(f"{self._where}: refused to load: the pickle uses persistent ids (torch.save's "
+                            "zip format?); the release's dumps are plain pickles")
 
 
 def _as_array(key: str, value, where: str) -> np.ndarray:
@@ -109,79 +228,85 @@ def safe_load_pickle(path: str, max_bytes: int = 1 << 36) -> dict[str, np.ndarra
     return out
 
 
-_LAYER_RE = re.compile(r"^(hidden|compk)_layer_(\d+)$")
+_LAYER_RE = re.compile(r"^hidden_layer_(\d+)$")
+RELEASE_TAU = 64  # the release's label_interval
 
 
-def convert_document(arrays: dict[str, np.ndarray], where: str, *, ratio: int, tau: int | None,
-                     first_query: int | None, hidden_rows: str = "auto") -> tuple[dict, dict]:
-    """FlashMemory arrays -> (our shard tensors, facts for the manifest)."""
-    from fm_jax.layers.quant import pack_index_keys
+def _vector(arrays, name: str, where: str) -> np.ndarray:
+    if name not in arrays:
+        raise ValueError(f"{where}: missing {name!r} (not a FlashMemory release dump?)")
+    a = arrays[name]
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise ValueError(f"{where}: {name} must be a 1-D integer tensor, got {a.dtype}{a.shape}")
+    return a.astype(np.int64)
 
-    layers = sorted({int(m.group(2)) for k in arrays if (m := _LAYER_RE.match(k))})
+
+def convert_document(arrays: dict[str, np.ndarray], where: str, *, tau: int = RELEASE_TAU,
+                     sample_interval: int = 1) -> tuple[dict, dict]:
+    """One release dump -> (our shard tensors, facts for the manifest). See the module docstring."""
+    if tau <= 0 or sample_interval <= 0:
+        raise ValueError(f"tau={tau} and sample_interval={sample_interval} must be positive")
+    layers = sorted(int(m.group(1)) for k in arrays if (m := _LAYER_RE.match(k)))
     if not layers:
-        raise ValueError(f"{where}: no hidden_layer_{{L}} / compk_layer_{{L}} arrays (keys: {sorted(arrays)[:8]})")
-    for name in ("label_indices", "label_scores", "label_pointers"):
-        if name not in arrays:
-            raise ValueError(f"{where}: missing {name!r}")
-    ptr = arrays["label_pointers"].astype(np.int64).reshape(-1)
-    q = len(ptr) - 1
-    if "query_positions" in arrays or "positions" in arrays:
-        pos = arrays.get("query_positions", arrays.get("positions")).astype(np.int64).reshape(-1)
-    elif tau:
-        start = tau if first_query is None else first_query
-        pos = start + tau * np.arange(q, dtype=np.int64)
-    else:
-        raise ValueError(f"{where}: no query_positions in the pickle; pass --tau (and --first-query) to "
-                         "place the queries on a grid")
-    if len(pos) != q:
-        raise ValueError(f"{where}: {len(pos)} query positions but label_pointers describes {q} queries")
-    tensors: dict[str, np.ndarray] = {}
-    d_model = kb = None
-    n_entries = None
-    rows_mode = None
+        raise ValueError(f"{where}: no hidden_layer_{{i}} tensors (keys: {sorted(arrays)[:8]})")
+    ptr = _vector(arrays, "label_pointers", where)
+    idx = _vector(arrays, "label_indices", where)
+    score = _vector(arrays, "label_scores", where)
+    n_decode = len(ptr) - 1
+    rows = CSR(idx.astype(np.int32), score.astype(np.float32), ptr)
+    try:
+        validate_csr(rows, np.full(max(n_decode, 0), np.iinfo(np.int32).max), where)
+    except ValueError as e:
+        raise ValueError(f"{e} (label rows of the decode tokens)") from None
+    positions = n_blocks = d_model = kb = None
+    hidden, keys = {}, {}
     for lyr in layers:
-        h = arrays.get(f"hidden_layer_{lyr}")
-        k = arrays.get(f"compk_layer_{lyr}")
-        if h is None or k is None:
-            raise ValueError(f"{where}: layer {lyr} needs both hidden_layer_{lyr} and compk_layer_{lyr}")
-        h = h.reshape(-1, h.shape[-1]) if h.ndim == 3 and h.shape[0] == 1 else h
-        k = k.reshape(-1, k.shape[-1]) if k.ndim == 3 and k.shape[0] == 1 else k
-        if h.ndim != 2 or k.ndim != 2:
-            raise ValueError(f"{where}: layer {lyr}: hidden {h.shape} / keys {k.shape} must be 2-D")
-        if k.dtype != np.uint8:
-            k = np.asarray(pack_index_keys(np.asarray(k, np.float32)))
-        if d_model is None:
-            d_model, kb, n_entries = h.shape[1], k.shape[1], k.shape[0]
-        elif (h.shape[1], k.shape[1], k.shape[0]) != (d_model, kb, n_entries):
-            raise ValueError(f"{where}: layer {lyr} dims differ from layer {layers[0]}'s")
-        mode = hidden_rows
-        if mode == "auto":
-            mode = "queries" if h.shape[0] == q and q and pos.max() >= h.shape[0] else "positions"
-        if rows_mode is None:
-            rows_mode = mode
-        elif mode != rows_mode:
-            raise ValueError(f"{where}: layers disagree on the hidden row layout")
-        import ml_dtypes
-        tensors[f"hidden_layer_{lyr}"] = np.asarray(h).astype(ml_dtypes.bfloat16)
-        tensors[f"compk_layer_{lyr}"] = np.ascontiguousarray(k, np.uint8)
-    csr = CSR(arrays["label_indices"].astype(np.int32).reshape(-1),
-              arrays["label_scores"].astype(np.float32).reshape(-1), ptr)
-    n_cand = np.minimum(pos // ratio, n_entries)
-    if q and (pos // ratio).max() > n_entries:
-        raise ValueError(f"{where}: query position {int(pos.max())} needs {int(pos.max()) // ratio} entries, "
-                         f"only {n_entries} stored (wrong --ratio / --tau?)")
-    validate_csr(csr, n_cand, where)
-    tensors.update(query_positions=pos.astype(np.int32), label_indices=csr.indices, label_scores=csr.scores,
-                   label_pointers=csr.pointers)
-    facts = {"layers": layers, "d_model": int(d_model), "index_key_bytes": int(kb), "hidden_rows": rows_mode,
-             "n_entries": int(n_entries), "n_queries": int(q), "n_positives": len(csr.indices),
-             "n_tokens": int(n_entries * ratio)}
+        h = arrays[f"hidden_layer_{lyr}"]
+        pos = _vector(arrays, f"positions_layer_{lyr}", where)
+        if f"compk_layer_{lyr}" not in arrays:
+            raise ValueError(f"{where}: missing 'compk_layer_{lyr}'")
+        k = arrays[f"compk_layer_{lyr}"]
+        if h.ndim != 2 or h.shape[0] != n_decode or h.dtype.kind != "f" and h.dtype.name != "bfloat16":
+            raise ValueError(f"{where}: hidden_layer_{lyr} must be float [n_decode={n_decode}, d], got "
+                             f"{h.dtype}{h.shape}")
+        if len(pos) != n_decode:
+            raise ValueError(f"{where}: positions_layer_{lyr} has {len(pos)} rows, label_pointers {n_decode}")
+        if k.dtype.itemsize == 1 and k.dtype != np.uint8:
+            k = k.view(np.uint8)  # fp8 bytes of the packed keys
+        if k.ndim != 2 or k.dtype != np.uint8:
+            raise ValueError(f"{where}: compk_layer_{lyr} must be uint8 [n_blocks, D + 4], got {k.dtype}{k.shape}")
+        if positions is None:
+            positions, n_blocks, d_model, kb = pos, k.shape[0], h.shape[1], k.shape[1]
+        elif not np.array_equal(pos, positions) or (k.shape[0], h.shape[1], k.shape[1]) != (n_blocks, d_model, kb):
+            raise ValueError(f"{where}: layer {lyr}'s positions / dims differ from layer {layers[0]}'s")
+        hidden[lyr], keys[lyr] = h, k
+    if n_decode and (positions.min() < 0 or np.any(np.diff(positions) <= 0)):
+        raise ValueError(f"{where}: positions_layer_* must be non-negative and increasing")
+    t = np.arange(0, n_decode, sample_interval, dtype=np.int64)
+    labels = window_union(rows, t, np.minimum(t + tau, n_decode), np.full(len(t), n_blocks))
+    keep = labels.row_sizes() > 0
+    t = t[keep]
+    labels = window_union(rows, t, np.minimum(t + tau, n_decode), np.full(len(t), n_blocks))
+    tensors = {"query_positions": positions[t].astype(np.int32), "label_indices": labels.indices,
+               "label_scores": labels.scores, "label_pointers": labels.pointers}
+    for lyr in layers:
+        tensors[f"hidden_layer_{lyr}"] = np.asarray(hidden[lyr][t]).astype(ml_dtypes.bfloat16)
+        tensors[f"compk_layer_{lyr}"] = np.ascontiguousarray(keys[lyr])
+    facts = {"layers": layers, "d_model": int(d_model), "index_key_bytes": int(kb), "n_entries": int(n_blocks),
+             "n_queries": len(t), "n_positives": len(labels.indices), "n_decode": int(n_decode),
+             "n_tokens": int(positions[-1]) + 1 if n_decode else 0,
+             "label_score_max": int(score.max()) if len(score) else 0}
     return tensors, facts
 
 
-def import_pickles(paths, out_dir: str, *, ratio: int = 4, tau: int | None = None, first_query: int | None = None,
-                   hidden_rows: str = "auto", progress: bool = True) -> dict:
+def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interval: int = 1, ratio: int = 4,
+                   n_vote_layers: int = 21, progress: bool = True) -> dict:
+    """Import release dumps into ``out_dir`` (train.data format); reruns skip finished documents."""
     os.makedirs(out_dir, exist_ok=True)
+    D.pin_settings(os.path.join(out_dir, "import_settings.json"),
+                   {"tau": tau, "sample_interval": sample_interval, "ratio": ratio, "n_vote_layers": n_vote_layers},
+                   ("tau", "sample_interval", "ratio", "n_vote_layers"),
+                   f"{out_dir} holds an import made with different settings")
     it = paths
     if progress:
         from tqdm import tqdm
@@ -199,26 +324,29 @@ def import_pickles(paths, out_dir: str, *, ratio: int = 4, tau: int | None = Non
                 docs.append(entry)
                 common = common or entry["_facts"]
                 continue
-        arrays = safe_load_pickle(path)
-        tensors, facts = convert_document(arrays, path, ratio=ratio, tau=tau, first_query=first_query,
-                                          hidden_rows=hidden_rows)
-        shared = {k: facts[k] for k in ("layers", "d_model", "index_key_bytes", "hidden_rows")}
+        tensors, facts = convert_document(safe_load_pickle(path), path, tau=tau, sample_interval=sample_interval)
+        if facts["label_score_max"] > n_vote_layers:
+            raise ValueError(f"{path}: a label score of {facts['label_score_max']} layers exceeds "
+                             f"--n-vote-layers={n_vote_layers}")
+        shared = {k: facts[k] for k in ("layers", "d_model", "index_key_bytes")}
         if common is None:
             common = shared
         elif shared != common:
-            raise ValueError(f"{path}: layers / dims / row layout {shared} differ from earlier documents' {common}")
+            raise ValueError(f"{path}: layers / dims {shared} differ from earlier documents' {common}")
         info = D.save_shard(os.path.join(out_dir, fname), tensors, {"format": D.FORMAT, "doc_id": doc_id})
         entry = {"id": doc_id, "file": fname, **info, "source": os.path.abspath(path), "_facts": shared,
-                 **{k: facts[k] for k in ("n_tokens", "n_entries", "n_queries", "n_positives")}}
+                 **{k: facts[k] for k in ("n_tokens", "n_entries", "n_queries", "n_positives", "n_decode")}}
         D.atomic_write_json(side, entry)
         docs.append(entry)
     if common is None:
         raise ValueError("no documents to import")
-    manifest = {"format": D.FORMAT, "version": D.VERSION, "source": "flashmemory-pickle", "ratio": ratio,
-                "tau": tau, "min_layers": None, "vote_layers": None, "target_layers": common["layers"],
-                "d_model": common["d_model"], "index_key_bytes": common["index_key_bytes"],
-                "hidden_rows": common["hidden_rows"], "hidden_dtype": "bfloat16", "li_init": None,
-                "docs": sorted(docs, key=lambda d: d["id"]),
+    manifest = {"format": D.FORMAT, "version": D.VERSION, "source": "flashmemory-release-pickle",
+                "ratio": ratio, "tau": tau, "sample_interval": sample_interval, "min_layers": None,
+                "vote_layers": None, "target_layers": common["layers"], "d_model": common["d_model"],
+                "index_key_bytes": common["index_key_bytes"], "hidden_rows": "queries", "hidden_dtype": "bfloat16",
+                "candidates": "stored", "label_score": "layer_count", "label_score_max": n_vote_layers,
+                "query": "decode row t: positives from rows [t, t + tau) (the release's dataloader)",
+                "li_init": None, "docs": sorted(docs, key=lambda d: d["id"]),
                 "totals": {"docs": len(docs), "queries": int(sum(d["n_queries"] for d in docs)),
                            "positives": int(sum(d["n_positives"] for d in docs))}}
     D.atomic_write_json(os.path.join(out_dir, D.MANIFEST), manifest)
@@ -228,20 +356,21 @@ def import_pickles(paths, out_dir: str, *, ratio: int = 4, tau: int | None = Non
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.pickle_import", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("pickles", nargs="+", help="FlashMemory doc_*.pkl files")
+    p.add_argument("pickles", nargs="+", help="the release's doc_*.pkl files")
     p.add_argument("--out", required=True, help="output directory (train.data format)")
+    p.add_argument("--tau", type=int, default=RELEASE_TAU, help="label window in decode rows (the release: 64)")
+    p.add_argument("--sample-interval", type=int, default=1, help="every N-th decode row is a query")
     p.add_argument("--ratio", type=int, default=4, help="tokens per compressed CSA entry")
-    p.add_argument("--tau", type=int, default=None, help="query grid step when the pickles carry no positions")
-    p.add_argument("--first-query", type=int, default=None, help="first query position (default: tau)")
-    p.add_argument("--hidden-rows", default="auto", choices=("auto", "positions", "queries"))
+    p.add_argument("--n-vote-layers", type=int, default=21,
+                   help="CSA layers that voted (the largest possible label score; V4: 21)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    m = import_pickles(args.pickles, args.out, ratio=args.ratio, tau=args.tau, first_query=args.first_query,
-                       hidden_rows=args.hidden_rows, progress=not args.no_progress)
+    m = import_pickles(args.pickles, args.out, tau=args.tau, sample_interval=args.sample_interval, ratio=args.ratio,
+                       n_vote_layers=args.n_vote_layers, progress=not args.no_progress)
     print(json.dumps(m["totals"]), file=sys.stderr)
     return m
 

@@ -40,9 +40,11 @@ def pack_entry_keys(entries: jax.Array) -> jax.Array:
     return pack_index_keys(hadamard(entries))
 
 
-def select_topk(scores: jax.Array, k: int) -> jax.Array:
+def select_topk(scores: jax.Array, k: int, with_values: bool = False):
     """Top-k over the last axis of masked scores (-inf = not a candidate). [..., N] -> int32 [..., k],
-    -1 where fewer than k candidates exist."""
+    -1 where fewer than k candidates exist. `with_values`: also their logits float32 [..., k], sorted
+    descending, -inf where no pick (the golden-label dump's top-p reads them)."""
     k = min(k, scores.shape[-1])
     vals, idx = jax.lax.top_k(scores, k)
-    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+    idx = jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+    return (idx, vals.astype(jnp.float32)) if with_values else idx

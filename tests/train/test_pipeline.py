@@ -12,18 +12,20 @@ import pytest
 from fm_jax import interop
 from train import data as D
 from train import dump, evaluate, fit
+from train.labels import n_candidates
 
 N_DOCS, LENGTH, TAU = 40, 1024, 8
 FIT_ARGS = ["--batch-size", "16", "--val-fraction", "0.2", "--buckets", "64,128,256", "--warmup", "30",
             "--lr", "1e-3", "--no-progress"]
 
 
+# top-p 0.9 (not the release's 0.6) keeps more of the random backbone's picks: more positives to learn from
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dump"))
     summary = dump.main(["--out", out, "--preset", "tiny", "--synthetic", str(N_DOCS), "--length", str(LENGTH),
-                         "--tau", str(TAU), "--min-layers", "2", "--pad-multiple", "256", "--impl", "xla",
-                         "--no-progress"])
+                         "--tau", str(TAU), "--min-layers", "2", "--top-p", "0.9", "--pad-multiple", "256",
+                         "--impl", "xla", "--no-progress"])
     return out, summary
 
 
@@ -37,17 +39,19 @@ def test_dump_manifest_and_labels(dumped):
     assert summary["docs_written"] == N_DOCS
     m = D.read_manifest(out)
     assert m["target_layers"] == [1, 3] and m["vote_layers"] == [1, 3] and m["ratio"] == 4
-    assert m["tau"] == TAU and m["min_layers"] == 2
+    assert m["tau"] == TAU and m["min_layers"] == 2 and m["top_p"] == 0.9 and m["label_score_max"] == 2
     ds = D.IndexerDataset(out)
     doc = ds.doc(0)
     assert doc.hidden[1].shape == (LENGTH, 64) and doc.hidden[1].dtype.name == "bfloat16"
     assert doc.keys[3].shape == (LENGTH // 4, 20) and doc.keys[3].dtype == np.uint8
-    assert np.all(doc.positions % TAU == 0) and np.all(doc.positions // 4 >= 8)
-    # every positive is complete before its query position; positives are a minority of candidates
+    # query tokens are the last tokens before the boundaries k * tau; each sees >= index_topk entries
+    assert np.all(doc.positions % TAU == TAU - 1) and np.all(n_candidates(doc.positions, 4) >= 8)
+    np.testing.assert_array_equal(doc.n_candidates, n_candidates(doc.positions, 4))
+    # every positive is visible to its query token; positives are a minority of candidates
     for q in range(len(doc.positions)):
         idx, sc = doc.labels.row(q)
-        assert np.all((idx + 1) * 4 <= doc.positions[q])
-        assert np.all(sc == 1.0)  # min_layers = 2 of 2 voting layers
+        assert np.all(idx < doc.n_candidates[q])
+        assert np.all(sc == 2.0)  # layer count: min_layers = 2 of 2 voting layers
     rate = m["totals"]["positives"] / sum(int(n) for n in ds.cand_counts)
     assert 0.005 < rate < 0.3
 
@@ -55,7 +59,8 @@ def test_dump_manifest_and_labels(dumped):
 def test_dump_rerun_skips_and_refuses_other_settings(dumped):
     out, _ = dumped
     again = dump.main(["--out", out, "--preset", "tiny", "--synthetic", str(N_DOCS), "--length", str(LENGTH),
-                       "--tau", str(TAU), "--min-layers", "2", "--pad-multiple", "256", "--no-progress"])
+                       "--tau", str(TAU), "--min-layers", "2", "--top-p", "0.9", "--pad-multiple", "256",
+                       "--no-progress"])
     assert again["docs_written"] == 0 and again["docs_skipped"] == N_DOCS
     with pytest.raises(SystemExit, match="different settings"):
         dump.main(["--out", out, "--preset", "tiny", "--synthetic", "2", "--tau", "16", "--no-progress"])
@@ -105,7 +110,9 @@ def test_end_to_end_recall_beats_random(dumped, tmp_path):
     assert 0.05 < ev["keep_ratio"] < 0.95
     assert ev["recall"] > rand + 0.1, ev
     assert ev["recall"] > ev["baselines_at_same_keep"]["recency"] + 0.1, ev
-    assert ev["auc"] > 0.65
+    # the release's labels on a random-weight backbone are sparse (~2 positives of ~130 candidates) and only
+    # partly predictable from the query token (the old near-dense window-union labels reached ~0.69)
+    assert ev["auc"] > 0.6
     # the curve dominates the random baseline at every keep ratio below 1
     cur = ev["curve"]
     assert all(a >= b for a, b, k in zip(cur["indexer"], cur["random"], cur["keep_ratio"]) if k < 1)
