@@ -33,7 +33,8 @@ python -m train.pretrain --preset mini --out "$RUN/pretrain" --no-progress $PRE
 OVR=$(python -c "import json,sys; print(' '.join('--override '+k+'='+json.dumps(v, separators=(',', ':'))
       for k, v in json.load(open(sys.argv[1]))['config'].items()))" "$RUN/pretrain/summary.json")
 log "dump"
-python -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" --tasks all \
+python -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" \
+  --tasks "$(python -c "from train.tasks import TASKS; print(','.join(TASKS))")" --target-layers 4 \
   --tau 64 --no-progress $DUMP
 log "fit"
 python -m train.fit --data "$RUN/dump" --out "$RUN/fit" --no-progress --no-tensorboard $FIT

@@ -236,7 +236,8 @@ def build_parser():
     p.add_argument("--tau", type=int, default=64)
     p.add_argument("--tokens-per-batch", type=int, default=131072, help="prompt tokens per generate call")
     p.add_argument("--seed", type=int, default=0, help="mode=random's page choice")
-    p.add_argument("--seed-base", type=int, default=2_000_000_011, help="held-out examples' seeds start here")
+    p.add_argument("--seed-base", type=int, default=T.HELDOUT_SEED + 1_000_000,
+                   help="held-out examples' seeds start here (>= train.tasks.HELDOUT_SEED: never trained on)")
     return p
 
 

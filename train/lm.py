@@ -125,13 +125,23 @@ def indexer_kl(attn_probs, index_logits, candidates):
     return jnp.sum(jnp.where(has, kl, 0.0)) / jnp.maximum(jnp.sum(has), 1)
 
 
-def attention_train(p, c, layer: int, x, stage: str):
-    """One layer's causal attention over a sequence for training. x [B, T, d_model] (normed).
+def _sparse_flag(stage):
+    """'dense' -> False, 'sparse' -> True; a traced bool (True = sparse) passes through, so one compiled
+    step serves both stages."""
+    if isinstance(stage, str):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return stage == "sparse"
+    return jnp.asarray(stage, bool)
+
+
+def attention_train(p, c, layer: int, x, stage):
+    """One layer's causal attention over a sequence for training. x [B, T, d_model] (normed); `stage`
+    'dense' | 'sparse' or a traced bool (True = sparse).
 
     Returns (out [B, T, d_model], aux) with aux["kl"] the indexer KL (CSA layers) and aux["n_attended"]
     the mean number of compressed entries a query attends (compressed layers)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    sparse = _sparse_flag(stage)
     b, t, _ = x.shape
     kind, r = c.layer_kind(layer), c.compress_ratios[layer]
     inv = inv_freq_for_layer(c, layer)
@@ -150,8 +160,9 @@ def attention_train(p, c, layer: int, x, stage: str):
         if kind == KIND_CSA:
             ilog = indexer_logits(p["indexer"], c, jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_lora),
                                   positions, inv, r)
-            if stage == "sparse":
-                attended = topk_mask(jax.lax.stop_gradient(ilog), attended, c.index_topk)
+            if sparse is not False:
+                picked = topk_mask(jax.lax.stop_gradient(ilog), attended, c.index_topk)
+                attended = picked if sparse is True else jnp.where(sparse, picked, attended)
         lc = _dot("bthd,bnd->bthn", q, pool) * scale
         parts.append(jnp.where(attended[:, :, None, :], lc, -jnp.inf))
         aux["n_attended"] = jnp.mean(jnp.sum(attended, axis=-1).astype(jnp.float32))
@@ -166,8 +177,10 @@ def attention_train(p, c, layer: int, x, stage: str):
     return output_projection(p, c, o, positions, inv), aux
 
 
-def forward_train(params, c, tokens, stage: str, remat: bool = True):
-    """tokens int [B, T] -> (logits f32 [B, T, V], per-layer aux dicts (see `attention_train`))."""
+def forward_train(params, c, tokens, stage, remat: bool = True):
+    """tokens int [B, T] -> (logits f32 [B, T, V], per-layer aux dicts (see `attention_train`)).
+    `stage`: 'dense' | 'sparse' | a traced bool (True = sparse)."""
+    _sparse_flag(stage)
     h = backbone.embed_residual(c, params["embed"][tokens])
     auxes = []
     for layer, lp in enumerate(params["layers"]):

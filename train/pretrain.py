@@ -7,7 +7,8 @@
   cross-entropy on the answer tokens (and the closing EOS) only: filler and needles are random by design.
 * Curriculum: ``--curriculum LEN:STAGE:FRACTION,...`` splits ``--steps`` into phases of one context
   length and one indexer stage each (``dense`` warm-up, then ``sparse`` top-k, `train.lm`); every phase
-  keeps about ``--tokens-per-step`` tokens per batch. One compilation per phase.
+  keeps about ``--tokens-per-step`` tokens per batch. The stage is data, not code: one compilation per
+  context length.
 * Optimizer: global-norm clipping, optax AdamW (decay on matrices only) with linear warm-up and cosine decay.
 * Checkpoints: orbax ``CheckpointManager`` under ``OUT/ckpt`` every ``--save-every`` steps. A rerun with
   the same ``--out`` resumes from the latest one; each step's batch is a pure function of ``(seed, step)``,
@@ -47,7 +48,6 @@ from train import tasks as T
 from train.dump import _parse_override
 from train.fit import Logger
 
-EVAL_SEED_BASE = 1_000_000_007  # held-out examples: seeds no training batch uses
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
                    "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks")
@@ -121,7 +121,7 @@ def make_optimizer(args, total_steps: int):
     return tx, sched
 
 
-def loss_fn(trainable, frozen, template, config, batch, stage: str, kl_weight: float):
+def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float):
     params = cast_like(merge(trainable, frozen), template)
     logits, auxes = lm.forward_train(params, config, batch["tokens"], stage)
     ce, acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
@@ -132,11 +132,12 @@ def loss_fn(trainable, frozen, template, config, batch, stage: str, kl_weight: f
 
 
 def build_train_step(config, template, tx, kl_weight: float):
-    @functools.partial(jax.jit, static_argnames=("stage",), donate_argnames=("state",))
-    def train_step(state, batch, stage: str):
+    @functools.partial(jax.jit, donate_argnames=("state",))
+    def train_step(state, batch, sparse):
+        """`sparse`: bool array (the stage is data, so both stages share one compilation per length)."""
         trainable, frozen = split_trainable(state["params"])
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, template, config, batch, stage, kl_weight)
+            trainable, frozen, template, config, batch, sparse, kl_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -163,14 +164,15 @@ def fixed_batch(names, length: int, seed: int, batch: int):
 
 
 def evaluate(params, config, names, lengths, n_per_task: int) -> dict:
-    """Teacher-forced answer accuracy per task and length on held-out examples (one at a time: the dense
-    logits of a 16K-token example already take about a GiB per layer)."""
+    """Teacher-forced answer accuracy per task and length on held-out examples (seeds >= HELDOUT_SEED),
+    one at a time: the dense logits of a 16K-token example already take about a GiB per layer."""
     out = {}
     for length in lengths:
         for name in names:
             accs = []
             for i in range(n_per_task):
-                tokens, mask = fixed_batch((name,), length, EVAL_SEED_BASE + 7919 * length + i, 1)
+                ex = T.make_example(name, length, T.HELDOUT_SEED + i)
+                tokens, mask = T.example_rows([ex], length + ANSWER_ROOM)
                 accs.append(float(answer_accuracy(params, config, jnp.asarray(tokens), jnp.asarray(mask))[0]))
             out[f"{name}@{length}"] = float(np.mean(accs))
     return out
@@ -240,7 +242,7 @@ def run(args) -> dict:
     pre = D.Prefetcher(produce, range(start, stop_at), depth=4, workers=args.data_workers)
     try:
         for s, (batch, ph) in pre:
-            state, metrics = step_fn(state, batch, stage=ph.stage)
+            state, metrics = step_fn(state, batch, jnp.asarray(ph.stage == "sparse"))
             done = s + 1
             n_tok = ph.batch * batch["tokens"].shape[1]
             tokens_seen += n_tok

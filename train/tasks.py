@@ -420,16 +420,25 @@ def make_batch(names, context_len: int, seed: int, batch: int, params: dict | No
     if unknown:
         raise ValueError(f"make_batch: params given for tasks not in names: {sorted(unknown)}")
     max_a = max(answer_length(n, **params.get(n, {})) for n in set(names))
-    width = context_len + max_a + 1
-    tokens = np.full((batch, width), PAD, np.int32)
-    mask = np.zeros((batch, width), np.float32)
+    examples = []
     for r in range(batch):
         s = seed * batch + r
         name = names[s % len(names)]
-        ex = make_example(name, context_len, s, **params.get(name, {}))
-        a = len(ex.answer)
-        tokens[r, :context_len] = ex.prompt
-        tokens[r, context_len:context_len + a] = ex.answer
-        tokens[r, context_len + a] = EOS
-        mask[r, context_len - 1:context_len + a] = 1.0
+        examples.append(make_example(name, context_len, s, **params.get(name, {})))
+    return example_rows(examples, context_len + max_a + 1)
+
+
+def example_rows(examples, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens`` / ``loss_mask`` rows (the `make_batch` layout) of given examples of one context length,
+    right-padded to ``width`` (e.g. held-out examples drawn with seeds >= ``HELDOUT_SEED``)."""
+    tokens = np.full((len(examples), width), PAD, np.int32)
+    mask = np.zeros((len(examples), width), np.float32)
+    for r, ex in enumerate(examples):
+        t, a = len(ex.prompt), len(ex.answer)
+        if t + a + 1 > width:
+            raise ValueError(f"example_rows: a {t}-token prompt with a {a}-token answer needs width >= {t + a + 1}")
+        tokens[r, :t] = ex.prompt
+        tokens[r, t:t + a] = ex.answer
+        tokens[r, t + a] = EOS
+        mask[r, t - 1:t + a] = 1.0
     return tokens, mask

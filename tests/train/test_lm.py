@@ -9,7 +9,6 @@ from fm_jax.config import get_config
 from fm_jax.model import init_params
 from train import lm
 
-
 _fwd = jax.jit(lm.forward_train, static_argnums=(1, 3, 4))
 _ref = jax.jit(lambda p, c, t: backbone.run_sequence(p, c, t, impl="xla")[0], static_argnums=1)
 

@@ -40,8 +40,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
     step = P.build_train_step(c, template, tx, 1.0)
     tid = np.asarray(master["layers"][0]["ffn"]["tid2eid"])
-    state, m0 = step(state, batch, stage="sparse")
-    state, m1 = step(state, batch, stage="sparse")
+    state, m0 = step(state, batch, jnp.asarray(True))
+    state, m1 = step(state, batch, jnp.asarray(True))
     assert float(m1["loss"]) < float(m0["loss"])
     assert np.all(np.isfinite([float(v) for v in m0.values()]))
     np.testing.assert_array_equal(np.asarray(state["params"]["layers"][0]["ffn"]["tid2eid"]), tid)
