@@ -35,11 +35,11 @@ class TierLayout:
     """Page geometry of the CSA reserve. All counts are per request."""
     page_entries: int   # CSA entries per page
     n_pages: int        # pages of the full entry capacity
-    n_slots: int        # pages the device reserve holds
+    n_slots: int        # pages the device reserve holds (= the resident budget K, capped at n_pages)
     ratio: int          # tokens per CSA entry
     sink_pages: int
     tail_pages: int
-    write_pages: int    # pages the next window can write new entries into
+    write_pages: int    # most pages one window can write new entries into
 
     @property
     def n_cells(self) -> int:
@@ -48,14 +48,18 @@ class TierLayout:
 
 def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: int, sink_pages: int,
                 tau: int) -> TierLayout:
-    """Reserve of `kmax_pages` chosen pages + tail + sink + the pages a window of `tau` steps writes,
-    capped at the full page count (an unbounded budget gives exactly the full cache's shape)."""
+    """Reserve of `kmax_pages` pages (the release's K_max: recency tail, sink and the pages a window
+    writes are chosen inside it), capped at the full page count (an unbounded budget gives exactly the
+    full cache's shape). ValueError when the budget cannot hold the pages one window writes."""
     if not config.csa_layers:
         raise ValueError("LSA needs at least one CSA layer (compress_ratios has no csa_ratio entry)")
     p, r = config.page_entries, config.csa_ratio
     n_pages = entry_capacity(config, config.csa_layers[0], max_len) // p
     write_pages = -(-tau // (r * p)) + 1
-    n_slots = min(n_pages, kmax_pages + recency_tail_pages + sink_pages + write_pages)
+    n_slots = min(n_pages, kmax_pages)
+    if n_slots < min(n_pages, write_pages):
+        raise ValueError(f"kmax_pages={kmax_pages} cannot hold the {write_pages} pages a window of tau={tau} steps "
+                         f"may write ({p} entries of {r} tokens per page): raise kmax_pages or lower tau")
     return TierLayout(p, n_pages, n_slots, r, sink_pages, recency_tail_pages, write_pages)
 
 
@@ -85,42 +89,52 @@ def to_device(x: np.ndarray) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------ pages
-def required_pages(position: int, layout: TierLayout, tau: int) -> np.ndarray:
-    """Pages a request at `position` (next token) needs for a window of `tau` steps, whatever the
-    indexer says: the attention sink, the recency tail up to the newest complete entry, and the pages
-    that entries completing during the window are written to."""
+def write_pages(position, layout: TierLayout, tau: int) -> np.ndarray:
+    """Pages that entries completed by the tokens at [position, position + tau) are written to
+    (entry e is completed by token (e + 1) * ratio - 1)."""
+    p, r = layout.page_entries, layout.ratio
+    first, last = position // r, min((position + tau) // r, layout.n_pages * p) - 1  # entries first..last
+    if last < first:
+        return np.zeros((0,), np.int64)
+    return np.arange(first // p, last // p + 1, dtype=np.int64)
+
+
+def select_pages(page_scores: np.ndarray, position: int, layout: TierLayout, tau: int, kmax_pages: int) -> np.ndarray:
+    """The resident set of one request for the window of `tau` steps starting at `position` (the next
+    token), as the release builds it: K = min(kmax_pages, candidate pages) pages, where the candidates
+    are the pages holding complete entries plus the pages the window writes. The written pages, the
+    sink and the recency tail get page score +inf (in that priority, the tail newest first, when they
+    do not all fit); the rest of the budget goes to the highest `page_scores` [>= candidate pages]
+    (ties: lower page first). Returns the sorted page ids int64 [K]."""
     p, r = layout.page_entries, layout.ratio
     n_complete = position // r
-    last_complete_page = (n_complete - 1) // p if n_complete else -1
-    first_write = position // r // p
-    last_write = min((position + tau) // r // p, layout.n_pages - 1)
-    tail = np.arange(max(0, last_complete_page - layout.tail_pages + 1), last_complete_page + 1)
-    sink = np.arange(min(layout.sink_pages, max(last_complete_page + 1, 0)))
-    write = np.arange(first_write, last_write + 1)
-    return np.unique(np.concatenate([sink, tail, write]).astype(np.int64))
+    written = write_pages(position, layout, tau)
+    n_cand = max(-(-n_complete // p), int(written[-1]) + 1 if written.size else 0)
+    k = min(kmax_pages, n_cand)
+    last_complete = -(-n_complete // p) - 1
+    tail = np.arange(last_complete, max(-1, last_complete - layout.tail_pages), -1)
+    sink = np.arange(min(layout.sink_pages, last_complete + 1))
+    forced = list(dict.fromkeys(int(x) for x in np.concatenate([written, sink, tail])))[:k]
+    rest = np.setdiff1d(np.arange(n_cand), forced)
+    rest = rest[np.lexsort((rest, -np.asarray(page_scores, np.float64)[rest]))][:k - len(forced)]
+    return np.sort(np.concatenate([np.asarray(forced, np.int64), rest.astype(np.int64)]))
 
 
-def pages_by_score(scores: np.ndarray, n_complete: int, threshold: float, page_entries: int,
-                   kmax_pages: int) -> np.ndarray:
-    """The `kmax_pages` pages holding the most entries with score >= threshold (SPEC §5 page-recall).
-    scores: [n_entries] (only the first n_complete are candidates). Ties -> lower page first."""
-    kept = np.nonzero(scores[:n_complete] >= threshold)[0]
-    if kept.size == 0 or kmax_pages <= 0:
-        return np.zeros((0,), np.int64)
-    counts = np.bincount(kept // page_entries)
-    pages = np.nonzero(counts)[0]
-    order = np.lexsort((pages, -counts[pages]))
-    return np.sort(pages[order[:kmax_pages]])
+def page_counts(scores: np.ndarray, n_complete: int, threshold: float, page_entries: int, n_pages: int) -> np.ndarray:
+    """Page scores of the Memory Indexer (SPEC §5 page-recall): the number of complete entries with
+    score >= threshold per page. scores [n_entries] (the first n_complete are candidates) -> [n_pages]."""
+    kept = np.nonzero(np.asarray(scores)[:n_complete] >= threshold)[0]
+    return np.bincount(kept // page_entries, minlength=n_pages)[:n_pages].astype(np.float64)
 
 
-def pages_recency(n_complete: int, page_entries: int, kmax_pages: int) -> np.ndarray:
-    n = -(-n_complete // page_entries)
-    return np.arange(max(0, n - kmax_pages), n)
+def page_scores_recency(n_pages: int) -> np.ndarray:
+    """The `recency` baseline: newer pages score higher."""
+    return np.arange(n_pages, dtype=np.float64)
 
 
-def pages_random(n_complete: int, page_entries: int, kmax_pages: int, rng: np.random.Generator) -> np.ndarray:
-    n = -(-n_complete // page_entries)
-    return np.sort(rng.choice(n, size=min(n, kmax_pages), replace=False)) if n else np.zeros((0,), np.int64)
+def page_scores_random(n_pages: int, rng: np.random.Generator) -> np.ndarray:
+    """The `random` baseline: a uniform random order of the pages."""
+    return rng.permutation(n_pages).astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------ reserve
@@ -199,15 +213,35 @@ def device_tables(state: ReserveState, layout: TierLayout):
 
 
 # ------------------------------------------------------------------------------------------ mirror
+class PageChecksumError(RuntimeError):
+    """A page read from the host mirror does not match the checksum stored when it was written."""
+
+
+def page_checksums(pages: np.ndarray) -> np.ndarray:
+    """Checksum of every page: the sum of its 32-bit words modulo 2**64 (any single flipped bit, and a
+    short copy that leaves a non-zero part of the page out, change it). [B, M, ...] -> uint64 [B, M]."""
+    flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], -1)
+    words = flat.view(np.uint32) if flat.shape[-1] % 4 == 0 else flat
+    return np.add.reduce(words, axis=-1, dtype=np.uint64)
+
+
+def _gather(src: np.ndarray, bidx: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """Host copy of the recalled pages [B, M, P, ...] (one function so tests can fault it)."""
+    return src[bidx, pages]
+
+
 @dataclass
 class HostMirror:
     """Every CSA entry in host memory, per CSA layer: kv [B, n_pages, page_entries, head_dim] and
-    index keys [B, n_pages, page_entries, index_head_dim + 4] (uint8)."""
+    index keys [B, n_pages, page_entries, index_head_dim + 4] (uint8). With `verify`, every page carries
+    a checksum (`page_checksums`, updated on write) that recall checks before the transfer."""
     kv: dict       # layer -> np.ndarray
     keys: dict     # layer -> np.ndarray
+    verify: bool = False
+    sums: dict = dataclasses.field(default_factory=dict)  # (layer, "kv" | "keys") -> uint64 [B, n_pages]
 
     @classmethod
-    def from_cache(cls, cache, config, layout: TierLayout) -> HostMirror:
+    def from_cache(cls, cache, config, layout: TierLayout, *, verify: bool = False) -> HostMirror:
         """Copy the full (entry-indexed) CSA buffers of a prefilled cache to the host."""
         kv, keys = {}, {}
         for l in config.csa_layers:
@@ -215,20 +249,39 @@ class HostMirror:
             b = lc["comp_kv"].shape[0]
             kv[l] = np.array(lc["comp_kv"]).reshape(b, layout.n_pages, layout.page_entries, -1)
             keys[l] = np.array(lc["index_keys"]).reshape(b, layout.n_pages, layout.page_entries, -1)
-        return cls(kv, keys)
+        mirror = cls(kv, keys, verify)
+        if verify:
+            mirror.sums = {(l, name): page_checksums(arr[l]) for l in kv for name, arr in (("kv", kv), ("keys", keys))}
+        return mirror
+
+    def _arrays(self):
+        return [(l, name, src) for l in self.kv for name, src in (("kv", self.kv[l]), ("keys", self.keys[l]))]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.kv.values()) + sum(a.nbytes for a in self.keys.values())
 
+    def _recall_one(self, layer, name, src, bidx, pages) -> jax.Array:
+        host = _gather(src, bidx, pages)
+        if self.verify:
+            bad = np.argwhere(page_checksums(host) != self.sums[(layer, name)][bidx, pages])
+            if bad.size:
+                b, j = (int(x) for x in bad[0])
+                raise PageChecksumError(f"CSA layer {layer} {name}: page {int(pages[b, j])} of request {b} does not "
+                                        f"match its checksum on recall ({len(bad)} bad page(s)): the host mirror "
+                                        "or the host copy is corrupted")
+        return to_device(host)
+
     def recall_to_device(self, plan: RecallPlan):
-        """`gather` + `to_device` for every (layer, kv | keys) array, in parallel threads: NumPy's
-        fancy-index copy and the device_put both release the GIL, and one thread's memcpy rate is far
-        below the PCIe rate. Returns {layer: (kv, keys)} device arrays (transfers may still be running)."""
+        """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array, in
+        parallel threads: NumPy's fancy-index copy and the device_put both release the GIL, and one
+        thread's memcpy rate is far below the PCIe rate. Returns {layer: (kv, keys)} device arrays
+        (transfers may still be running). Raises PageChecksumError on a corrupted page."""
         bidx = np.arange(plan.pages.shape[0])[:, None]
-        jobs = [(l, i, src) for l in self.kv for i, src in enumerate((self.kv[l], self.keys[l]))]
+        jobs = self._arrays()
+        arrays = list(_pool().map(lambda j: self._recall_one(*j, bidx, plan.pages), jobs))
         out = {l: [None, None] for l in self.kv}
-        for (l, i, _), arr in zip(jobs, _pool().map(lambda j: to_device(j[2][bidx, plan.pages]), jobs)):
-            out[l][i] = arr
+        for (l, name, _), arr in zip(jobs, arrays):
+            out[l][0 if name == "kv" else 1] = arr
         return {l: tuple(v) for l, v in out.items()}
 
     def write_through(self, layer: int, slots_kv: np.ndarray, slots_keys: np.ndarray, pages: np.ndarray):
@@ -238,6 +291,9 @@ class HostMirror:
             ok = pages[b] >= 0
             self.kv[layer][b, pages[b, ok]] = slots_kv[b, ok]
             self.keys[layer][b, pages[b, ok]] = slots_keys[b, ok]
+            if self.verify:
+                for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
+                    self.sums[(layer, name)][b, pages[b, ok]] = page_checksums(arr[b:b + 1, ok])[0]
 
 
 def page_bytes(config) -> int:

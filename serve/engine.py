@@ -32,14 +32,16 @@ MODES = ("full", "lsa", "recency", "random")
 
 @dataclass(frozen=True)
 class LSAConfig:
+    """Cycle and page budget of the tiered CSA cache. The keep `threshold` and the layer `ensemble` are
+    the Memory Indexer's own (`IndexerConfig.threshold` / `.ensemble`, stored in its checkpoint); to
+    change them pass `indexer=(icfg.replace(threshold=...), params)`."""
     tau: int = 64                  # decode steps per cycle
-    threshold: float = 0.5         # keep entries with Memory Indexer score >= threshold
-    ensemble: str = "max"          # across target layers: "max" | "mean"
-    kmax_pages: int = 16           # pages chosen by the indexer (or baseline) per cycle
+    kmax_pages: int = 64           # K_max: resident pages per request (tail, sink and written pages inside)
     page_entries: int | None = None  # CSA entries per page; None = the model config's page_entries
-    recency_tail_pages: int = 2    # newest complete pages always resident
-    sink_pages: int = 1            # first pages always resident (attention sink)
+    recency_tail_pages: int = 32   # newest complete pages always resident (inside kmax_pages)
+    sink_pages: int = 0            # first pages always resident (inside kmax_pages)
     stale_by_one: bool = True      # choose window n+1's pages at boundary n (transfer overlaps compute)
+    verify_recall: bool = False    # checksum every recalled page against the one stored on write
     seed: int = 0                  # for mode="random"
 
     def __post_init__(self):
@@ -51,10 +53,6 @@ class LSAConfig:
                 raise ValueError(f"LSAConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
         if self.page_entries is not None and (not isinstance(self.page_entries, int) or self.page_entries <= 0):
             raise ValueError(f"LSAConfig.page_entries must be a positive int, got {self.page_entries!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"LSAConfig.threshold must be in [0, 1], got {self.threshold}")
-        if self.ensemble not in ("max", "mean"):
-            raise ValueError(f"LSAConfig.ensemble must be 'max' or 'mean', got {self.ensemble!r}")
 
 
 @dataclass
@@ -62,6 +60,8 @@ class GenerateResult:
     tokens: np.ndarray             # [B, n] int32
     logits: np.ndarray | None      # [B, n, V] float32 when asked
     stats: dict
+    # with trace_resident: per window, per request, the resident pages the window decoded with
+    resident_sets: list | None = None
 
 
 # ------------------------------------------------------------------------------------------ jitted
@@ -180,10 +180,11 @@ def _check_generate(config, mode, indexer, lsa, max_new_tokens):
 
 def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
              lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
-             lengths=None, key=None, impl: str = "auto") -> GenerateResult:
+             lengths=None, key=None, impl: str = "auto", trace_resident: bool = False) -> GenerateResult:
     """Prefill `prompt` [B, T] (right-padded with `lengths` [B] when ragged) and generate
     `max_new_tokens` tokens per request. Returns `.tokens` [B, n], `.logits` [B, n, V] (when
-    `return_logits`) and `.stats` (bytes and times; see README)."""
+    `return_logits`), `.stats` (bytes and times; see README) and, with `trace_resident`,
+    `.resident_sets` (per window, per request: the resident pages it decoded with)."""
     if lsa.page_entries is not None and lsa.page_entries != config.page_entries:
         config = config.replace(page_entries=lsa.page_entries)
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
@@ -203,14 +204,14 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
 
     res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
-                      first_logits=last_logits if return_logits else None)
+                      first_logits=last_logits if return_logits else None, trace_resident=trace_resident)
     res.stats["prefill_s"] = prefill_s
     return res
 
 
 def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
                 lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
-                impl: str = "auto", first_logits=None) -> GenerateResult:
+                impl: str = "auto", first_logits=None, trace_resident: bool = False) -> GenerateResult:
     """Decode from a prefilled (entry-indexed) cache whose next token is `token` [B]; `hidden[l]` is
     layer l's hidden state [B, d_model] at the last cached token (the first Memory Indexer query).
     The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens."""
@@ -237,14 +238,18 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     pos = np.asarray(cache["lengths"]).astype(np.int64)  # position of the next token (= tokens held)
     out_tokens = [np.asarray(token)]
     out_logits = [np.asarray(first_logits)] if first_logits is not None else []
+    resident_sets = [] if trace_resident and cycle is not None else None
     n = lsa.tau
     for n_windows in range(n_windows_total):
+        has_next = n_windows + 1 < n_windows_total  # the last window starts no recall for a window after it
         if cycle is not None:
-            cache = cycle.boundary(cache, hidden, pos, n, times)
+            cache = cycle.boundary(cache, hidden, pos, n, times, has_next)
+            if resident_sets is not None:
+                resident_sets.append([np.array(r) for r in cycle.state.resident])
         t0 = time.perf_counter()
         cache, token, toks, logits, hidden, key = run_window(params, config, cache, token, key, n, greedy,
                                                              return_logits, impl, hidden_layers)
-        if cycle is not None:  # host gather + H2D for the next window run while this one computes
+        if cycle is not None and has_next:  # host gather + H2D for the next window run while this one computes
             cycle.prepare_next(pos + n, times)
         toks.block_until_ready()
         # the first window includes compilation: kept apart so tokens/s is the steady state
@@ -261,7 +266,7 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     if return_logits and out_logits:
         logits = np.concatenate([out_logits[0][:, None]] + out_logits[1:], axis=1)[:, :max_new_tokens]
     stats = _stats(config, mode, cycle, pos, times, n_windows_total, b, lsa.tau, icfg)
-    return GenerateResult(tokens, logits, stats)
+    return GenerateResult(tokens, logits, stats, resident_sets)
 
 
 def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
@@ -304,7 +309,7 @@ class _Cycle:
                                      recency_tail_pages=lsa.recency_tail_pages, sink_pages=lsa.sink_pages,
                                      tau=lsa.tau)
         b = cache["lengths"].shape[0]
-        self.mirror = kt.HostMirror.from_cache(cache, config, self.layout)
+        self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall)
         # Target layers' index keys stay whole on the device: the Memory Indexer scores all of them.
         self.full_keys = {} if icfg is None else {
             l: cache["layers"][l]["index_keys"].reshape(b, self.layout.n_pages, self.layout.page_entries, -1)
@@ -319,7 +324,8 @@ class _Cycle:
         self.cache = {**cache, "layers": tuple(layers)}
         self.cache["tier"] = kt.device_tables(self.state, self.layout)
         self.rng = np.random.default_rng(lsa.seed)
-        self.staged = None           # (plan, device arrays, state after it, tables) for stale_by_one
+        self.staged = None           # (plan, device arrays, tables) of the next window, with stale_by_one
+        self.next_scores = None      # page scores chosen at this boundary for the next window (stale_by_one)
         self.tables_host = None      # page_slot of the window that just ran (for write-through)
         self.recalled_pages = 0
         self.resident_fractions = []
@@ -334,25 +340,27 @@ class _Cycle:
         self._last = now
 
     # -- page choice
-    def _chosen(self, hidden, pos, times):
-        p, r = self.layout.page_entries, self.layout.ratio
-        n_complete = n_visible_entries(pos - 1, r)  # entries the query (the last cached token) sees
+    def _page_scores(self, hidden, pos, times):
+        """Per request, a score per page [n_pages] (higher = keep first) from the state at `pos`."""
+        p, r, n_pages = self.layout.page_entries, self.layout.ratio, self.layout.n_pages
         if self.mode == "lsa":
+            n_complete = n_visible_entries(pos - 1, r)  # entries the query (the last cached token) sees
             t0 = time.perf_counter()
             keys = {l: k.reshape(k.shape[0], -1, k.shape[-1]) for l, k in self.full_keys.items()}
             scores = mi.ensemble_scores(
                 mi.score_all(self.iparams, self.icfg, hidden, keys, jnp.asarray(pos - 1, jnp.int32),
-                             jnp.asarray(n_complete, jnp.int32), impl=self.impl), self.lsa.ensemble)
+                             jnp.asarray(n_complete, jnp.int32), impl=self.impl), self.icfg.ensemble)
             scores = np.asarray(scores)
             times["scoring_s"] += time.perf_counter() - t0
-            return [kt.pages_by_score(scores[b], int(n_complete[b]), self.lsa.threshold, p, self.lsa.kmax_pages)
+            return [kt.page_counts(scores[b], int(n_complete[b]), self.icfg.threshold, p, n_pages)
                     for b in range(len(pos))]
         if self.mode == "recency":
-            return [kt.pages_recency(int(n), p, self.lsa.kmax_pages) for n in n_complete]
-        return [kt.pages_random(int(n), p, self.lsa.kmax_pages, self.rng) for n in n_complete]
+            return [kt.page_scores_recency(n_pages) for _ in pos]
+        return [kt.page_scores_random(n_pages, self.rng) for _ in pos]
 
-    def _plan(self, chosen, pos, n_steps):
-        wanted = [np.union1d(ch, kt.required_pages(int(q), self.layout, n_steps)) for ch, q in zip(chosen, pos)]
+    def _plan(self, page_scores, pos, n_steps):
+        wanted = [kt.select_pages(sc, int(q), self.layout, n_steps, self.lsa.kmax_pages)
+                  for sc, q in zip(page_scores, pos)]
         written_pages = -(-(pos // self.layout.ratio) // self.layout.page_entries)
         self.state, plan = kt.plan_recall(self.state, wanted, self.layout, written_pages)
         tables = kt.device_tables(self.state, self.layout)
@@ -360,7 +368,7 @@ class _Cycle:
         if plan.pages.shape[1]:
             staged = self.mirror.recall_to_device(plan)
         self.recalled_pages += plan.n_pages * len(self.c.csa_layers)
-        return plan, staged, tables, wanted
+        return plan, staged, tables
 
     def _apply(self, cache, plan, staged, tables):
         layers = list(cache["layers"])
@@ -371,11 +379,11 @@ class _Cycle:
                 layers[l] = {**layers[l], "comp_kv": kv, "index_keys": keys}
         return {**cache, "layers": tuple(layers), "tier": tables}
 
-    def _resident_fraction(self, wanted, pos):
+    def _resident_fraction(self, pos):
         n_complete = pos // self.layout.ratio
         fr = []
         p = self.layout.page_entries
-        for w, n in zip(wanted, n_complete):
+        for w, n in zip(self.state.resident, n_complete):
             if n:  # complete entries that sit in resident pages, over all complete entries
                 ent = np.asarray(w)[:, None] * p + np.arange(p)
                 fr.append(float(np.sum(ent < n)) / float(n))
@@ -383,46 +391,50 @@ class _Cycle:
             self.resident_fractions.append(float(np.mean(fr)))
 
     # -- the boundary before a window of n_steps starting at positions pos
-    def boundary(self, cache, hidden, pos, n_steps, times):
+    def boundary(self, cache, hidden, pos, n_steps, times, has_next: bool = True):
+        """Make the window's resident set resident: with stale_by_one the set staged during the previous
+        window (chosen from the previous boundary's scores), else chosen from this boundary's scores.
+        With stale_by_one and `has_next`, this boundary's scores are kept for the next window."""
         t0 = time.perf_counter()
-        if self.lsa.stale_by_one and self.staged is not None:
-            plan, staged, tables, wanted = self.staged
-            cache = self._apply(cache, plan, staged, tables)
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            cache = self._apply(cache, *staged)
         times["recall_s"] += time.perf_counter() - t0
-        chosen = self._chosen(hidden, pos, times)
+        need_now = staged is None
+        scores = self._page_scores(hidden, pos, times) if need_now or has_next else None
         t0 = time.perf_counter()
-        if not self.lsa.stale_by_one or self.staged is None:
-            plan, staged, tables, wanted = self._plan(chosen, pos, n_steps)
-            cache = self._apply(cache, plan, staged, tables)
+        if need_now:
+            cache = self._apply(cache, *self._plan(scores, pos, n_steps))
         self.tables_host = np.asarray(cache["tier"]["page_slot"])
-        self._resident_fraction(wanted, pos)
-        self.next_chosen = chosen if self.lsa.stale_by_one else None
+        self._resident_fraction(pos)
+        self.next_scores = scores if self.lsa.stale_by_one and has_next else None
         times["recall_s"] += time.perf_counter() - t0
         return cache
 
     def prepare_next(self, next_pos, times):
-        """With stale_by_one: plan the next window from this boundary's choice and start its transfer
+        """With stale_by_one: plan the next window from this boundary's scores and start its transfer
         (called right after the window is dispatched, so the host gather and H2D overlap it)."""
-        if self.next_chosen is None:
+        if self.next_scores is None:
             return
         t0 = time.perf_counter()
-        self.staged = self._plan(self.next_chosen, next_pos, self.lsa.tau)
+        self.staged = self._plan(self.next_scores, next_pos, self.lsa.tau)
+        self.next_scores = None
         times["recall_s"] += time.perf_counter() - t0
 
     # -- write-through of the entries completed during the window [pos, pos + n_steps)
     def after_window(self, cache, pos, n_steps, times):
         t0 = time.perf_counter()
-        p, r = self.layout.page_entries, self.layout.ratio
-        first, last = pos // r // p, (pos + n_steps) // r // p
-        m = int(np.max(last - first)) + 1
-        pages = first[:, None] + np.arange(m)[None, :]
-        pages = np.where(pages <= last[:, None], pages, -1)
-        pages = np.where(pages < self.layout.n_pages, pages, -1)
+        written = [kt.write_pages(int(q), self.layout, n_steps) for q in pos]
+        m = max([len(w) for w in written] + [1])
+        pages = np.full((len(pos), m), -1, np.int64)
+        for b, w in enumerate(written):
+            pages[b, :len(w)] = w
         bidx = np.arange(len(pos))[:, None]
         slots = np.where(pages >= 0, self.tables_host[bidx, np.maximum(pages, 0)], -1)
-        pages = np.where(slots >= 0, pages, -1)
+        if np.any((pages >= 0) & (slots < 0)):  # select_pages always makes written pages resident
+            raise AssertionError("a page written during the window is not resident")
         layers = {l: (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]) for l in self.c.csa_layers}
-        read = _read_slots(layers, jnp.asarray(np.maximum(slots, 0), jnp.int32), p)
+        read = _read_slots(layers, jnp.asarray(np.maximum(slots, 0), jnp.int32), self.layout.page_entries)
         for l, (kv, keys) in read.items():
             self.mirror.write_through(l, np.asarray(kv), np.asarray(keys), pages)
             if l in self.full_keys:

@@ -87,13 +87,12 @@ def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_t
         chunk = examples[i:i + batch]
         prompt = np.stack([e.prompt for e in chunk])
         res = generate(params, config, prompt, new_tokens, mode=mode, indexer=indexer if mode == "lsa" else None,
-                       lsa=lsa)
+                       lsa=lsa, trace_resident=golden is not None)
         for e, toks in zip(chunk, res.tokens):
             scores.append(T.score(e.task, e, toks))
             outs.append(toks)
-        if golden is not None and res.stats.get("resident_pages"):
-            res.stats["golden_recall"] = golden_recall(golden[i:i + batch], res.stats["resident_pages"][0],
-                                                       config.page_entries)
+        if golden is not None and res.resident_sets:
+            res.stats["golden_recall"] = golden_recall(golden[i:i + batch], res.resident_sets[0], config.page_entries)
         stats.append(res.stats)
     return np.asarray(scores), stats, outs
 

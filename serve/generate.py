@@ -8,14 +8,13 @@ Lightning Indexer where the dims match.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import jax
 import numpy as np
 
-from fm_jax import interop
+from fm_jax import cli, interop
 from fm_jax import memory_indexer as mi
 from fm_jax.config import PRESETS, get_config
 from fm_jax.model import init_params
@@ -32,31 +31,41 @@ def _fmt_bytes(n: float) -> str:
 
 def _indexer(args, config, params):
     if args.indexer:
-        return interop.load_flashmemory_checkpoint(args.indexer)
-    icfg = mi.config_from_model(config)
-    try:
-        return icfg, mi.init_from_lightning_indexer(icfg, params, config)
-    except ValueError:
-        return icfg, mi.init_params(icfg, jax.random.PRNGKey(args.seed + 1))
+        icfg, iparams = interop.load_flashmemory_checkpoint(args.indexer)
+    else:
+        icfg = mi.config_from_model(config)
+        try:
+            iparams = mi.init_from_lightning_indexer(icfg, params, config)
+        except ValueError:
+            iparams = mi.init_params(icfg, jax.random.PRNGKey(args.seed + 1))
+    return (icfg if args.threshold is None else icfg.replace(threshold=args.threshold)), iparams
+
+
+def _fmt_tokens(tokens, limit: int = 32) -> str:
+    shown = " ".join(str(int(t)) for t in tokens[:limit])
+    return shown + (f" ... ({len(tokens)} tokens)" if len(tokens) > limit else "")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--context", type=int, default=4096, help="prompt tokens per request")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=cli.positive_int, default=4096, help="prompt tokens per request")
+    ap.add_argument("--new-tokens", type=cli.positive_int, default=128)
+    ap.add_argument("--batch", type=cli.positive_int, default=1)
     ap.add_argument("--mode", default="lsa", choices=MODES)
     ap.add_argument("--compare", action="store_true", help="also run mode=full and report token agreement")
-    ap.add_argument("--tau", type=int, default=64)
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--kmax-pages", type=int, default=16)
-    ap.add_argument("--tail-pages", type=int, default=2)
-    ap.add_argument("--sink-pages", type=int, default=1)
+    ap.add_argument("--tau", type=cli.positive_int, default=LSAConfig.tau)
+    ap.add_argument("--threshold", type=cli.unit_float, default=None,
+                    help="Memory Indexer keep threshold (default: the indexer's own)")
+    ap.add_argument("--kmax-pages", type=cli.positive_int, default=LSAConfig.kmax_pages,
+                    help="resident pages per request (recency tail, sink and written pages inside)")
+    ap.add_argument("--tail-pages", type=cli.nonneg_int, default=LSAConfig.recency_tail_pages)
+    ap.add_argument("--sink-pages", type=cli.nonneg_int, default=LSAConfig.sink_pages)
     ap.add_argument("--no-stale", action="store_true", help="recall synchronously at each boundary")
-    ap.add_argument("--params", help="orbax checkpoint of backbone params (fm_jax.checkpoint)")
-    ap.add_argument("--indexer", help="FlashMemory joint .safetensors of the Memory Indexer")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify-recall", action="store_true", help="checksum every page recalled from the host")
+    ap.add_argument("--params", type=cli.existing_dir, help="orbax checkpoint of backbone params (fm_jax.checkpoint)")
+    ap.add_argument("--indexer", type=cli.existing_file, help="FlashMemory joint .safetensors of the Memory Indexer")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--impl", default="auto", choices=("auto", "pallas", "xla"))
     ap.add_argument("--json", action="store_true", help="print the stats as JSON")
     args = ap.parse_args(argv)
@@ -68,8 +77,8 @@ def main(argv=None) -> int:
     else:
         params = init_params(config, jax.random.PRNGKey(args.seed))
     prompt = jax.random.randint(jax.random.PRNGKey(args.seed + 2), (args.batch, args.context), 0, config.vocab_size)
-    lsa = LSAConfig(tau=args.tau, threshold=args.threshold, kmax_pages=args.kmax_pages,
-                    recency_tail_pages=args.tail_pages, sink_pages=args.sink_pages, stale_by_one=not args.no_stale,
+    lsa = LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=args.tail_pages,
+                    sink_pages=args.sink_pages, stale_by_one=not args.no_stale, verify_recall=args.verify_recall,
                     seed=args.seed)
     indexer = _indexer(args, config, params) if args.mode == "lsa" else None
     res = generate(params, config, prompt, args.new_tokens, mode=args.mode, indexer=indexer, lsa=lsa, impl=args.impl)
@@ -81,7 +90,8 @@ def main(argv=None) -> int:
     st.pop("per_request", None)
     if args.json:
         print(json.dumps({"preset": args.preset, "context": args.context, "new_tokens": args.new_tokens,
-                          "device": str(jax.devices()[0].device_kind), **st}, indent=2))
+                          "device": str(jax.devices()[0].device_kind), **st,
+                          "tokens": np.asarray(res.tokens).tolist()}, indent=2))
         return 0
     rows = [
         ("mode", st["mode"]),
@@ -103,8 +113,10 @@ def main(argv=None) -> int:
           f"batch={args.batch} device={jax.devices()[0].device_kind}")
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
+    for b, toks in enumerate(np.asarray(res.tokens)):
+        print(f"  generated tokens (request {b}): {_fmt_tokens(toks)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -33,8 +33,9 @@ def setup():
 @pytest.mark.parametrize("stale", [False, True])
 def test_lsa_gate_open_is_bit_identical_to_full(setup, stale):
     c, params, indexer, prompt, full = setup
-    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, return_logits=True,
-                   lsa=LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=stale))
+    icfg, iparams = indexer
+    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=(icfg.replace(threshold=0.0), iparams),
+                   return_logits=True, lsa=LSAConfig(tau=TAU, kmax_pages=10_000, stale_by_one=stale))
     assert lsa.tokens.shape == (2, NEW) and lsa.logits.shape == (2, NEW, c.vocab_size)
     np.testing.assert_array_equal(lsa.tokens, full.tokens)
     np.testing.assert_array_equal(lsa.logits, full.logits)  # bit-exact, not allclose
@@ -78,9 +79,10 @@ def test_small_budget_keeps_device_kv_well_under_full(setup):
     prompt = jax.random.randint(jax.random.PRNGKey(2), (2, 800), 0, c.vocab_size)  # 200 entries = 25 pages
     for mode in ("lsa", "recency", "random"):
         r = generate(params, c, prompt, 2 * TAU + 1, mode=mode, indexer=indexer if mode == "lsa" else None,
-                     lsa=LSAConfig(tau=TAU, kmax_pages=1, recency_tail_pages=1, sink_pages=1))
+                     lsa=LSAConfig(tau=TAU, kmax_pages=5, recency_tail_pages=1, sink_pages=1))
         st = r.stats
-        # reserve: 1 chosen + 1 tail + 1 sink + 2 write pages of 26; plus the target layer's index keys
+        # reserve: 5 pages (tail, sink and write pages inside) of 26; plus the target layer's index keys
+        assert st["reserve_pages"] == 5
         assert st["device_csa_bytes"] < 0.4 * st["full_csa_bytes"], (mode, st)
         assert st["device_kv_bytes"] < 0.5 * st["full_kv_bytes"]
         assert 0 < st["resident_fraction"] < 0.2
@@ -134,7 +136,7 @@ def test_permuted_reserve_and_new_entries_visible_at_once():
 
 def test_plan_recall_moves_only_missing_pages_lru():
     c = get_config("tiny")
-    layout = kt.make_layout(c, 512, kmax_pages=2, recency_tail_pages=1, sink_pages=1, tau=16)
+    layout = kt.make_layout(c, 512, kmax_pages=5, recency_tail_pages=1, sink_pages=1, tau=16)
     st = kt.ReserveState.empty(1, layout)
     st, plan = kt.plan_recall(st, [np.array([0, 1, 2])], layout, np.array([16]))
     assert plan.n_pages == 3 and sorted(plan.pages[0][: plan.n_pages]) == [0, 1, 2]
@@ -154,13 +156,26 @@ def test_plan_recall_moves_only_missing_pages_lru():
 
 def test_page_choice():
     scores = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.2, 0.6, 0.9, 0.95])
-    assert list(kt.pages_by_score(scores, 8, 0.5, 2, 2)) == [1, 3]   # kept 0,2,3,6,7: p0=1, p1=2, p3=2
-    assert list(kt.pages_by_score(scores, 9, 0.5, 2, 1)) == [1]
-    assert list(kt.pages_recency(9, 2, 2)) == [3, 4]
-    c = get_config("tiny")
-    layout = kt.make_layout(c, 1024, kmax_pages=4, recency_tail_pages=2, sink_pages=1, tau=16)
-    need = kt.required_pages(300, layout, 16)  # 75 complete entries -> last complete page 9
-    assert {0, 8, 9}.issubset(set(need.tolist())) and need.max() == (316 // 4) // 8
+    assert list(kt.page_counts(scores, 8, 0.5, 2, 5)) == [1, 2, 0, 2, 0]  # kept 0,2,3,6,7 (8 not complete)
+    c = get_config("tiny")  # 4 tokens per entry, 8 entries per page
+    layout = kt.make_layout(c, 1024, kmax_pages=6, recency_tail_pages=2, sink_pages=1, tau=16)
+    # position 300: 75 complete entries (pages 0..9, last complete page 9); the window writes entries 75..78
+    assert list(kt.write_pages(300, layout, 16)) == [9]
+    assert list(kt.write_pages(318, layout, 16)) == [9, 10]  # entries 79..82
+    page_scores = np.zeros(layout.n_pages)
+    page_scores[[3, 5, 6]] = [4, 7, 7]
+    # forced: write 9, sink 0, tail 9, 8; then by score: 5, 6 (tie -> lower first), 3
+    assert list(kt.select_pages(page_scores, 300, layout, 16, 6)) == [0, 3, 5, 6, 8, 9]
+    assert list(kt.select_pages(page_scores, 300, layout, 16, 4)) == [0, 5, 8, 9]
+    # the budget is exact: K = kmax_pages even when fewer pages score (zero-score pages fill it, lower first)
+    assert list(kt.select_pages(np.zeros(layout.n_pages), 300, layout, 16, 6)) == [0, 1, 2, 3, 8, 9]
+    # forced pages past the budget: written first, then sink, then the tail newest first
+    assert list(kt.select_pages(page_scores, 318, layout, 16, 3)) == [0, 9, 10]
+    # a budget past the candidates (pages 0..9 complete, 9 written) resident = all of them
+    assert list(kt.select_pages(page_scores, 300, layout, 16, 100)) == list(range(10))
+    assert list(kt.select_pages(kt.page_scores_recency(layout.n_pages), 300, layout, 16, 4)) == [0, 7, 8, 9]  # sink 0
+    with pytest.raises(ValueError, match="kmax_pages=1 cannot hold"):
+        kt.make_layout(c, 1024, kmax_pages=1, recency_tail_pages=2, sink_pages=1, tau=16)
 
 
 def test_bad_engine_input(setup):
@@ -171,8 +186,10 @@ def test_bad_engine_input(setup):
         generate(params, c, prompt, 4, mode="lsa")
     with pytest.raises(ValueError, match="kmax_pages"):
         LSAConfig(kmax_pages=0)
-    with pytest.raises(ValueError, match="threshold"):
-        LSAConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="recency_tail_pages"):
+        LSAConfig(recency_tail_pages=-1)
+    with pytest.raises(ValueError, match="kmax_pages=1 cannot hold"):
+        generate(params, c, jnp.tile(prompt, (1, 4)), 40, mode="recency", lsa=LSAConfig(tau=TAU, kmax_pages=1))
     _, cache = prefill(params, c, prompt, max_len=PROMPT + 8)
     with pytest.raises(ValueError, match="max_len"):
         decode_loop(params, c, cache, prompt[:, -1], [None] * c.n_layers, 40, lsa=LSAConfig(tau=TAU))
