@@ -3,7 +3,7 @@
 end=$(( $(date +%s) + ${1:-540} ))
 while [ "$(date +%s)" -lt "$end" ]; do
   [ -f /tmp/run/pretrain/summary.json ] && break
-  pgrep -f train.pretrain > /dev/null || break
+  pgrep -f "^python3 -m train.pretrain" > /dev/null || break
   sleep 10
 done
 tail -c 600 /tmp/run/pretrain/metrics.jsonl 2>/dev/null; echo; tail -2 /tmp/run/pretrain/perf.jsonl 2>/dev/null
