@@ -30,7 +30,7 @@ documents whose shard and sidecar are complete; a rerun with different settings 
 Inputs: ``--tokens`` files (``.npy`` 1-D = one document, 2-D = one per row; ``.jsonl`` one JSON list of
 token ids, or an object with ``"tokens"`` / ``"input_ids"``, per line), ``--synthetic N`` documents from
 ``train.synthetic``, or ``--tasks a,b --n-docs N --length L`` task documents from ``train.tasks``. The
-backbone is ``init_params(preset, --model-seed)`` or an orbax checkpoint (``--model-params``).
+backbone is ``init_params(preset, --model-seed)`` or a params checkpoint (``--model-params``).
 
 Example (tiny preset, CPU)::
 
@@ -352,13 +352,11 @@ def _str_list(s: str) -> tuple[str, ...]:
 
 def load_model(preset: str, overrides: dict, seed: int, params_dir: str | None):
     c = get_config(preset, **overrides)
-    params = fm_model.init_params(c, jax.random.PRNGKey(seed))
-    if params_dir:
-        import orbax.checkpoint as ocp
+    if params_dir:  # a params checkpoint of fm_jax.checkpoint.save_params, checked against the config
+        from fm_jax.checkpoint import restore_params
 
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir), abstract)
-    return c, params
+        return c, restore_params(params_dir, c)
+    return c, fm_model.init_params(c, jax.random.PRNGKey(seed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
     m.add_argument("--model-seed", type=int, default=0, help="seed of init_params")
-    m.add_argument("--model-params", default=None, help="orbax checkpoint directory of backbone params")
+    m.add_argument("--model-params", default=None, help="backbone params (fm_jax.checkpoint.save_params directory)")
     m.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"), help="kernel implementation")
     lab = p.add_argument_group("labels")
     lab.add_argument("--target-layers", type=_int_list, default=None,

@@ -59,8 +59,9 @@ def test_lsa_gate_open_is_bit_identical_to_full_with_mhc_moe_and_hash_layers(v4_
     c, params, indexer, prompt, full = v4_setup
     assert c.hc_mult == 4 and c.ffn == "moe" and c.is_hash_layer(1) and "hc_head" in params
     assert np.all(np.isfinite(full.logits)) and len(np.unique(full.tokens)) > 4
-    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, return_logits=True,
-                   lsa=LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=True))
+    icfg, iparams = indexer
+    lsa = generate(params, c, prompt, NEW, mode="lsa", indexer=(icfg.replace(threshold=0.0), iparams),
+                   return_logits=True, lsa=LSAConfig(tau=TAU, kmax_pages=10_000, stale_by_one=True))
     np.testing.assert_array_equal(lsa.tokens, full.tokens)
     np.testing.assert_array_equal(lsa.logits, full.logits)  # bit-exact, not allclose
     assert lsa.stats["resident_fraction"] == 1.0
