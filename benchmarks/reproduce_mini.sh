@@ -12,6 +12,7 @@ set -euo pipefail
 RUN=${1:?usage: reproduce_mini.sh RUN_DIR}
 mkdir -p "$RUN"
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUN/steps.log"; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -29,19 +30,19 @@ fi
 
 t0=$(date +%s)
 log "pretrain"
-python -m train.pretrain --preset mini --out "$RUN/pretrain" --no-progress $PRE
-OVR=$(python -c "import json,sys; print(' '.join('--override '+k+'='+json.dumps(v, separators=(',', ':'))
+$PY -m train.pretrain --preset mini --out "$RUN/pretrain" --no-progress $PRE
+OVR=$($PY -c "import json,sys; print(' '.join('--override '+k+'='+json.dumps(v, separators=(',', ':'))
       for k, v in json.load(open(sys.argv[1]))['config'].items()))" "$RUN/pretrain/summary.json")
 log "dump"
-python -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" \
-  --tasks "$(python -c "from train.tasks import TASKS; print(','.join(TASKS))")" --target-layers 4 \
+$PY -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" \
+  --tasks "$($PY -c "from train.tasks import TASKS; print(','.join(TASKS))")" --target-layers 4 \
   --tau 64 --no-progress $DUMP
 log "fit"
-python -m train.fit --data "$RUN/dump" --out "$RUN/fit" --no-progress --no-tensorboard $FIT
+$PY -m train.fit --data "$RUN/dump" --out "$RUN/fit" --no-progress --no-tensorboard $FIT
 log "assemble model"
 mkdir -p "$RUN/model"
 rm -rf "$RUN/model/backbone" && cp -r "$RUN/pretrain/params" "$RUN/model/backbone"
 cp "$RUN/fit/export/indexer.safetensors" "$RUN/model/memory_indexer.safetensors"
 log "evaluate"
-python -m serve.evaluate_tasks --ckpt "$RUN/model" --out "$RUN/eval" $EVAL
+$PY -m serve.evaluate_tasks --ckpt "$RUN/model" --out "$RUN/eval" $EVAL
 log "done in $(( $(date +%s) - t0 )) s"

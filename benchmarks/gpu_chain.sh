@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The shipped run on the GPU machine, in the background (it outlives the call while the machine is held):
+# reproduce_mini.sh with the sizes of the shipped model, into /tmp/run. Poll with gpu_poll.sh; collect with
+# gpu_collect.sh.
+set -u
+pkill -f "^bash benchmarks/reproduce_mini.sh" ; pkill -f "^python3 -m train" ; sleep 2; rm -rf /tmp/run; mkdir -p /tmp/run
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PRE="--steps ${STEPS:-3000} --curriculum 4096:dense:0.1,4096:sparse:0.9 --tokens-per-step 65536 --lr 1e-3 --warmup 200 --eval-every 0 --save-every 1000 --log-every 50 --no-tensorboard"
+export DUMP="--n-docs ${NDOCS:-480} --length 8192 --prompt-queries 4 --batch-docs 8"
+export FIT="--steps ${FITSTEPS:-800} --batch-size 32 --warmup 50 --eval-every 0 --save-every 400"
+export EVAL="${EVAL:---lengths 4096,16384 --n 8 --sweep 0.05,0.2}"
+export PYTHON=python3
+setsid nohup bash benchmarks/reproduce_mini.sh /tmp/run > /tmp/run/chain.log 2>&1 &
+echo started
