@@ -192,6 +192,9 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     # every window runs the full tau steps (one compilation); room for the tokens past the request
     max_len = prompt.shape[1] + 1 + -(-(max_new_tokens - 1) // lsa.tau) * lsa.tau
     lengths = check_prefill_inputs(config, prompt, max_len, lengths)
+    if mode != "full":  # a budget that cannot work fails here, not after the prefill
+        kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages, recency_tail_pages=lsa.recency_tail_pages,
+                       sink_pages=lsa.sink_pages, tau=lsa.tau)
     key = jax.random.PRNGKey(0) if key is None else key
 
     t0 = time.perf_counter()

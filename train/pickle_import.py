@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from fm_jax import cli
 from train import data as D
 from train.labels import CSR, validate_csr
 
@@ -226,13 +227,14 @@ def import_pickles(paths, out_dir: str, *, ratio: int = 4, tau: int | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pickle_import", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.pickle_import", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("pickles", nargs="+", help="FlashMemory doc_*.pkl files")
+    p.add_argument("pickles", nargs="+", type=cli.existing_file, help="FlashMemory doc_*.pkl files")
     p.add_argument("--out", required=True, help="output directory (train.data format)")
-    p.add_argument("--ratio", type=int, default=4, help="tokens per compressed CSA entry")
-    p.add_argument("--tau", type=int, default=None, help="query grid step when the pickles carry no positions")
-    p.add_argument("--first-query", type=int, default=None, help="first query position (default: tau)")
+    p.add_argument("--ratio", type=cli.positive_int, default=4, help="tokens per compressed CSA entry")
+    p.add_argument("--tau", type=cli.positive_int, default=None,
+                   help="query grid step when the pickles carry no positions")
+    p.add_argument("--first-query", type=cli.nonneg_int, default=None, help="first query position (default: tau)")
     p.add_argument("--hidden-rows", default="auto", choices=("auto", "positions", "queries"))
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -247,4 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))
