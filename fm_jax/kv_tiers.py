@@ -231,7 +231,8 @@ class PageChecksumError(RuntimeError):
 def page_checksums(pages: np.ndarray) -> np.ndarray:
     """Checksum of every page: the sum of its 32-bit words modulo 2**64 (any single flipped bit, and a
     short copy that leaves a non-zero part of the page out, change it). [B, M, ...] -> uint64 [B, M]."""
-    flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], -1)
+    page_nbytes = int(np.prod(pages.shape[2:])) * pages.dtype.itemsize
+    flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], page_nbytes)
     words = flat.view(np.uint32) if flat.shape[-1] % 4 == 0 else flat
     return np.add.reduce(words, axis=-1, dtype=np.uint64)
 
