@@ -24,6 +24,8 @@ BAD_INPUTS = [
     (generate.main, ["--params", "/nonexistent"], "argument --params: no such directory: /nonexistent"),
     (generate.main, ["--indexer", "/nonexistent.safetensors"], "argument --indexer: no such file"),
     (generate.main, ["--mode", "bogus"], "argument --mode: invalid choice"),
+    (generate.main, ["--context", "64", "--indexer", "{tmp}/garbage.safetensors"],
+     "--indexer {tmp}/garbage.safetensors: Error while deserializing header"),
     (generate.main, ["--preset", "tiny", "--context", "100000"], "past the RoPE table (max_seq_len=16384)"),
     (generate.main, ["--context", "512", "--kmax-pages", "1", "--tau", "8"], "kmax_pages=1 cannot hold the 2 pages"),
     (dump.main, ["--out", "{tmp}/d"], "give --tokens FILE... or --synthetic N"),
@@ -56,8 +58,10 @@ BAD_INPUTS = [
                          ids=[f"{m.__module__}:{' '.join(a)}" for m, a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_error_exit_2(tmp_path, capsys, main, argv, message):
     (tmp_path / "garbage.pkl").write_bytes(b"\xae not a pickle")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "unsafe.pkl").write_bytes(pickle.dumps({"x": print}))  # references a global: refused
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    message = message.replace("{tmp}", str(tmp_path))
     assert cli.run(main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
