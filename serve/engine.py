@@ -1,11 +1,13 @@
 """The LSA decode engine (SPEC §5): prefill, then windows of `tau` decode steps.
 
 Each window runs as one jitted `lax.scan` (no host sync inside). At a cycle boundary the Memory
-Indexer scores the full history of its target layers' index keys, the engine picks the pages to keep
-resident (score >= threshold, plus recency tail, attention sink and the pages the window will write),
-recalls from the host mirror only the pages not already in the device reserve (LRU), and hands the
-decode step its page tables. With `stale_by_one` the pages for window n+1 are chosen and their
-transfer issued at boundary n, before window n runs, so the copy overlaps compute.
+Indexer scores the full history of its target layers' index keys; each page scores the number of its
+entries with score >= threshold, and the resident set is the release's: exactly
+K = min(kmax_pages, candidate pages) pages, the pages the window writes, the sink and the recency tail
+first (page score +inf), then the best-scoring pages (`kv_tiers.select_pages`). The engine recalls
+from the host mirror only the pages not already in the device reserve (LRU) and hands the decode step
+its page tables. With `stale_by_one` the pages for window n+1 are chosen and their transfer issued at
+boundary n, before window n runs, so the copy overlaps compute; the last window starts no recall.
 
 Modes: "full" (the plain backbone, whole CSA cache on the device), "lsa" (Memory Indexer), and the
 paper's same-budget baselines "recency" (newest pages) and "random" (uniform pages).
