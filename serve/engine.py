@@ -42,7 +42,7 @@ class LSAConfig:
     recency_tail_pages: int = 32   # newest complete pages always resident (inside kmax_pages)
     sink_pages: int = 0            # first pages always resident (inside kmax_pages)
     stale_by_one: bool = True      # choose window n+1's pages at boundary n (transfer overlaps compute)
-    verify_recall: bool = False    # checksum every recalled page against the one stored on write
+    verify_recall: bool = False    # checksum recalled pages (opt-in: ~3% of a window on CPU, see README)
     seed: int = 0                  # for mode="random"
 
     def __post_init__(self):
