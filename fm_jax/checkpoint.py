@@ -4,7 +4,13 @@ Layout of a checkpoint directory ``path``::
 
     path/params/          orbax StandardCheckpointer tree (tensorstore; bit-exact for every dtype incl. bf16)
     path/fm_config.json   {"format": "fm_jax.params/1", "config": {ModelConfig fields},
-                           "tensors": [[pytree path, shape, dtype], ...]}   (written last: marks completion)
+                           "tensors": [[pytree path, shape, dtype], ...]}
+
+A save writes everything into a temporary sibling directory and renames it to ``path`` only when
+complete, so a save killed at any point leaves either no ``path`` or the previous checkpoint there
+(with ``overwrite``, the old directory is renamed aside first; a kill between the two renames leaves no
+``path``), never a half-written one; killed saves leave ``.<name>.tmp-*`` directories that are safe
+to delete.
 
 :func:`restore_params` checks the checkpoint against the requested config *before* reading any tensor:
 
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -89,18 +97,39 @@ def save_params(path, params, config: ModelConfig, *, overwrite: bool = False) -
         if d != want_dtype[p]:
             raise ValueError(f"params do not match the config: tensor {p} has dtype {d}, the config "
                              f"(dtype={config.dtype!r}) gives {want_dtype[p]}")
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"checkpoint path {path} exists (pass overwrite=True to replace it)")
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"checkpoint path {path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the checkpoint's mode
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / PARAMS_DIR, params)
+        ckptr.save(tmp / PARAMS_DIR, params)
         ckptr.wait_until_finished()
     meta = {"format": FORMAT, "config": _config_dict(config), "tensors": stored}
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    _write_durable(tmp / CONFIG_FILE, json.dumps(meta, indent=1).encode())
+    _commit(tmp, path)
     return path
+
+
+def _write_durable(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary directory to `path` (moving an existing `path` aside first)."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / "ckpt")
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def read_metadata(path) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,7 @@ EXIT_USAGE = 2
 
 def _user_errors() -> tuple:
     """What bad input (flags, files) raises; anything else is a bug and keeps its traceback."""
-    errors = [ValueError, OSError]
+    errors = [ValueError, OSError, pickle.UnpicklingError]  # a pickle refused as unsafe is bad input too
     try:  # a file that is not a safetensors file
         from safetensors import SafetensorError
         errors.append(SafetensorError)

@@ -161,6 +161,17 @@ class RecallPlan:
     n_pages: int        # real transfers (all requests)
 
 
+def recall_bucket(m: int, n_slots: int) -> int:
+    """Padded transfer count of a recall of up to `m` pages per request: the next power of two, capped
+    at the reserve size (few distinct shapes, so few compilations; see `recall_buckets`)."""
+    return min(1 << max(0, (m - 1).bit_length()), n_slots)
+
+
+def recall_buckets(n_slots: int) -> list[int]:
+    """Every value `recall_bucket` can return for a reserve of `n_slots` pages."""
+    return sorted({recall_bucket(m, n_slots) for m in (1 << i for i in range(n_slots.bit_length() + 1))})
+
+
 def plan_recall(state: ReserveState, wanted: list, layout: TierLayout, n_written: np.ndarray):
     """Make `wanted[b]` (<= n_slots pages each) resident. Pages already in a slot stay there; missing
     pages go to free slots: empty first, then least recently used; slots are taken in index order
@@ -187,7 +198,7 @@ def plan_recall(state: ReserveState, wanted: list, layout: TierLayout, n_written
         last_used[b, np.isin(slot_page[b], want)] = clock
         moves.append(mv)
     m = max([len(mv) for mv in moves] + [0])
-    m_pad = 1 << max(0, (m - 1).bit_length()) if m else 0  # few distinct shapes -> few compilations
+    m_pad = recall_bucket(m, layout.n_slots) if m else 0
     slots = np.full((b_count, m_pad), layout.n_slots, np.int64)
     pages = np.zeros((b_count, m_pad), np.int64)
     for b, mv in enumerate(moves):
@@ -220,7 +231,8 @@ class PageChecksumError(RuntimeError):
 def page_checksums(pages: np.ndarray) -> np.ndarray:
     """Checksum of every page: the sum of its 32-bit words modulo 2**64 (any single flipped bit, and a
     short copy that leaves a non-zero part of the page out, change it). [B, M, ...] -> uint64 [B, M]."""
-    flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], -1)
+    page_nbytes = int(np.prod(pages.shape[2:])) * pages.dtype.itemsize
+    flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], page_nbytes)
     words = flat.view(np.uint32) if flat.shape[-1] % 4 == 0 else flat
     return np.add.reduce(words, axis=-1, dtype=np.uint64)
 

@@ -1,11 +1,13 @@
 """The LSA decode engine (SPEC §5): prefill, then windows of `tau` decode steps.
 
 Each window runs as one jitted `lax.scan` (no host sync inside). At a cycle boundary the Memory
-Indexer scores the full history of its target layers' index keys, the engine picks the pages to keep
-resident (score >= threshold, plus recency tail, attention sink and the pages the window will write),
-recalls from the host mirror only the pages not already in the device reserve (LRU), and hands the
-decode step its page tables. With `stale_by_one` the pages for window n+1 are chosen and their
-transfer issued at boundary n, before window n runs, so the copy overlaps compute.
+Indexer scores the full history of its target layers' index keys; each page scores the number of its
+entries with score >= threshold, and the resident set is the release's: exactly
+K = min(kmax_pages, candidate pages) pages, the pages the window writes, the sink and the recency tail
+first (page score +inf), then the best-scoring pages (`kv_tiers.select_pages`). The engine recalls
+from the host mirror only the pages not already in the device reserve (LRU) and hands the decode step
+its page tables. With `stale_by_one` the pages for window n+1 are chosen and their transfer issued at
+boundary n, before window n runs, so the copy overlaps compute; the last window starts no recall.
 
 Modes: "full" (the plain backbone, whole CSA cache on the device), "lsa" (Memory Indexer), and the
 paper's same-budget baselines "recency" (newest pages) and "random" (uniform pages).
@@ -41,7 +43,7 @@ class LSAConfig:
     recency_tail_pages: int = 32   # newest complete pages always resident (inside kmax_pages)
     sink_pages: int = 0            # first pages always resident (inside kmax_pages)
     stale_by_one: bool = True      # choose window n+1's pages at boundary n (transfer overlaps compute)
-    verify_recall: bool = False    # checksum every recalled page against the one stored on write
+    verify_recall: bool = False    # checksum recalled pages (opt-in: ~3% of a window on CPU, see README)
     seed: int = 0                  # for mode="random"
 
     def __post_init__(self):
@@ -60,8 +62,9 @@ class GenerateResult:
     tokens: np.ndarray             # [B, n] int32
     logits: np.ndarray | None      # [B, n, V] float32 when asked
     stats: dict
-    # with trace_resident: per window, per request, the resident pages the window decoded with
-    resident_sets: list | None = None
+    # with trace_resident: per window, the page table it decoded with, page_slot int32 [B, n_pages]
+    # (reserve slot of each resident page, -1 = not resident)
+    resident_tables: list | None = None
 
 
 # ------------------------------------------------------------------------------------------ jitted
@@ -180,11 +183,11 @@ def _check_generate(config, mode, indexer, lsa, max_new_tokens):
 
 def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
              lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
-             lengths=None, key=None, impl: str = "auto", trace_resident: bool = False) -> GenerateResult:
+             lengths=None, key=None, impl: str = "auto", trace_resident: bool = False, stream=None) -> GenerateResult:
     """Prefill `prompt` [B, T] (right-padded with `lengths` [B] when ragged) and generate
     `max_new_tokens` tokens per request. Returns `.tokens` [B, n], `.logits` [B, n, V] (when
     `return_logits`), `.stats` (bytes and times; see README) and, with `trace_resident`,
-    `.resident_sets` (per window, per request: the resident pages it decoded with)."""
+    `.resident_tables` (per window, the page table it decoded with). `stream`: see `decode_loop`."""
     if lsa.page_entries is not None and lsa.page_entries != config.page_entries:
         config = config.replace(page_entries=lsa.page_entries)
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
@@ -192,6 +195,9 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     # every window runs the full tau steps (one compilation); room for the tokens past the request
     max_len = prompt.shape[1] + 1 + -(-(max_new_tokens - 1) // lsa.tau) * lsa.tau
     lengths = check_prefill_inputs(config, prompt, max_len, lengths)
+    if mode != "full":  # a budget that cannot work fails here, not after the prefill
+        kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages, recency_tail_pages=lsa.recency_tail_pages,
+                       sink_pages=lsa.sink_pages, tau=lsa.tau)
     key = jax.random.PRNGKey(0) if key is None else key
 
     t0 = time.perf_counter()
@@ -204,17 +210,21 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
 
     res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
-                      first_logits=last_logits if return_logits else None, trace_resident=trace_resident)
+                      first_logits=last_logits if return_logits else None, trace_resident=trace_resident,
+                      stream=stream)
     res.stats["prefill_s"] = prefill_s
     return res
 
 
 def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
                 lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
-                impl: str = "auto", first_logits=None, trace_resident: bool = False) -> GenerateResult:
+                impl: str = "auto", first_logits=None, trace_resident: bool = False, stream=None) -> GenerateResult:
     """Decode from a prefilled (entry-indexed) cache whose next token is `token` [B]; `hidden[l]` is
     layer l's hidden state [B, d_model] at the last cached token (the first Memory Indexer query).
-    The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens."""
+    The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens.
+    `stream(window, tokens [B, tau], logits [B, tau, V] or None)`, when given, receives every window's
+    outputs (NumPy) instead of the result (whose tokens are then only `token`): long generations keep
+    no growing output on the host."""
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
     key = jax.random.PRNGKey(0) if key is None else key
     # Commit every input to its placement: jit keys its cache on committedness, and the scan's outputs
@@ -238,14 +248,14 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     pos = np.asarray(cache["lengths"]).astype(np.int64)  # position of the next token (= tokens held)
     out_tokens = [np.asarray(token)]
     out_logits = [np.asarray(first_logits)] if first_logits is not None else []
-    resident_sets = [] if trace_resident and cycle is not None else None
+    resident_tables = [] if trace_resident and cycle is not None else None
     n = lsa.tau
     for n_windows in range(n_windows_total):
         has_next = n_windows + 1 < n_windows_total  # the last window starts no recall for a window after it
         if cycle is not None:
             cache = cycle.boundary(cache, hidden, pos, n, times, has_next)
-            if resident_sets is not None:
-                resident_sets.append([np.array(r) for r in cycle.state.resident])
+            if resident_tables is not None:
+                resident_tables.append(cycle.tables_host.copy())
         t0 = time.perf_counter()
         cache, token, toks, logits, hidden, key = run_window(params, config, cache, token, key, n, greedy,
                                                              return_logits, impl, hidden_layers)
@@ -254,9 +264,12 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
         toks.block_until_ready()
         # the first window includes compilation: kept apart so tokens/s is the steady state
         times["first_window_s" if n_windows == 0 else "decode_s"] += time.perf_counter() - t0
-        out_tokens.append(np.asarray(toks).T)
-        if return_logits:
-            out_logits.append(np.asarray(logits).transpose(1, 0, 2))
+        if stream is not None:
+            stream(n_windows, np.asarray(toks).T, np.asarray(logits).transpose(1, 0, 2) if return_logits else None)
+        else:
+            out_tokens.append(np.asarray(toks).T)
+            if return_logits:
+                out_logits.append(np.asarray(logits).transpose(1, 0, 2))
         if cycle is not None:
             cache = cycle.after_window(cache, pos, n, times)
             cycle.record(times)
@@ -266,7 +279,7 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     if return_logits and out_logits:
         logits = np.concatenate([out_logits[0][:, None]] + out_logits[1:], axis=1)[:, :max_new_tokens]
     stats = _stats(config, mode, cycle, pos, times, n_windows_total, b, lsa.tau, icfg)
-    return GenerateResult(tokens, logits, stats, resident_sets)
+    return GenerateResult(tokens, logits, stats, resident_tables)
 
 
 def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
@@ -317,11 +330,14 @@ class _Cycle:
         layers = list(cache["layers"])
         for l in config.csa_layers:  # the full CSA buffers leave the device; an empty reserve replaces them
             lc = dict(layers[l])
-            lc["comp_kv"] = jnp.zeros((b, self.layout.n_cells, config.head_dim), lc["comp_kv"].dtype)
-            lc["index_keys"] = jnp.zeros((b, self.layout.n_cells, config.index_key_bytes), jnp.uint8)
+            # committed like the arrays the window returns (jit keys its cache on committedness)
+            lc["comp_kv"] = jax.device_put(jnp.zeros((b, self.layout.n_cells, config.head_dim), lc["comp_kv"].dtype),
+                                           lc["comp_kv"].sharding)
+            lc["index_keys"] = jax.device_put(jnp.zeros((b, self.layout.n_cells, config.index_key_bytes), jnp.uint8),
+                                              lc["index_keys"].sharding)
             layers[l] = lc
         self.state = kt.ReserveState.empty(b, self.layout)
-        self.cache = {**cache, "layers": tuple(layers)}
+        self.cache = self._compile_recall_shapes({**cache, "layers": tuple(layers)})
         self.cache["tier"] = kt.device_tables(self.state, self.layout)
         self.rng = np.random.default_rng(lsa.seed)
         self.staged = None           # (plan, device arrays, tables) of the next window, with stale_by_one
@@ -331,6 +347,18 @@ class _Cycle:
         self.resident_fractions = []
         self.per_cycle = []          # scoring / recall / write-through seconds and recalled pages per cycle
         self._last = None
+
+    def _compile_recall_shapes(self, cache):
+        """Run the reserve scatter once for every recall bucket, writing nothing (every slot is the
+        dropped padding slot), so that no window after the first triggers a compilation."""
+        b, p = cache["lengths"].shape[0], self.layout.page_entries
+        for m in kt.recall_buckets(self.layout.n_slots):
+            staged = {l: tuple(kt.to_device(np.zeros((b, m, p, x.shape[-1]), x.dtype))
+                               for x in (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]))
+                      for l in self.c.csa_layers}
+            plan = kt.RecallPlan(np.full((b, m), self.layout.n_slots, np.int64), np.zeros((b, m), np.int64), 0)
+            cache = self._apply(cache, plan, staged, None)
+        return cache
 
     def record(self, times):
         now = {k: times[k] for k in ("scoring_s", "recall_s", "write_through_s")}
@@ -377,7 +405,7 @@ class _Cycle:
                                 staged, jnp.asarray(plan.slots, jnp.int32), self.layout.page_entries)
             for l, (kv, keys) in res.items():
                 layers[l] = {**layers[l], "comp_kv": kv, "index_keys": keys}
-        return {**cache, "layers": tuple(layers), "tier": tables}
+        return {**cache, "layers": tuple(layers), **({"tier": tables} if tables is not None else {})}
 
     def _resident_fraction(self, pos):
         n_complete = pos // self.layout.ratio
@@ -425,7 +453,7 @@ class _Cycle:
     def after_window(self, cache, pos, n_steps, times):
         t0 = time.perf_counter()
         written = [kt.write_pages(int(q), self.layout, n_steps) for q in pos]
-        m = max([len(w) for w in written] + [1])
+        m = self.layout.write_pages  # one shape for every window: no recompilation as windows cross pages
         pages = np.full((len(pos), m), -1, np.int64)
         for b, w in enumerate(written):
             pages[b, :len(w)] = w

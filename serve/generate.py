@@ -31,7 +31,10 @@ def _fmt_bytes(n: float) -> str:
 
 def _indexer(args, config, params):
     if args.indexer:
-        icfg, iparams = interop.load_flashmemory_checkpoint(args.indexer)
+        try:
+            icfg, iparams = interop.load_flashmemory_checkpoint(args.indexer)
+        except cli.USER_ERRORS as e:  # name the file: the safetensors reader's messages do not
+            raise ValueError(f"--indexer {args.indexer}: {e}") from e
     else:
         icfg = mi.config_from_model(config)
         try:

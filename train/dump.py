@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from fm_jax import backbone, interop
+from fm_jax import backbone, cli, interop
 from fm_jax import memory_indexer as mi
 from fm_jax import model as fm_model
 from fm_jax.config import ModelConfig, get_config
@@ -360,16 +360,16 @@ def load_model(preset: str, overrides: dict, seed: int, params_dir: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.dump", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.dump", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     src = p.add_argument_group("documents")
-    src.add_argument("--tokens", nargs="+", default=[], help=".npy / .jsonl token files")
-    src.add_argument("--synthetic", type=int, default=0, help="number of built-in synthetic documents")
+    src.add_argument("--tokens", nargs="+", type=cli.existing_file, default=[], help=".npy / .jsonl token files")
+    src.add_argument("--synthetic", type=cli.nonneg_int, default=0, help="number of built-in synthetic documents")
     src.add_argument("--tasks", type=_str_list, default=(),
                      help="task documents from train.tasks (comma-separated names), round-robin")
-    src.add_argument("--n-docs", type=int, default=0, help="number of task documents")
-    src.add_argument("--length", type=int, default=1024,
+    src.add_argument("--n-docs", type=cli.nonneg_int, default=0, help="number of task documents")
+    src.add_argument("--length", type=cli.positive_int, default=1024,
                      help="tokens per synthetic document / context_len of task documents")
     src.add_argument("--synthetic-seed", type=int, default=0, help="seed of synthetic and task documents")
     m = p.add_argument_group("backbone")
@@ -377,26 +377,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
     m.add_argument("--model-seed", type=int, default=0, help="seed of init_params")
-    m.add_argument("--model-params", default=None, help="backbone params (fm_jax.checkpoint.save_params directory)")
+    m.add_argument("--model-params", type=cli.existing_dir, default=None,
+                   help="backbone params (fm_jax.checkpoint.save_params directory)")
     m.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"), help="kernel implementation")
     lab = p.add_argument_group("labels")
     lab.add_argument("--target-layers", type=_int_list, default=None,
                      help="CSA layers whose hidden states / keys are stored (default: config_from_model's)")
     lab.add_argument("--vote-layers", type=_int_list, default=None, help="CSA layers that vote (default: all)")
-    lab.add_argument("--tau", type=int, default=16, help="query grid / lookahead window in decode steps")
-    lab.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+    lab.add_argument("--tau", type=cli.positive_int, default=16, help="query grid / lookahead window in decode steps")
+    lab.add_argument("--top-p", type=cli.unit_float, default=DEFAULT_TOP_P,
                      help="top-p over each layer's top-k softmax at every step (the release's client dump: 0.6)")
-    lab.add_argument("--min-layers", type=int, default=None,
+    lab.add_argument("--min-layers", type=cli.positive_int, default=None,
                      help="layers that must keep an entry at one step (default: 3, or all voters if fewer)")
-    lab.add_argument("--prompt-queries", type=int, default=0,
+    lab.add_argument("--prompt-queries", type=cli.nonneg_int, default=0,
                      help="task documents: extra query boundaries inside the prompt (on the tau grid)")
-    lab.add_argument("--min-candidates", type=int, default=None,
+    lab.add_argument("--min-candidates", type=cli.nonneg_int, default=None,
                      help="first query needs this many complete entries (default: index_topk)")
     lab.add_argument("--rope-dtype", default="float32", choices=("float32", "bfloat16"),
                      help="RoPE dtype of the Memory Indexer config written to li_init.safetensors")
     run = p.add_argument_group("execution")
-    run.add_argument("--pad-multiple", type=int, default=512, help="pad sequence lengths to a multiple (compiles)")
-    run.add_argument("--batch-docs", type=int, default=1, help="documents per backbone call")
+    run.add_argument("--pad-multiple", type=cli.positive_int, default=512,
+                     help="pad sequence lengths to a multiple (compiles)")
+    run.add_argument("--batch-docs", type=cli.positive_int, default=1, help="documents per backbone call")
     run.add_argument("--no-progress", action="store_true")
     return p
 
@@ -433,4 +435,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_jax import interop
+from fm_jax import cli, interop
 from fm_jax import memory_indexer as mi
 from pallas_kernels import indexer_scores
 from train import data as D
@@ -309,15 +309,15 @@ def load_indexer(ckpt: str, **overrides) -> tuple[mi.IndexerConfig, dict, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="train.dump output directory")
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("--data", type=cli.existing_dir, required=True, help="train.dump output directory")
+    p.add_argument("--ckpt", type=cli.existing_path, required=True,
                    help="FlashMemory .safetensors (e.g. DATA/li_init.safetensors) or a train.fit run directory")
     p.add_argument("--out", required=True, help="directory for eval.json and recall_vs_keep.png")
     p.add_argument("--docs", default="auto", choices=("auto", "val", "all"),
                    help="auto = the run's validation split when --ckpt is a run dir with split.json, else all")
-    p.add_argument("--threshold", type=float, default=None, help="keep threshold (default: the checkpoint's)")
+    p.add_argument("--threshold", type=cli.unit_float, default=None, help="keep threshold (default: the checkpoint's)")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true")
@@ -356,4 +356,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

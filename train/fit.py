@@ -45,7 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fm_jax import interop
+from fm_jax import cli, interop
 from fm_jax import memory_indexer as mi
 from train import data as D
 from train.dump import _parse_override
@@ -504,55 +504,58 @@ def run(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="train.dump output directory")
+    p.add_argument("--data", type=cli.existing_dir, required=True, help="train.dump output directory")
     p.add_argument("--out", required=True, help="run directory (a rerun resumes from its latest checkpoint)")
-    p.add_argument("--val-data", default=None, help="separate dump for validation (default: split --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
+    p.add_argument("--val-data", type=cli.existing_dir, default=None,
+                   help="separate dump for validation (default: split --data)")
+    p.add_argument("--val-fraction", type=cli.float_range(0.0, 0.99), default=0.1,
+                   help="documents held out for validation")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=1000, help="total steps (length of the cosine schedule)")
-    o.add_argument("--batch-size", type=int, default=32, help="global batch (multiple of the device count)")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--warmup", type=int, default=100)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--steps", type=cli.positive_int, default=1000, help="total steps (length of the cosine schedule)")
+    o.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="global batch (multiple of the device count)")
+    o.add_argument("--lr", type=cli.float_range(0.0, lo_open=True), default=1e-3)
+    o.add_argument("--warmup", type=cli.nonneg_int, default=100)
+    o.add_argument("--min-lr-ratio", type=cli.unit_float, default=0.1, help="final lr / peak lr")
+    o.add_argument("--weight-decay", type=cli.float_range(0.0), default=0.01)
     o.add_argument("--clip", type=float, default=1.0, help="global-norm clip (<= 0: off)")
     o.add_argument("--b1", type=float, default=0.9)
     o.add_argument("--b2", type=float, default=0.999)
     o.add_argument("--loss", default="bce", choices=("bce", "focal"))
     o.add_argument("--focal-alpha", type=float, default=0.25, help="focal loss alpha (negative: off)")
-    o.add_argument("--focal-gamma", type=float, default=2.0)
+    o.add_argument("--focal-gamma", type=cli.float_range(0.0), default=2.0)
     o.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     o.add_argument("--init", default="lightning",
                    help="'lightning' (DATA/li_init.safetensors), 'random', or a FlashMemory .safetensors")
     o.add_argument("--seed", type=int, default=0, help="data order, negatives and random init")
     d = p.add_argument_group("samples")
-    d.add_argument("--neg-ratio", type=float, default=1.0, help="random negatives per positive")
-    d.add_argument("--min-neg", type=int, default=8, help="random negatives per sample at least")
-    d.add_argument("--n-hard", type=int, default=0, help="hard negatives per sample")
+    d.add_argument("--neg-ratio", type=cli.float_range(0.0), default=1.0, help="random negatives per positive")
+    d.add_argument("--min-neg", type=cli.nonneg_int, default=8, help="random negatives per sample at least")
+    d.add_argument("--n-hard", type=cli.nonneg_int, default=0, help="hard negatives per sample")
     d.add_argument("--hard-neg-ckpt", default=None, help="FlashMemory .safetensors used to mine hard negatives")
     d.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=D.DEFAULT_BUCKETS,
                    help="entry-count buckets (comma separated)")
     d.add_argument("--soft-labels", action="store_true", help="positives' targets = vote fraction, not 1")
-    d.add_argument("--prefetch", type=int, default=4, help="batches prepared ahead on host threads")
-    d.add_argument("--data-workers", type=int, default=4, help="host threads assembling batches")
+    d.add_argument("--prefetch", type=cli.positive_int, default=4, help="batches prepared ahead on host threads")
+    d.add_argument("--data-workers", type=cli.positive_int, default=4, help="host threads assembling batches")
     m = p.add_argument_group("indexer")
     m.add_argument("--indexer-override", type=_parse_override, action="append", default=[],
                    help="IndexerConfig field override key=value, e.g. n_heads=16 q_lora_rank=64 (with --init "
                         "random; head_dim is fixed by the dumped keys)")
     m.add_argument("--ensemble", default=None, choices=("max", "mean"), help="override the dump's ensemble")
-    m.add_argument("--threshold", type=float, default=None, help="override the keep threshold (0.5)")
+    m.add_argument("--threshold", type=cli.unit_float, default=None, help="override the keep threshold (0.5)")
     m.add_argument("--impl", default="xla", choices=("xla", "auto", "pallas"),
                    help="scorer implementation in the train step (xla is differentiable)")
     m.add_argument("--eval-impl", default="auto", choices=("xla", "auto", "pallas"))
     r = p.add_argument_group("run")
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--eval-every", type=int, default=500, help="0: only at the end")
-    r.add_argument("--save-every", type=int, default=500)
-    r.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    r.add_argument("--log-every", type=cli.positive_int, default=10)
+    r.add_argument("--eval-every", type=cli.nonneg_int, default=500, help="0: only at the end")
+    r.add_argument("--save-every", type=cli.positive_int, default=500)
+    r.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints kept")
     r.add_argument("--sync-checkpoints", action="store_true", help="save synchronously")
-    r.add_argument("--stop-after", type=int, default=None,
+    r.add_argument("--stop-after", type=cli.positive_int, default=None,
                    help="stop after this step without exporting (simulates a kill; rerun to resume)")
     r.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
     r.add_argument("--no-tensorboard", action="store_true")
@@ -573,4 +576,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

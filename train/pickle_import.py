@@ -48,6 +48,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from fm_jax import cli
 from train import data as D
 from train.labels import CSR, validate_csr, window_union
 
@@ -354,14 +355,15 @@ def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pickle_import", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.pickle_import", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("pickles", nargs="+", help="the release's doc_*.pkl files")
+    p.add_argument("pickles", nargs="+", type=cli.existing_file, help="the release's doc_*.pkl files")
     p.add_argument("--out", required=True, help="output directory (train.data format)")
-    p.add_argument("--tau", type=int, default=RELEASE_TAU, help="label window in decode rows (the release: 64)")
-    p.add_argument("--sample-interval", type=int, default=1, help="every N-th decode row is a query")
-    p.add_argument("--ratio", type=int, default=4, help="tokens per compressed CSA entry")
-    p.add_argument("--n-vote-layers", type=int, default=21,
+    p.add_argument("--tau", type=cli.positive_int, default=RELEASE_TAU,
+                   help="label window in decode rows (the release: 64)")
+    p.add_argument("--sample-interval", type=cli.positive_int, default=1, help="every N-th decode row is a query")
+    p.add_argument("--ratio", type=cli.positive_int, default=4, help="tokens per compressed CSA entry")
+    p.add_argument("--n-vote-layers", type=cli.positive_int, default=21,
                    help="CSA layers that voted (the largest possible label score; V4: 21)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -376,4 +378,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

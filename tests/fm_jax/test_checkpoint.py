@@ -127,3 +127,63 @@ def test_save_refuses_wrong_params_and_existing_path(saved, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=ck.CONFIG_FILE):
         ck.restore_params(tmp_path, get_config("tiny"))
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler in the save path runs on it."""
+
+
+@pytest.mark.parametrize("stage", ["orbax", "config", "commit"])
+def test_save_killed_midway_is_never_half_read(saved, tmp_path, monkeypatch, stage):
+    """A save killed while writing the tensors, the config, or between the overwrite's two renames
+    leaves either the old checkpoint (bit-exact) or no checkpoint at `path`, never a partial one."""
+    c, params, _ = saved["float32"]
+    path = tmp_path / "ck"
+    old_params = random_params(c, seed=12)
+    ck.save_params(path, old_params, c)
+
+    def die(*args, **kwargs):
+        raise _Killed()
+
+    if stage == "orbax":
+        monkeypatch.setattr(ck, "_write_durable", die)  # tensors written, config not yet
+    elif stage == "config":
+        def half(file, data):  # half of the JSON reaches the disk, then the process dies
+            file.write_bytes(data[: len(data) // 2])
+            raise _Killed()
+        monkeypatch.setattr(ck, "_write_durable", half)
+    else:
+        real_commit = ck._commit
+
+        def commit(tmp, dst):  # dies after moving the old checkpoint aside, before the new one lands
+            real_rename = ck.os.rename
+            calls = []
+
+            def rename(src, target):
+                calls.append(target)
+                real_rename(src, target)
+                if len(calls) == 1:
+                    raise _Killed()
+            monkeypatch.setattr(ck.os, "rename", rename)
+            real_commit(tmp, dst)
+        monkeypatch.setattr(ck, "_commit", commit)
+    with pytest.raises(_Killed):
+        ck.save_params(path, params, c, overwrite=True)
+    monkeypatch.undo()
+    if stage == "commit":
+        assert not path.exists()
+        with pytest.raises(ValueError, match="not an fm_jax params checkpoint"):
+            ck.restore_params(path, c)
+    else:  # the old checkpoint is untouched
+        assert tree_bytes_equal(old_params, ck.restore_params(path, c))
+    # leftovers of the killed save do not get in the way of the next one
+    ck.save_params(path, params, c, overwrite=True)
+    assert tree_bytes_equal(params, ck.restore_params(path, c))
+
+
+def test_first_save_killed_leaves_no_checkpoint(saved, tmp_path, monkeypatch):
+    c, params, _ = saved["float32"]
+    monkeypatch.setattr(ck, "_commit", lambda tmp, path: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        ck.save_params(tmp_path / "new", params, c)
+    assert not (tmp_path / "new").exists()

@@ -205,3 +205,27 @@ def test_cli_json(capsys):
     assert cli_main(["--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
                      "--batch", "2", "--kmax-pages", "2"]) == 0
     assert "device CSA KV" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_last_window_starts_no_recall(setup, monkeypatch, stale):
+    """One plan (and, with stale_by_one, one scoring) per window that runs; none for a window after the last."""
+    from serve import engine
+    c, params, indexer, _, _ = setup
+    counts = {"plan": 0, "score": 0}
+    real_plan, real_scores = engine._Cycle._plan, engine._Cycle._page_scores
+
+    def plan(self, *a):
+        counts["plan"] += 1
+        return real_plan(self, *a)
+
+    def scores(self, *a):
+        counts["score"] += 1
+        return real_scores(self, *a)
+    monkeypatch.setattr(engine._Cycle, "_plan", plan)
+    monkeypatch.setattr(engine._Cycle, "_page_scores", scores)
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 300), 0, c.vocab_size)
+    res = generate(params, c, prompt, 4 * TAU + 1, mode="lsa", indexer=indexer,
+                   lsa=LSAConfig(tau=TAU, kmax_pages=4, recency_tail_pages=1, stale_by_one=stale))
+    assert res.stats["cycles"] == 4
+    assert counts == {"plan": 4, "score": 3 if stale else 4}  # stale: window n uses boundary n-1's scores

@@ -1,0 +1,104 @@
+"""Host-mirror faults (issue 14 item 5): with `verify`, a page corrupted in the host mirror (a flipped
+bit) or by a short host copy is detected on recall instead of being decoded."""
+import jax
+import numpy as np
+import pytest
+
+from fm_jax import get_config
+from fm_jax import kv_tiers as kt
+from fm_jax import memory_indexer as mi
+from fm_jax.model import init_params
+from serve.engine import LSAConfig, generate
+
+B, MAX_LEN = 2, 512
+
+
+def _mirror(verify=True):
+    c = get_config("tiny")
+    layout = kt.make_layout(c, MAX_LEN, kmax_pages=6, recency_tail_pages=1, sink_pages=0, tau=16)
+    rng = np.random.default_rng(0)
+    n = layout.n_pages * layout.page_entries
+    layers = [{} for _ in range(c.n_layers)]
+    for l in c.csa_layers:
+        layers[l] = {"comp_kv": rng.standard_normal((B, n, c.head_dim)).astype(np.float32),
+                     "index_keys": rng.integers(0, 256, (B, n, c.index_key_bytes), dtype=np.uint8)}
+    return c, layout, kt.HostMirror.from_cache({"layers": layers}, c, layout, verify=verify)
+
+
+def _plan(layout, pages):
+    pages = np.asarray(pages, np.int64)
+    return kt.RecallPlan(np.tile(np.arange(pages.shape[1]), (B, 1)), pages, pages.size)
+
+
+def test_clean_recall_passes_and_moves_the_pages():
+    c, layout, mirror = _mirror()
+    plan = _plan(layout, [[0, 3, 5], [1, 2, 7]])
+    out = mirror.recall_to_device(plan)
+    l = c.csa_layers[0]
+    np.testing.assert_array_equal(np.asarray(out[l][0])[1, 2], mirror.kv[l][1, 7])
+    np.testing.assert_array_equal(np.asarray(out[l][1])[0, 1], mirror.keys[l][0, 3])
+
+
+@pytest.mark.parametrize("name", ["kv", "keys"])
+def test_flipped_bit_in_the_mirror_is_detected(name):
+    c, layout, mirror = _mirror()
+    l = c.csa_layers[-1]
+    arr = (mirror.kv if name == "kv" else mirror.keys)[l]
+    arr[1, 5].view(np.uint8).reshape(-1)[37] ^= 0x10  # one bit of page 5 of request 1
+    mirror.recall_to_device(_plan(layout, [[5, 0], [0, 1]]))  # page 5 of request 0 is fine
+    with pytest.raises(kt.PageChecksumError, match=rf"CSA layer {l} {name}: page 5 of request 1"):
+        mirror.recall_to_device(_plan(layout, [[5, 0], [0, 5]]))
+
+
+def test_short_host_copy_is_detected(monkeypatch):
+    c, layout, mirror = _mirror()
+    real = kt._gather
+
+    def short(src, bidx, pages):  # the copy of the last page stops halfway
+        out = real(src, bidx, pages)
+        flat = out[0, -1].reshape(-1)
+        flat[flat.size // 2:] = 0
+        return out
+    monkeypatch.setattr(kt, "_gather", short)
+    with pytest.raises(kt.PageChecksumError, match="page 4 of request 0"):
+        mirror.recall_to_device(_plan(layout, [[1, 4], [2, 3]]))
+
+
+def test_write_through_updates_the_checksums():
+    c, layout, mirror = _mirror()
+    l = c.csa_layers[0]
+    new_kv = np.random.default_rng(1).standard_normal((B, 1, layout.page_entries, c.head_dim)).astype(np.float32)
+    new_keys = np.ones((B, 1, layout.page_entries, c.index_key_bytes), np.uint8)
+    mirror.write_through(l, new_kv, new_keys, np.array([[4], [-1]]))
+    out = mirror.recall_to_device(_plan(layout, [[4], [4]]))  # checks pass for the rewritten page
+    np.testing.assert_array_equal(np.asarray(out[l][0])[0, 0], new_kv[0, 0])
+
+
+def test_without_verify_corruption_goes_unnoticed():
+    """The check is what catches it (so the tests above can fail)."""
+    c, layout, mirror = _mirror(verify=False)
+    mirror.kv[c.csa_layers[0]][0, 2, 0, 0] += 1.0
+    mirror.recall_to_device(_plan(layout, [[2], [2]]))
+
+
+def test_engine_with_verify_reports_a_corrupted_page(monkeypatch):
+    """End to end: a bit flipped in the mirror between cycles stops generate with PageChecksumError."""
+    c = get_config("tiny")
+    params = init_params(c, jax.random.PRNGKey(0))
+    icfg = mi.config_from_model(c)
+    indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(3)))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (1, 400), 0, c.vocab_size)
+    real = kt.HostMirror.recall_to_device
+    calls = []
+
+    def corrupt_then_recall(self, plan):
+        calls.append(1)
+        if len(calls) == 2:  # flip one bit of every page before the second recall
+            for arr in self.kv.values():
+                arr.view(np.uint32)[..., 0] ^= 1
+        return real(self, plan)
+    monkeypatch.setattr(kt.HostMirror, "recall_to_device", corrupt_then_recall)
+    lsa = LSAConfig(tau=8, kmax_pages=4, recency_tail_pages=1, sink_pages=1, verify_recall=True)
+    with pytest.raises(kt.PageChecksumError):
+        generate(params, c, prompt, 65, mode="lsa", indexer=indexer, lsa=lsa)
+    assert len(calls) == 2
