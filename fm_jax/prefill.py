@@ -227,8 +227,14 @@ def _logits_last(params, config, h, start, lengths, last):
 
 
 # ---------------------------------------------------------------- driver
+def commit(tree):
+    """Every leaf committed to the default device (as jitted outputs are)."""
+    dev = jax.devices()[0]
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, dev), tree)
+
+
 def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths=None, impl: str = "auto",
-                    logits: str = "all", csa_store=None):
+                    logits: str = "all", csa_store=None, on_chunk=None):
     """Prefill `tokens` [B, T] (right-padded when `lengths` [B] is given) `chunk` tokens at a time.
 
     Returns (logits, cache, hidden): logits float32 [B, T, V] (`logits="all"`; positions >= lengths[b]
@@ -240,6 +246,7 @@ def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths
     returns (comp_kv, index_keys) buffers [B, N, ...] holding every entry before `start`, and
     `csa_store.give(layer, start, comp_kv, index_keys)` receives them after the layer wrote the chunk's
     entries. The cache then holds what `csa_store.finish(layers)` leaves in the CSA layers.
+    `on_chunk(start, h)` (optional) is called after every chunk with its output residual (benchmarks).
     """
     from fm_jax.model import check_prefill_inputs  # model imports backbone; keep this module importable first
 
@@ -250,23 +257,25 @@ def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     capacity = bucket(max_len, chunk)
     if lengths is not None and not isinstance(lengths, jax.Array):
-        lengths = jax.device_put(np.asarray(lengths))  # jnp.asarray would compile a program per call site shape
-    lengths = check_prefill_inputs(config, tokens, capacity, lengths)
+        lengths = jax.device_put(np.asarray(lengths), jax.devices()[0])  # (jnp.asarray compiles a program)
+    lengths = commit(check_prefill_inputs(config, tokens, capacity, lengths))
     b, t = tokens.shape
     t_pad = bucket(t, chunk)
     # padded and sliced on the host: eager device ops would compile once per prompt length
     tokens = np.pad(np.asarray(tokens, np.int32), ((0, 0), (0, t_pad - t)))
     # one buffer per leaf (init_cache shares its zero arrays between leaves; donation needs distinct ones)
-    layers = list(jax.tree_util.tree_map(jnp.copy, init_cache(config, b, capacity)["layers"]))
+    # Committed to the device like every jitted output: jit keys its cache on committedness, so an
+    # uncommitted first chunk would compile every program twice.
+    layers = list(commit(jax.tree_util.tree_map(jnp.copy, init_cache(config, b, capacity)["layers"])))
     if csa_store is not None:
         for l in config.csa_layers:  # the store owns these buffers: no capacity-sized copy here
             layers[l] = {k: v for k, v in layers[l].items() if k not in ("comp_kv", "index_keys")}
-    hidden = [jnp.zeros((b, config.d_model), config.compute_dtype) for _ in range(config.n_layers)]
-    last = jnp.zeros((b, config.vocab_size), jnp.float32)
+    hidden = commit([jnp.zeros((b, config.d_model), config.compute_dtype) for _ in range(config.n_layers)])
+    last = commit(jnp.zeros((b, config.vocab_size), jnp.float32))
     out = []
     for start in range(0, t_pad, chunk):
         s = jnp.asarray(start, jnp.int32)
-        tok = jax.device_put(tokens[:, start:start + chunk])
+        tok = jax.device_put(tokens[:, start:start + chunk], jax.devices()[0])
         h = _embed(params["embed"], config, tok)
         for l, lp in enumerate(params["layers"]):
             lc = layers[l]
@@ -278,6 +287,8 @@ def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths
             if csa_store is not None and l in config.csa_layers:
                 csa_store.give(l, start, lc.pop("comp_kv"), lc.pop("index_keys"))
             layers[l] = lc
+        if on_chunk is not None:
+            on_chunk(start, h)
         if logits == "all":
             out.append(np.asarray(_logits_all(params, config, h)))
         else:

@@ -214,6 +214,7 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
                       first_logits=last_logits if return_logits else None, mirror=mirror)
     res.stats["prefill_s"] = prefill_s
+    res.stats["prefill_chunk"] = prefill_chunk
     return res
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from fm_jax import kv_tiers as kt
 from fm_jax.cache import entry_capacity
-from fm_jax.prefill import bucket, check_chunk, prefill_chunked
+from fm_jax.prefill import bucket, check_chunk, commit, prefill_chunked
 
 
 @functools.partial(jax.jit, donate_argnames=("buf",))
@@ -55,9 +55,9 @@ class MirrorStore:
             kv={l: np.zeros((batch, n // p, p, config.head_dim), dt) for l in config.csa_layers},
             keys={l: np.zeros((batch, n // p, p, config.index_key_bytes), np.uint8) for l in config.csa_layers})
         self.targets = tuple(target_layers)
-        self.target_keys = {l: jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8) for l in self.targets}
-        self.scratch_kv = jnp.zeros((batch, n, config.head_dim), config.compute_dtype)
-        self.scratch_keys = jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8)
+        self.target_keys = commit({l: jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8) for l in self.targets})
+        self.scratch_kv = commit(jnp.zeros((batch, n, config.head_dim), config.compute_dtype))
+        self.scratch_keys = commit(jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8))
         self.pending = {}                                  # layer -> [(host view, device rows)] in flight
         self.h2d_bytes = self.d2h_bytes = 0
 
