@@ -261,10 +261,15 @@ class HostMirror:
             b = lc["comp_kv"].shape[0]
             kv[l] = np.array(lc["comp_kv"]).reshape(b, layout.n_pages, layout.page_entries, -1)
             keys[l] = np.array(lc["index_keys"]).reshape(b, layout.n_pages, layout.page_entries, -1)
-        mirror = cls(kv, keys, verify)
+        mirror = cls(kv, keys)
         if verify:
-            mirror.sums = {(l, name): page_checksums(arr[l]) for l in kv for name, arr in (("kv", kv), ("keys", keys))}
+            mirror.start_verifying()
         return mirror
+
+    def start_verifying(self) -> None:
+        """Checksum every page now; recall checks them from here on (and writes keep them current)."""
+        self.verify = True
+        self.sums = {(l, name): page_checksums(src) for l, name, src in self._arrays()}
 
     def _arrays(self):
         return [(l, name, src) for l in self.kv for name, src in (("kv", self.kv[l]), ("keys", self.keys[l]))]

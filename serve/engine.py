@@ -28,6 +28,7 @@ from fm_jax import memory_indexer as mi
 from fm_jax.cache import n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
+from serve.prefill import chunked_prefill
 
 MODES = ("full", "lsa", "recency", "random")
 
@@ -183,11 +184,15 @@ def _check_generate(config, mode, indexer, lsa, max_new_tokens):
 
 def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
              lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
-             lengths=None, key=None, impl: str = "auto", trace_resident: bool = False, stream=None) -> GenerateResult:
+             lengths=None, key=None, impl: str = "auto", trace_resident: bool = False, stream=None,
+             prefill_chunk: int | None = None) -> GenerateResult:
     """Prefill `prompt` [B, T] (right-padded with `lengths` [B] when ragged) and generate
     `max_new_tokens` tokens per request. Returns `.tokens` [B, n], `.logits` [B, n, V] (when
     `return_logits`), `.stats` (bytes and times; see README) and, with `trace_resident`,
-    `.resident_tables` (per window, the page table it decoded with). `stream`: see `decode_loop`."""
+    `.resident_tables` (per window, the page table it decoded with). `stream`: see `decode_loop`.
+    `prefill_chunk`: run the prompt in chunks of that many tokens (`serve.prefill`; the cache capacity is
+    rounded up to a multiple of it, and in the tiered modes the CSA entries stream to the host mirror
+    during prefill)."""
     if lsa.page_entries is not None and lsa.page_entries != config.page_entries:
         config = config.replace(page_entries=lsa.page_entries)
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
@@ -201,8 +206,14 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     key = jax.random.PRNGKey(0) if key is None else key
 
     t0 = time.perf_counter()
-    logits0, cache, hidden = prefill_with_hidden(params, config, prompt, lengths, max_len, impl)
-    last_logits = jnp.take_along_axis(logits0, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    mirror = None
+    if prefill_chunk is not None:
+        targets = tuple(indexer[0].target_layers) if mode == "lsa" else ()
+        last_logits, cache, hidden, mirror = chunked_prefill(params, config, prompt, lengths, max_len, prefill_chunk,
+                                                             tiered=mode != "full", target_layers=targets, impl=impl)
+    else:
+        logits0, cache, hidden = prefill_with_hidden(params, config, prompt, lengths, max_len, impl)
+        last_logits = jnp.take_along_axis(logits0, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     token = (jnp.argmax(last_logits, -1) if greedy else jax.random.categorical(sub, last_logits)).astype(jnp.int32)
     token.block_until_ready()
@@ -211,20 +222,23 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
                       first_logits=last_logits if return_logits else None, trace_resident=trace_resident,
-                      stream=stream)
+                      stream=stream, mirror=mirror)
     res.stats["prefill_s"] = prefill_s
+    res.stats["prefill_chunk"] = prefill_chunk
     return res
 
 
 def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
                 lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
-                impl: str = "auto", first_logits=None, trace_resident: bool = False, stream=None) -> GenerateResult:
+                impl: str = "auto", first_logits=None, trace_resident: bool = False, stream=None,
+                mirror=None) -> GenerateResult:
     """Decode from a prefilled (entry-indexed) cache whose next token is `token` [B]; `hidden[l]` is
     layer l's hidden state [B, d_model] at the last cached token (the first Memory Indexer query).
     The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens.
     `stream(window, tokens [B, tau], logits [B, tau, V] or None)`, when given, receives every window's
     outputs (NumPy) instead of the result (whose tokens are then only `token`): long generations keep
-    no growing output on the host."""
+    no growing output on the host. `mirror`: a HostMirror already holding every CSA entry (chunked
+    prefill), else it is copied from the cache."""
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
     key = jax.random.PRNGKey(0) if key is None else key
     # Commit every input to its placement: jit keys its cache on committedness, and the scan's outputs
@@ -242,7 +256,7 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
     icfg, iparams = indexer if mode == "lsa" else (None, None)
     hidden_layers = tuple(icfg.target_layers) if icfg is not None else ()
     hidden = {l: hidden[l] for l in hidden_layers}
-    cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl) if mode != "full" else None
+    cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror) if mode != "full" else None
     if cycle is not None:
         cache = cycle.cache
     pos = np.asarray(cache["lengths"]).astype(np.int64)  # position of the next token (= tokens held)
@@ -316,13 +330,18 @@ def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
 class _Cycle:
     """Host-side state of the tiered CSA cache across cycle boundaries."""
 
-    def __init__(self, config, cache, lsa, mode, icfg, iparams, max_len, impl):
+    def __init__(self, config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror=None):
         self.c, self.lsa, self.mode, self.icfg, self.iparams, self.impl = config, lsa, mode, icfg, iparams, impl
         self.layout = kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages,
                                      recency_tail_pages=lsa.recency_tail_pages, sink_pages=lsa.sink_pages,
                                      tau=lsa.tau)
         b = cache["lengths"].shape[0]
-        self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall)
+        if mirror is None:
+            self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall)
+        else:  # streamed during a chunked prefill
+            self.mirror = mirror
+            if lsa.verify_recall:
+                mirror.start_verifying()
         # Target layers' index keys stay whole on the device: the Memory Indexer scores all of them.
         self.full_keys = {} if icfg is None else {
             l: cache["layers"][l]["index_keys"].reshape(b, self.layout.n_pages, self.layout.page_entries, -1)

@@ -18,6 +18,7 @@ from fm_jax import cli, interop
 from fm_jax import memory_indexer as mi
 from fm_jax.config import PRESETS, get_config
 from fm_jax.model import init_params
+from fm_jax.prefill import bucket, chunk_multiple
 from serve.engine import MODES, LSAConfig, generate
 
 
@@ -49,6 +50,17 @@ def _fmt_tokens(tokens, limit: int = 32) -> str:
     return shown + (f" ... ({len(tokens)} tokens)" if len(tokens) > limit else "")
 
 
+def prefill_chunk(config, requested: int, context: int) -> int | None:
+    """The chunk `generate` gets: None for 0 (whole prompt), else `requested` rounded down to the config's
+    granularity (at least one unit) and no larger than the prompt rounded up to that granularity."""
+    if requested < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0, got {requested}")
+    if requested == 0:
+        return None
+    m = chunk_multiple(config)
+    return min(max(requested // m, 1) * m, bucket(context, m))
+
+
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -70,6 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--indexer", type=cli.existing_file, help="FlashMemory joint .safetensors of the Memory Indexer")
     ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--impl", default="auto", choices=("auto", "pallas", "xla"))
+    ap.add_argument("--prefill-chunk", type=int, default=8192,
+                    help="prefill the prompt in chunks of this many tokens (rounded down to the config's chunk "
+                         "granularity, at most the padded prompt; LSA modes stream CSA entries to the host "
+                         "during prefill); 0 = the whole prompt at once")
     ap.add_argument("--json", action="store_true", help="print the stats as JSON")
     args = ap.parse_args(argv)
 
@@ -84,10 +100,13 @@ def main(argv=None) -> int:
                     sink_pages=args.sink_pages, stale_by_one=not args.no_stale, verify_recall=args.verify_recall,
                     seed=args.seed)
     indexer = _indexer(args, config, params) if args.mode == "lsa" else None
-    res = generate(params, config, prompt, args.new_tokens, mode=args.mode, indexer=indexer, lsa=lsa, impl=args.impl)
+    chunk = prefill_chunk(config, args.prefill_chunk, args.context)
+    res = generate(params, config, prompt, args.new_tokens, mode=args.mode, indexer=indexer, lsa=lsa, impl=args.impl,
+                   prefill_chunk=chunk)
     st = dict(res.stats)
     if args.compare and args.mode != "full":
-        full = generate(params, config, prompt, args.new_tokens, mode="full", lsa=lsa, impl=args.impl)
+        full = generate(params, config, prompt, args.new_tokens, mode="full", lsa=lsa, impl=args.impl,
+                        prefill_chunk=chunk)
         st["token_agreement_vs_full"] = float(np.mean(full.tokens == res.tokens))
         st["full_decode_tokens_per_s"] = full.stats["decode_tokens_per_s"]
     st.pop("per_request", None)
