@@ -46,6 +46,11 @@ class TierLayout:
         return self.n_slots * self.page_entries
 
 
+def window_write_pages(config, tau: int) -> int:
+    """The most CSA pages one window of `tau` decode steps can write to (the least `kmax_pages`)."""
+    return -(-tau // (config.csa_ratio * config.page_entries)) + 1
+
+
 def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: int, sink_pages: int,
                 tau: int) -> TierLayout:
     """Reserve of `kmax_pages` pages (the release's K_max: recency tail, sink and the pages a window
@@ -55,7 +60,7 @@ def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: in
         raise ValueError("LSA needs at least one CSA layer (compress_ratios has no csa_ratio entry)")
     p, r = config.page_entries, config.csa_ratio
     n_pages = entry_capacity(config, config.csa_layers[0], max_len) // p
-    write_pages = -(-tau // (r * p)) + 1
+    write_pages = window_write_pages(config, tau)
     n_slots = min(n_pages, kmax_pages)
     if n_slots < min(n_pages, write_pages):
         raise ValueError(f"kmax_pages={kmax_pages} cannot hold the {write_pages} pages a window of tau={tau} steps "

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax import backbone
+from fm_jax.kv_tiers import window_write_pages
 from serve.engine import MODES, LSAConfig, generate
 from serve.shipped import load_shipped
 from train import labels as LB
@@ -41,10 +42,10 @@ def batch_examples(name: str, length: int, n: int, seed: int):
 
 
 def lsa_config(config, length: int, budget: float, tail_fraction: float, tau: int, seed: int) -> LSAConfig:
-    """The page budget at `length` tokens: `budget` of the CSA pages (at least one), the recency tail a
-    `tail_fraction` of it (the release's production ratio is 32 of 96 pages)."""
+    """The page budget at `length` tokens: `budget` of the CSA pages (at least the pages one window
+    writes), the recency tail a `tail_fraction` of it (the release's production ratio is 32 of 96 pages)."""
     n_pages = -(-(length // config.csa_ratio) // config.page_entries)
-    kmax = max(1, int(math.floor(budget * n_pages)))
+    kmax = max(window_write_pages(config, tau), int(math.floor(budget * n_pages)))
     return LSAConfig(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), sink_pages=0, seed=seed)
 
 
@@ -91,8 +92,9 @@ def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_t
         for e, toks in zip(chunk, res.tokens):
             scores.append(T.score(e.task, e, toks))
             outs.append(toks)
-        if golden is not None and res.resident_sets:
-            res.stats["golden_recall"] = golden_recall(golden[i:i + batch], res.resident_sets[0], config.page_entries)
+        if golden is not None and res.resident_tables:
+            pages = [np.nonzero(row >= 0)[0] for row in res.resident_tables[0]]  # page_slot of the first window
+            res.stats["golden_recall"] = golden_recall(golden[i:i + batch], pages, config.page_entries)
         stats.append(res.stats)
     return np.asarray(scores), stats, outs
 
