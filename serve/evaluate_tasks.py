@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_jax import backbone
+from fm_jax import backbone, checkpoint, cli, interop
 from fm_jax.kv_tiers import window_write_pages
 from serve.engine import MODES, LSAConfig, generate
 from serve.shipped import load_shipped
@@ -104,8 +104,18 @@ def _mean_stat(stats, key):
     return float(np.mean(vals)) if vals else None
 
 
+def load_model(args):
+    """(params, config, indexer) from `--params` + `--indexer`, else the model directory `--ckpt`."""
+    if args.params or args.indexer:
+        if not (args.params and args.indexer):
+            raise ValueError("--params and --indexer go together (or give a model directory with --ckpt)")
+        config = checkpoint.load_config(args.params)
+        return checkpoint.restore_params(args.params, config), config, interop.load_flashmemory_checkpoint(args.indexer)
+    return load_shipped(args.ckpt)
+
+
 def evaluate(args) -> dict:
-    params, config, indexer = load_shipped(args.ckpt)
+    params, config, indexer = load_model(args)
     names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
     new_tokens = max(len(T.make_example(n, min(args.lengths), 0).answer) for n in names) + 1
     rows, t0, golden_cache = [], time.perf_counter(), {}
@@ -207,35 +217,44 @@ def plot(result: dict, args, out: str) -> list[str]:
     return paths
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    vals = tuple(int(x) for x in s.split(","))
-    if any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {s!r}")
-    return vals
+def _list(kind, check, what):
+    def parse(s: str):
+        try:
+            vals = tuple(kind(x) for x in s.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        if not vals or not all(check(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return vals
+    return parse
 
 
-def _fractions(s: str) -> tuple[float, ...]:
-    vals = tuple(float(x) for x in s.split(","))
-    if any(not 0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"budgets are fractions in (0, 1], got {s!r}")
-    return vals
+_ints = _list(int, lambda v: v > 0, "positive ints")
+_fractions = _list(float, lambda v: 0 < v <= 1, "budget fractions in (0, 1]")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m serve.evaluate_tasks", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m serve.evaluate_tasks", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--ckpt", default=None, help="model directory (default: the shipped checkpoints/mini)")
+    p.add_argument("--ckpt", type=cli.existing_dir, default=None,
+                   help="model directory (backbone/ + memory_indexer.safetensors; default: checkpoints/mini)")
+    p.add_argument("--params", type=cli.existing_dir, default=None, help="backbone params (instead of --ckpt)")
+    p.add_argument("--indexer", type=cli.existing_file, default=None,
+                   help="Memory Indexer, FlashMemory .safetensors (with --params)")
     p.add_argument("--tasks", default="all")
     p.add_argument("--lengths", type=_ints, default=(4096, 8192, 16384, 32768))
     p.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES)
-    p.add_argument("--n", type=int, default=16, help="held-out examples per task and length")
-    p.add_argument("--budget", type=float, default=0.1, help="page budget of lsa/recency/random (fraction)")
-    p.add_argument("--tail-fraction", type=float, default=0.25, help="recency tail, as a fraction of the budget")
+    p.add_argument("--n", type=cli.positive_int, default=16, help="held-out examples per task and length")
+    p.add_argument("--budget", type=cli.float_range(0.0, 1.0, lo_open=True), default=0.1,
+                   help="page budget of lsa/recency/random (fraction of the CSA pages)")
+    p.add_argument("--tail-fraction", type=cli.unit_float, default=0.25,
+                   help="recency tail, as a fraction of the budget")
     p.add_argument("--sweep", type=_fractions, default=(0.05, 0.1, 0.2, 0.4))
-    p.add_argument("--sweep-length", type=int, default=None, help="context of the budget sweep (default: longest)")
-    p.add_argument("--tau", type=int, default=64)
-    p.add_argument("--tokens-per-batch", type=int, default=131072, help="prompt tokens per generate call")
+    p.add_argument("--sweep-length", type=cli.positive_int, default=None,
+                   help="context of the budget sweep (default: longest)")
+    p.add_argument("--tau", type=cli.positive_int, default=64)
+    p.add_argument("--tokens-per-batch", type=cli.positive_int, default=131072, help="prompt tokens per generate call")
     p.add_argument("--seed", type=int, default=0, help="mode=random's page choice")
     p.add_argument("--seed-base", type=int, default=T.HELDOUT_SEED + 1_000_000,
                    help="held-out examples' seeds start here (>= train.tasks.HELDOUT_SEED: never trained on)")
@@ -247,7 +266,11 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     for m in args.modes:
         if m not in MODES:
-            raise SystemExit(f"error: unknown mode {m!r}; choose from {MODES}")
+            raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
+    names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
+    for n in names:
+        if n not in T.TASKS:
+            raise SystemExit(f"unknown task {n!r}; choose from {T.TASKS}")
     args.sweep_length = args.sweep_length or max(args.lengths)
     os.makedirs(args.out, exist_ok=True)
     result = evaluate(args)
@@ -262,4 +285,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

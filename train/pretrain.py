@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from fm_jax import checkpoint as fm_ckpt
+from fm_jax import cli
 from fm_jax.config import get_config
 from fm_jax.model import init_params
 from train import data as D
@@ -185,6 +186,14 @@ def _check_run_config(out: str, args) -> None:
                    "the same trajectory")
 
 
+def task_names(spec: str) -> tuple[str, ...]:
+    names = T.TASKS if spec == "all" else tuple(spec.split(","))
+    for n in names:
+        if n not in T.TASKS:
+            raise ValueError(f"unknown task {n!r}; choose from {T.TASKS}")
+    return names
+
+
 def run(args) -> dict:
     import orbax.checkpoint as ocp
 
@@ -195,10 +204,7 @@ def run(args) -> dict:
     config = get_config(args.preset, **dict(args.override))
     if config.vocab_size < T.VOCAB_SIZE:
         raise ValueError(f"the task suite needs vocab_size >= {T.VOCAB_SIZE}, the config has {config.vocab_size}")
-    names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
-    for n in names:
-        if n not in T.TASKS:
-            raise ValueError(f"unknown task {n!r}; choose from {T.TASKS}")
+    names = task_names(args.tasks)
     phases = parse_curriculum(args.curriculum, args.steps, args.tokens_per_step)
     key = jax.random.PRNGKey(args.seed)
     template = param_template(config, key)
@@ -286,15 +292,8 @@ def run(args) -> dict:
     return summary
 
 
-def _positive(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (a rerun resumes from its latest checkpoint)")
     p.add_argument("--preset", default="mini")
@@ -302,27 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config field override key=value (JSON value), repeatable")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=_positive, default=3000)
+    o.add_argument("--steps", type=cli.positive_int, default=3000)
     o.add_argument("--curriculum", default="1024:dense:0.2,2048:sparse:0.3,4096:sparse:0.5",
                    help="LEN:STAGE:FRACTION phases (STAGE dense|sparse)")
-    o.add_argument("--tokens-per-step", type=_positive, default=65536)
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--warmup", type=int, default=200)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1)
-    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--tokens-per-step", type=cli.positive_int, default=65536)
+    o.add_argument("--lr", type=cli.float_range(0.0, None, lo_open=True), default=1e-3)
+    o.add_argument("--warmup", type=cli.nonneg_int, default=200)
+    o.add_argument("--min-lr-ratio", type=cli.unit_float, default=0.1)
+    o.add_argument("--weight-decay", type=cli.float_range(0.0), default=0.1)
     o.add_argument("--clip", type=float, default=1.0, help="global-norm clip (<= 0: off)")
-    o.add_argument("--b1", type=float, default=0.9)
-    o.add_argument("--b2", type=float, default=0.95)
-    o.add_argument("--kl-weight", type=float, default=1.0, help="weight of the indexer KL loss")
+    o.add_argument("--b1", type=cli.unit_float, default=0.9)
+    o.add_argument("--b2", type=cli.unit_float, default=0.95)
+    o.add_argument("--kl-weight", type=cli.float_range(0.0), default=1.0, help="weight of the indexer KL loss")
     o.add_argument("--seed", type=int, default=0, help="init and data")
     r = p.add_argument_group("run")
-    r.add_argument("--log-every", type=_positive, default=20)
-    r.add_argument("--eval-every", type=int, default=500, help="0: never")
+    r.add_argument("--log-every", type=cli.positive_int, default=20)
+    r.add_argument("--eval-every", type=cli.nonneg_int, default=500, help="0: never")
     r.add_argument("--eval-lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=(4096, 16384))
-    r.add_argument("--eval-examples", type=_positive, default=8, help="held-out examples per task and length")
-    r.add_argument("--save-every", type=_positive, default=500)
-    r.add_argument("--keep", type=_positive, default=2)
-    r.add_argument("--data-workers", type=_positive, default=2)
+    r.add_argument("--eval-examples", type=cli.positive_int, default=8, help="held-out examples per task and length")
+    r.add_argument("--save-every", type=cli.positive_int, default=500)
+    r.add_argument("--keep", type=cli.positive_int, default=2)
+    r.add_argument("--data-workers", type=cli.positive_int, default=2)
     r.add_argument("--stop-after", type=int, default=None, help="stop after this step (simulates a kill)")
     r.add_argument("--no-tensorboard", action="store_true")
     r.add_argument("--no-progress", action="store_true")
@@ -333,6 +332,13 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    try:  # checked before any work (run() parses it again)
+        parse_curriculum(args.curriculum, args.steps, args.tokens_per_step)
+    except ValueError as e:
+        raise SystemExit(f"--curriculum: {e}") from e
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise SystemExit("--stop-after must be positive")
+    task_names(args.tasks)
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k in ("out", "step", "tokens_seen", "wall_s", "final_eval")}),
           file=sys.stderr)
@@ -340,4 +346,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

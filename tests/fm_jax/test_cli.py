@@ -8,11 +8,20 @@ import sys
 import pytest
 
 from fm_jax import cli
-from serve import generate
-from train import dump, evaluate, fit, pickle_import
+from serve import evaluate_tasks, generate
+from train import dump, evaluate, fit, pickle_import, pretrain
 
 # (CLI main, argv, a fragment of the expected message); every case fails before any model work.
 BAD_INPUTS = [
+    (pretrain.main, ["--out", "{tmp}/p", "--curriculum", "1024:fast:1"], "--curriculum: curriculum item"),
+    (pretrain.main, ["--out", "{tmp}/p", "--steps", "0"], "argument --steps: must be >= 1"),
+    (pretrain.main, ["--out", "{tmp}/p", "--lr", "-1"], "argument --lr: must be > 0.0"),
+    (pretrain.main, ["--out", "{tmp}/p", "--tasks", "nope", "--preset", "tiny", "--override", "vocab_size=512",
+                     "--steps", "1"], "unknown task 'nope'"),
+    (evaluate_tasks.main, ["--out", "{tmp}/e", "--budget", "0"], "argument --budget: must be in (0.0, 1.0]"),
+    (evaluate_tasks.main, ["--out", "{tmp}/e", "--lengths", "1024,-5"], "argument --lengths: expected"),
+    (evaluate_tasks.main, ["--out", "{tmp}/e", "--modes", "full,bogus"], "unknown mode 'bogus'"),
+    (evaluate_tasks.main, ["--out", "{tmp}/e", "--ckpt", "{tmp}"], "holds no trained model"),
     (generate.main, ["--context", "0"], "argument --context: must be >= 1, got 0"),
     (generate.main, ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
     (generate.main, ["--new-tokens", "-3"], "argument --new-tokens: must be >= 1"),
