@@ -100,7 +100,8 @@ def run_mode(params, config, indexer, examples, mode: str, lsa: LSAConfig, new_t
 
 
 def _mean_stat(stats, key):
-    vals = [s[key] for s in stats if key in s]
+    """Mean of a stat over the generate calls that have it (golden recall is None without golden entries)."""
+    vals = [s[key] for s in stats if s.get(key) is not None]
     return float(np.mean(vals)) if vals else None
 
 
@@ -171,6 +172,19 @@ def summarize(rows, args) -> dict:
     return out
 
 
+def _save(plt, fig, ax, xlabel: str, title: str, path: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("exact match, retrieval tasks")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(result: dict, args, out: str) -> list[str]:
     try:
         import matplotlib
@@ -186,16 +200,8 @@ def plot(result: dict, args, out: str) -> list[str]:
         ys = [_avg(rows, length=L, mode=mode, budget=b, task=RETRIEVAL) for L in args.lengths]
         ax.plot(args.lengths, ys, marker="o", label=mode if mode == "full" else f"{mode} (budget {args.budget:.0%})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("exact match, retrieval tasks")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Accuracy vs context")
-    paths.append(os.path.join(out, "accuracy_vs_context.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, "context length (tokens)", "Accuracy vs context",
+                       os.path.join(out, "accuracy_vs_context.png")))
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = sorted(set(args.sweep) | ({args.budget} if args.sweep_length in args.lengths else set()))
     for mode in ("lsa", "recency", "random"):
@@ -204,16 +210,8 @@ def plot(result: dict, args, out: str) -> list[str]:
     full = _avg(rows, length=args.sweep_length, mode="full", budget=1.0, task=RETRIEVAL)
     if full is not None:
         ax.axhline(full, color="k", ls="--", lw=1, label="full cache")
-    ax.set_xlabel(f"device page budget (% of CSA pages) at {args.sweep_length} tokens")
-    ax.set_ylabel("exact match, retrieval tasks")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Accuracy vs device-KV budget")
-    paths.append(os.path.join(out, "accuracy_vs_budget.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, f"device page budget (% of CSA pages) at {args.sweep_length} tokens",
+                       "Accuracy vs device-KV budget", os.path.join(out, "accuracy_vs_budget.png")))
     return paths
 
 

@@ -29,6 +29,8 @@ SMOKE_FLAGS = {
     "--context": "256", "--new-tokens": "17", "--tau": "8", "--batch": "1",  # serve.generate
     "--synthetic": "6", "--length": "256", "--pad-multiple": "256",      # train.dump
     "--steps": "6", "--batch-size": "8", "--warmup": "2", "--buckets": "64",  # train.fit
+    "--n-docs": "6",                                                         # train.dump --tasks
+    "--lengths": "1024", "--n": "1", "--sweep": "0.5",                      # serve.evaluate_tasks
 }
 ENV_STEPS = ("python -m venv", "python3 -m venv", ". ", "source ", "pip ", "python -m pip")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$|[*?]")

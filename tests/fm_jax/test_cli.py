@@ -37,7 +37,7 @@ BAD_INPUTS = [
      "--indexer {tmp}/garbage.safetensors: Error while deserializing header"),
     (generate.main, ["--preset", "tiny", "--context", "100000"], "past the RoPE table (max_seq_len=16384)"),
     (generate.main, ["--context", "512", "--kmax-pages", "1", "--tau", "8"], "kmax_pages=1 cannot hold the 2 pages"),
-    (dump.main, ["--out", "{tmp}/d"], "give --tokens FILE... or --synthetic N"),
+    (dump.main, ["--out", "{tmp}/d"], "give --tokens FILE..., --synthetic N or --tasks NAMES --n-docs N"),
     (dump.main, ["--out", "{tmp}/d", "--synthetic", "2", "--tau", "0"], "argument --tau: must be >= 1"),
     (dump.main, ["--out", "{tmp}/d", "--synthetic", "-1"], "argument --synthetic: must be >= 0"),
     (dump.main, ["--out", "{tmp}/d", "--tokens", "/nonexistent.npy"], "argument --tokens: no such file"),

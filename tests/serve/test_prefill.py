@@ -63,8 +63,9 @@ def test_store_transfers_each_chunk_once_down():
 
 @pytest.mark.parametrize("mode", ["lsa", "recency"])
 def test_keep_all_after_chunked_prefill_is_bit_identical_to_full(v4_setup, mode):
-    c, params, indexer, prompt = v4_setup
-    cfg = LSAConfig(tau=TAU, threshold=0.0, kmax_pages=10_000, stale_by_one=True)
+    c, params, (icfg, iparams), prompt = v4_setup
+    indexer = (icfg.replace(threshold=0.0), iparams)  # keep every entry
+    cfg = LSAConfig(tau=TAU, kmax_pages=10_000, stale_by_one=True)
     full = generate(params, c, prompt, NEW, mode="full", return_logits=True, lsa=cfg, prefill_chunk=CHUNK)
     tiered = generate(params, c, prompt, NEW, mode=mode, indexer=indexer if mode == "lsa" else None,
                       return_logits=True, lsa=cfg, prefill_chunk=CHUNK)
@@ -79,7 +80,8 @@ def test_keep_all_after_chunked_prefill_is_bit_identical_to_full(v4_setup, mode)
 
 def test_small_budget_runs_from_chunked_prefill(v4_setup):
     c, params, indexer, prompt = v4_setup
-    res = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, lsa=LSAConfig(tau=TAU, kmax_pages=1),
+    small = LSAConfig(tau=TAU, kmax_pages=kt.window_write_pages(c, TAU), recency_tail_pages=1)
+    res = generate(params, c, prompt, NEW, mode="lsa", indexer=indexer, lsa=small,
                    prefill_chunk=CHUNK)
     assert res.tokens.shape == (2, NEW) and res.stats["resident_fraction"] < 1.0
     with pytest.raises(ValueError, match="chunk must be a positive multiple"):
