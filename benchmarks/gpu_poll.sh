@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wait up to $1 seconds for the background chain to reach step $2 of its steps.log (default: done).
+# Wait up to $1 seconds for the background chain (gpu_chain.sh) to reach step $2 of its steps.log (default: done).
 end=$(( $(date +%s) + ${1:-540} ))
 while [ "$(date +%s)" -lt "$end" ]; do
   grep -q "${2:-done in}" /tmp/run/steps.log 2>/dev/null && break
