@@ -5,7 +5,11 @@
 set -u
 pkill -f "^bash benchmarks/reproduce_mini.sh" ; pkill -f "^python3 -m train" ; sleep 2; rm -rf /tmp/run; mkdir -p /tmp/run
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-export PRE="--steps ${STEPS:-3000} --curriculum 4096:dense:0.1,4096:sparse:0.9 --tokens-per-step 65536 --lr 1e-3 --warmup 200 --eval-every 0 --save-every 1000 --log-every 50 --no-tensorboard"
+# curriculum: retrieval is learned densely on short prompts (64 per step), extended to 4K, and only then
+# does CSA attend the Lightning Indexer's top-k (a sparse stage before the model can retrieve starves it)
+export PRE="--steps ${STEPS:-3000} --curriculum ${CURRICULUM:-1024:dense:0.45,4096:dense:0.3,4096:sparse:0.25} --tokens-per-step 65536 --lr ${LR:-1.5e-3} --warmup 200 --eval-every 0 --save-every 500 --log-every 50 --no-tensorboard"
+# compiled executables persist across calls (gpu_collect.sh returns them; carry .jax_cache to reuse)
+export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=5
 export DUMP="--n-docs ${NDOCS:-480} --length 8192 --prompt-queries 4 --batch-docs 8"
 export FIT="--steps ${FITSTEPS:-800} --batch-size 32 --warmup 50 --eval-every 0 --save-every 400"
 export EVAL="${EVAL:---lengths 4096,16384 --n 8 --sweep 0.05,0.2}"

@@ -5,4 +5,5 @@ tar czf /tmp/model.tgz model 2>/dev/null || tar czf /tmp/model.tgz pretrain/para
 split -b 15M /tmp/model.tgz "$OUT/model.tgz.part-"
 cp pretrain/metrics.jsonl pretrain/summary.json steps.log "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" chain.log pretrain/perf.jsonl dump/manifest.json fit/metrics.jsonl fit/eval_final.json eval 2>/dev/null
+[ -d "$OLDPWD/.jax_cache" ] && tar czf "$OUT/jax_cache.tgz" -C "$OLDPWD" .jax_cache
 ls -la "$OUT"

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fm_jax import checkpoint as fm_ckpt
 from fm_jax import cli
@@ -106,6 +107,22 @@ def cast_like(params, template):
     return jax.tree.map(lambda x, t: x.astype(t.dtype), params, template)
 
 
+def flatten(trainable):
+    """Trainable leaves as two float32 vectors, {"matrix": weight-decayed (ndim >= 2), "vector": the rest},
+    plus the function that rebuilds the tree. The optimizer runs on these: per-leaf updates over the
+    model's hundreds of leaves made most of the training step's HLO and of its compile time."""
+    mat = jax.tree.map(lambda x: x if x.ndim >= 2 else None, trainable)
+    vec = jax.tree.map(lambda x: None if x.ndim >= 2 else x, trainable)
+    (fm, un_m), (fv, un_v) = ravel_pytree(mat), ravel_pytree(vec)
+    return {"matrix": fm, "vector": fv}, lambda flat: merge(un_m(flat["matrix"]), un_v(flat["vector"]))
+
+
+def init_state(master, tx):
+    """The training state of float32 master params: {"params", "opt_state" (over `flatten`'s vectors), "step"}."""
+    flat, _ = flatten(split_trainable(master)[0])
+    return {"params": master, "opt_state": tx.init(flat), "step": jnp.asarray(0, jnp.int32)}
+
+
 def param_template(config, key):
     return jax.eval_shape(functools.partial(init_params, config), key)
 
@@ -115,7 +132,7 @@ def make_optimizer(args, total_steps: int):
     warmup = max(0, min(args.warmup, total_steps - 1))
     sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(total_steps, warmup + 1),
                                                end_value=args.lr * args.min_lr_ratio)
-    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    decay_mask = lambda flat: {"matrix": True, "vector": False}  # the groups of `flatten`
     tx = optax.adamw(sched, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay, mask=decay_mask)
     if args.clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
@@ -137,13 +154,35 @@ def build_train_step(config, template, tx, kl_weight: float):
     def train_step(state, batch, sparse):
         """`sparse`: bool array (the stage is data, so both stages share one compilation per length)."""
         trainable, frozen = split_trainable(state["params"])
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, template, config, batch, sparse, kl_weight)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        return {"params": merge(trainable, frozen), "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        flat, unflatten = flatten(trainable)
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda f: loss_fn(unflatten(f), frozen, template, config, batch, sparse, kl_weight), has_aux=True)(flat)
+        updates, opt_state = tx.update(grads, state["opt_state"], flat)
+        flat = optax.apply_updates(flat, updates)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
+        return {"params": merge(unflatten(flat), frozen), "opt_state": opt_state, "step": state["step"] + 1}, metrics
     return train_step
+
+
+def precompile(step_fn, state, phases) -> dict:
+    """{length: Future of the compiled train step} for the phases' batch shapes, all compiled at once in
+    background threads: compiling a shape takes minutes on the GPU, so later phases compile while the
+    first one trains instead of stalling the run at each phase boundary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    shapes = {p.length: p.batch for p in phases}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(shapes)))
+    out = {}
+    for length, batch in shapes.items():
+        rows = jax.ShapeDtypeStruct((batch, length + ANSWER_ROOM), jnp.int32)
+        lowered = step_fn.lower(jax.tree.map(abstract, state),
+                                {"tokens": rows, "loss_mask": rows.update(dtype=jnp.float32)},
+                                jax.ShapeDtypeStruct((), jnp.bool_))
+        out[length] = pool.submit(lowered.compile)
+    pool.shutdown(wait=False)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -210,8 +249,7 @@ def run(args) -> dict:
     template = param_template(config, key)
     master = init_params(config.replace(dtype="float32"), key)
     tx, sched = make_optimizer(args, args.steps)
-    trainable, _ = split_trainable(master)
-    state = {"params": master, "opt_state": tx.init(trainable), "step": jnp.asarray(0, jnp.int32)}
+    state = init_state(master, tx)
     step_fn = build_train_step(config, template, tx, args.kl_weight)
 
     mngr = ocp.CheckpointManager(os.path.join(out, "ckpt"), options=ocp.CheckpointManagerOptions(
@@ -245,10 +283,11 @@ def run(args) -> dict:
         meta = {"step": done, "tokens_seen": tokens_seen, "wall_s": wall0 + time.perf_counter() - t_run}
         mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
+    compiled = precompile(step_fn, state, [p for p in phases if p.end > start and p.start < stop_at])
     pre = D.Prefetcher(produce, range(start, stop_at), depth=4, workers=args.data_workers)
     try:
         for s, (batch, ph) in pre:
-            state, metrics = step_fn(state, batch, jnp.asarray(ph.stage == "sparse"))
+            state, metrics = compiled[ph.length].result()(state, batch, jnp.asarray(ph.stage == "sparse"))
             done = s + 1
             n_tok = ph.batch * batch["tokens"].shape[1]
             tokens_seen += n_tok

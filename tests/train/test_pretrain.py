@@ -35,7 +35,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     tx, _ = P.make_optimizer(args, args.steps)
     trainable, frozen = P.split_trainable(master)
     assert any(x is not None for x in jax.tree.leaves(frozen, is_leaf=lambda x: x is None))  # tid2eid is frozen
-    state = {"params": master, "opt_state": tx.init(trainable), "step": jnp.asarray(0, jnp.int32)}
+    state = P.init_state(master, tx)
     tokens, mask = P.fixed_batch(("niah_single",), 384, 0, 2)
     batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
     step = P.build_train_step(c, template, tx, 1.0)
