@@ -24,10 +24,12 @@ def _pow2_dim(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
 
-def _choose(op: str, impl: str, interpret: bool, kernel_ok: bool) -> str:
+def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None) -> str:
+    """`rope_dim`: packed fp8 KV rows, read in column tiles (`sparse_attention.tiles_supported`)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
+        kernel_ok = _pow2_dim(dim) if rope_dim is None else tiles_supported(dim, rope_dim)
         return "pallas" if jax.default_backend() == "gpu" and kernel_ok else "xla"
     if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
         raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
@@ -40,7 +42,7 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     (act="sigmoid", masked -> 0). q [B, H, D] | [B, M, H, D]; keys uint8 [B, N, D+4] | bf16/f32 [B, N, D];
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]."""
     info = check_indexer_inputs(q, weights, keys, lengths, act)
-    if _choose("indexer_scores", impl, interpret, _pow2_dim(info.dim)) == "pallas":
+    if _choose("indexer_scores", impl, interpret, info.dim) == "pallas":
         return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret)
     return indexer_scores_xla(q, weights, keys, lengths, act=act)
 
@@ -51,7 +53,7 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
     with a per-head sink logit; ``kv`` / ``window_kv`` may be packed fp8 rows (uint8, with ``rope_dim``).
     Returns (out float32 [B, H, D], lse float32 [B, H])."""
     info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
-    if _choose("sparse_attention", impl, interpret, tiles_supported(info.dim, info.rope_dim)) == "pallas":
+    if _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim) == "pallas":
         return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)
     return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale, rope_dim=rope_dim)

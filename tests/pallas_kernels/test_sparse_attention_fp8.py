@@ -122,3 +122,12 @@ def test_packed_kernel_compiled_on_gpu(batch):
     out, lse = sparse_attention(q, kv, idx, win, wl, sink, scale=d ** -0.5, rope_dim=rd, impl="pallas")
     ref_out, ref_lse = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=d ** -0.5, rope_dim=rd)
     assert rel_err(out, ref_out) < RTOL_BF16 and rel_err(lse, ref_lse) < RTOL_BF16
+
+
+def test_auto_dispatch_for_packed_rows(monkeypatch):
+    # the packed kernel reads 64-wide nope tiles and a rope tile: the rope width must suit Triton (pow2 >= 16)
+    from pallas_kernels import dispatch
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dispatch._choose("sparse_attention", "auto", False, 512, 64) == "pallas"
+    assert dispatch._choose("sparse_attention", "auto", False, 144, 16) == "pallas"   # D not a power of two
+    assert dispatch._choose("sparse_attention", "auto", False, 72, 8) == "xla"
