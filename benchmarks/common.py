@@ -24,12 +24,17 @@ def run_info() -> dict:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
-def v4_attention_stack(compress_ratios=(4, 128, 4, 128)):
+def v4_attention_stack(compress_ratios=(4, 128, 4, 128), kv_dtype: str = "fp8"):
     """v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with 4
     layers, a dense FFN (so no hash-routed layers) and a small vocabulary: the attention stack the decode
-    benchmarks time."""
+    benchmarks time. kv_dtype "fp8": V4's 584-byte KV entries (the preset's own); "bf16": 1024-byte entries."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     return get_config("v4_flash", n_layers=4, compress_ratios=compress_ratios, ffn="dense", dense_inter_dim=2048,
-                      vocab_size=4096, hc_mult=1, n_hash_layers=0)
+                      vocab_size=4096, hc_mult=1, n_hash_layers=0, kv_fp8=kv_dtype == "fp8")
+
+
+KV_DTYPES = ("fp8", "bf16")
 
 
 def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
