@@ -61,11 +61,18 @@ def load_kv(c, rows):
     return kv_fp8.unpack(rows, c.head_dim, c.rope_dim, c.compute_dtype)
 
 
-def kv_zeros(c, *lead: int):
-    """Empty cache rows [*lead, kv_row] (zero bytes unpack to zeros in both formats)."""
+def kv_row(c):
+    """(width, dtype) of one stored attention-KV row: (kv_entry_bytes, uint8) with `kv_fp8`, else
+    (head_dim, compute dtype)."""
     if c.kv_fp8:
-        return jnp.zeros((*lead, c.kv_entry_bytes), jnp.uint8)
-    return jnp.zeros((*lead, c.head_dim), c.compute_dtype)
+        return c.kv_entry_bytes, jnp.dtype(jnp.uint8)
+    return c.head_dim, c.compute_dtype
+
+
+def kv_zeros(c, *lead: int):
+    """Empty cache rows [*lead, kv_row width] (zero bytes unpack to zeros in both formats)."""
+    width, dtype = kv_row(c)
+    return jnp.zeros((*lead, width), dtype)
 
 
 def init_layer_cache(c, layer: int, batch: int, max_len: int):

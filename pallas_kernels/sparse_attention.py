@@ -70,7 +70,7 @@ def column_tiles(d: int, rope_dim: int | None) -> tuple:
 
 
 def _load_packed(ref, b, ridx, valid, tiles, d, rope_dim):
-    """Packed fp8 rows ``ref[b, ridx]`` (uint8 [bk] row ids, masked by ``valid``) -> one bf16 [bk, width]
+    """Packed fp8 rows ``ref[b, ridx]`` (int32 [bk] row ids, masked by ``valid``) -> one bf16 [bk, width]
     tile per column tile, dequantised in registers (exact)."""
     nope = d - rope_dim
     r2, m2 = ridx[:, None], valid[:, None]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax import kv_tiers as kt
-from fm_jax.cache import entry_capacity, kv_zeros
+from fm_jax.cache import entry_capacity, kv_row, kv_zeros
 from fm_jax.prefill import bucket, check_chunk, commit, prefill_chunked
 
 
@@ -50,9 +50,9 @@ class MirrorStore:
         n = entry_capacity(config, config.csa_layers[0], capacity)
         p = config.page_entries
         self.n_entries = n
-        row = kv_zeros(config, 0)   # the cache's KV rows: width and dtype (packed fp8 or compute dtype)
+        width, dtype = kv_row(config)   # the cache's KV rows: packed fp8 bytes or the compute dtype
         self.mirror = kt.HostMirror(
-            kv={l: np.zeros((batch, n // p, p, row.shape[-1]), row.dtype) for l in config.csa_layers},
+            kv={l: np.zeros((batch, n // p, p, width), dtype) for l in config.csa_layers},
             keys={l: np.zeros((batch, n // p, p, config.index_key_bytes), np.uint8) for l in config.csa_layers})
         self.targets = tuple(target_layers)
         self.target_keys = commit({l: jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8) for l in self.targets})
