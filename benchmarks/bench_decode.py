@@ -14,6 +14,7 @@ import argparse
 import jax
 
 from benchmarks.common import (
+    KV_DTYPES,
     hbm_bandwidth,
     run_info,
     step_bytes_full,
@@ -26,10 +27,11 @@ from fm_jax.model import init_params
 from serve.engine import LSAConfig, decode_loop
 
 
-def configs(smoke: bool):
+def configs(smoke: bool, kv_dtype: str = "fp8"):
     if smoke:
         return {"tiny": get_config("tiny")}
-    return {"small": get_config("small"), "v4_flash_attn4": v4_attention_stack()}   # 2 CSA + 2 HCA layers
+    return {"small": get_config("small"),                                     # 2 CSA + 2 HCA layers:
+            "v4_flash_attn4": v4_attention_stack(kv_dtype=kv_dtype)}
 
 
 def main(argv=None):
@@ -40,10 +42,12 @@ def main(argv=None):
     ap.add_argument("--tau", type=int, default=32)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--kv-dtype", default="fp8", choices=KV_DTYPES,
+                    help="v4_flash_attn4's KV entries: fp8 (584-byte rows, the preset's) or bf16 (1024 bytes)")
     args = ap.parse_args(argv)
     bw = hbm_bandwidth(64 << 20 if args.smoke else 2 << 30)
     rows = []
-    for name, c in configs(args.smoke).items():
+    for name, c in configs(args.smoke, args.kv_dtype).items():
         params = init_params(c, jax.random.PRNGKey(0))
         for ctx in [int(x) for x in args.contexts.split(",")]:
             for b in [int(x) for x in args.batches.split(",")]:
@@ -53,7 +57,7 @@ def main(argv=None):
                 res = decode_loop(params, c, cache, tok, hidden, n_new, mode="full", lsa=LSAConfig(tau=args.tau))
                 step_s = res.stats["decode_s"] / ((args.windows - 1) * args.tau)
                 nbytes = step_bytes_full(c, params, b, ctx)
-                row = {"config": name, "batch": b, "context": ctx, "step_ms": step_s * 1e3,
+                row = {"config": name, "kv_fp8": c.kv_fp8, "batch": b, "context": ctx, "step_ms": step_s * 1e3,
                        "tokens_per_s": b / step_s, "bytes_per_step": nbytes,
                        "achieved_gbps": nbytes / step_s / 1e9, "hbm_fraction": nbytes / step_s / bw}
                 print(row, flush=True)

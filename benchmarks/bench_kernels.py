@@ -11,6 +11,9 @@ per-call time = (T(2S) - T(S)) / S with T the median wall time of ``block_until_
 cancels the host dispatch overhead and keeps the GPU busy back to back; distinct input sets keep the L2
 (50 MB) from serving repeated reads. Never on zeros: keys are random fp8 bytes (NaN codes removed) with
 random positive scales, q / weights / kv are random normals.
+Attention rows carry ``kv_dtype``: "bf16" (kv and window as bf16 [B, N, D]) or "fp8" (V4's packed 584-byte rows,
+``fm_jax.layers.kv_fp8``, dequantised in registers by the kernel and after the gather by the XLA path); their
+bytes count what each format moves (``--kv-dtypes`` picks which run).
 Roofline per row: ``max(bytes / copy_bw, flops / matmul_rate)`` with both ceilings measured in this run;
 ``roofline_fraction = roofline_time / time``.
 """
@@ -34,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fm_jax.layers import kv_fp8
 from pallas_kernels.indexer_score import indexer_scores_pallas
 from pallas_kernels.reference import (
     indexer_scores_reference,
@@ -160,14 +164,19 @@ def indexer_inputs(key, b, m, h, d, n, qdtype=jnp.bfloat16, multi=False, ragged=
     return q, w, keys, lens
 
 
-def attention_inputs(key, b, h, d, n, k, w, dtype=jnp.bfloat16, pad_frac=0.0):
+ROPE_DIM = 64   # V4-Flash: the packed rows' bf16 RoPE dims
+
+
+def attention_inputs(key, b, h, d, n, k, w, dtype=jnp.bfloat16, pad_frac=0.0, kv_dtype="bf16"):
+    """kv_dtype "fp8": kv and window as packed fp8 rows (uint8 [B, ., 584] for D = 512) of random normals."""
     ks = jax.random.split(key, 6)
     q = jax.random.normal(ks[0], (b, h, d), jnp.float32).astype(dtype)
-    kv = jax.random.normal(ks[1], (b, n, d), jnp.float32).astype(dtype)
+    rows = ((lambda x: kv_fp8.pack(x, ROPE_DIM)) if kv_dtype == "fp8" else (lambda x: x.astype(dtype)))
+    kv = rows(jax.random.normal(ks[1], (b, n, d), jnp.float32))
     idx = jax.random.randint(ks[2], (b, k), 0, n).astype(jnp.int32)
     if pad_frac > 0:
         idx = jnp.where(jax.random.uniform(ks[3], (b, k)) < pad_frac, -1, idx)
-    win = jax.random.normal(ks[4], (b, w, d), jnp.float32).astype(dtype)
+    win = rows(jax.random.normal(ks[4], (b, w, d), jnp.float32))
     wl = jnp.full((b,), w, jnp.int32)
     sink = jax.random.normal(ks[5], (h,), jnp.float32)
     return q, kv, idx, win, wl, sink
@@ -243,23 +252,30 @@ def run_checks(chosen=None):
         # the in-kernel split merge: the batch > 8 default (2 splits), and 5 splits merged by the last arrival
         dict(b=40, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=5, fused=True),
+        # V4's packed fp8 rows (dequantised in registers), with each merge path
+        dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None, kv="fp8"),
+        dict(b=40, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None, kv="fp8"),
+        dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3, kv="fp8"),
     ]
     for c in acases:
         key, sub = jax.random.split(key)
-        q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], c["h"], c["d"], c["n"], c["k"], c["w"], c["dt"], 0.2)
+        kvd = c.get("kv", "bf16")
+        rd = dict(rope_dim=ROPE_DIM) if kvd == "fp8" else {}
+        q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], c["h"], c["d"], c["n"], c["k"], c["w"], c["dt"], 0.2,
+                                                     kv_dtype=kvd)
         q = q.astype(c["qd"])
         idx = idx.at[0, :17].set(idx[0, 0])          # duplicates
         idx = idx.at[-1].set(-1)                      # a request with only window entries
         wl = wl.at[0].set(c["w"] // 3)
         scale = c["d"] ** -0.5
-        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}{' fused' if c.get('fused') else ''}"
+        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {kvd if kvd == 'fp8' else jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}{' fused' if c.get('fused') else ''}"
         try:
-            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=scale)
+            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=scale, **rd)
             acfg_c = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}),
                           **({"fused_combine": True} if c.get("fused") else {}))
-            po, pl_ = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **acfg_c))(
+            po, pl_ = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **rd, **acfg_c))(
                 q, kv, idx, win, wl, sink)
-            xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale))(q, kv, idx, win, wl, sink)
+            xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale, **rd))(q, kv, idx, win, wl, sink)
             e, _, nan = rel_err(po, ro)
             el, _, nan2 = rel_err(pl_, rl)
             ex, _, _ = rel_err(xo, ro)
@@ -298,22 +314,24 @@ def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None):
                 timing=raw)
 
 
-def attention_case(ceil, b, impl, h=64, d=512, k=512, w=128, n=4096, cfg=None):
-    bytes_ = b * (h * d * 2 + k * d * 2 + w * d * 2 + k * 4 + h * d * 4 + h * 4 + 4) + h * 4
+def attention_case(ceil, b, impl, h=64, d=512, k=512, w=128, n=4096, cfg=None, kv_dtype="bf16"):
+    row = kv_fp8.entry_bytes(d, ROPE_DIM) if kv_dtype == "fp8" else d * 2       # bytes of one kv row
+    bytes_ = b * (h * d * 2 + k * row + w * row + k * 4 + h * d * 4 + h * 4 + 4) + h * 4
     flops = 4 * b * h * d * (k + w)
-    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 3, mem_cap=12e9 * bytes_ / (b * n * d * 2 + bytes_))
-    sets = [attention_inputs(jax.random.PRNGKey(2000 + i), b, h, d, n, k, w) for i in range(2 * s)]
+    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 3, mem_cap=12e9 * bytes_ / (b * n * row + bytes_))
+    sets = [attention_inputs(jax.random.PRNGKey(2000 + i), b, h, d, n, k, w, kv_dtype=kv_dtype) for i in range(2 * s)]
     scale = d ** -0.5
+    rd = dict(rope_dim=ROPE_DIM) if kv_dtype == "fp8" else {}
     if impl == "pallas":
-        fn = lambda *a: sparse_attention_pallas(*a, scale=scale, **(cfg or {}))
+        fn = lambda *a: sparse_attention_pallas(*a, scale=scale, **rd, **(cfg or {}))
     else:
-        fn = lambda *a: sparse_attention_xla(*a, scale=scale)
+        fn = lambda *a: sparse_attention_xla(*a, scale=scale, **rd)
     per, raw = time_per_call(fn, sets)
     del sets
     gc.collect()
     rt = roofline(bytes_, flops, ceil)
     return dict(kernel="sparse_attention", impl=impl, heads=h, dim=d, window=w, pool=n, batch=b, topk=k,
-                time_us=per * 1e6, gbps=bytes_ / per / 1e9, tflops=flops / per / 1e12, bytes=bytes_, flops=flops,
+                q_dtype="bfloat16", kv_dtype=kv_dtype, time_us=per * 1e6, gbps=bytes_ / per / 1e9, tflops=flops / per / 1e12, bytes=bytes_, flops=flops,
                 roofline_us=rt * 1e6, roofline_fraction=rt / per, config=cfg or "default",
                 wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
                 timing=raw)
@@ -391,11 +409,13 @@ def add_speedups(rows):
     xla = {}
     for r in rows:
         if r.get("impl") == "xla" and "time_us" in r:
-            xla[(r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"))] = r
+            xla[(r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"),
+                 r.get("kv_dtype"))] = r
     for r in rows:
         if "time_us" not in r:
             continue
-        x = xla.get((r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype")))
+        x = xla.get((r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"),
+                     r.get("kv_dtype")))
         r["speedup_vs_xla"] = (x["time_us"] / r["time_us"]) if x else None
         r["speedup_vs_xla_wall"] = (x["timing"]["wall_per_call_us"] / r["timing"]["wall_per_call_us"]) if x else None
 
@@ -471,6 +491,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few sizes (smoke run)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
+    ap.add_argument("--kv-dtypes", default="bf16,fp8", help="attention rows: bf16 and/or fp8 (packed 584-byte rows)")
     ap.add_argument("--ncu-summary", default="", help="summarise an ncu csv dump and exit")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -504,7 +525,7 @@ def main():
         try:
             r = fn(ceil, *a, **kw)
             result[to].append(r)
-            log(f"{to[:5]:5s} {r['kernel']:16s} {r['impl']:6s} h{r['heads']:3d} b{r['batch']:3d} "
+            log(f"{to[:5]:5s} {r['kernel']:16s} {r['impl']:6s} {r.get('kv_dtype', ''):4s} h{r['heads']:3d} b{r['batch']:3d} "
                 f"{'n' if 'n_entries' in r else 'k'}{r.get('n_entries', r.get('topk')):7d} {r['time_us']:9.1f} us "
                 f"(wall {r['timing']['wall_per_call_us']:8.1f}) {r['gbps']:6.0f} GB/s {r['tflops']:6.1f} TF/s "
                 f"roof {r['roofline_fraction']:.2f} cfg {r['config']}")
@@ -554,9 +575,13 @@ def main():
 
     if "attention" in sections:
         bs = (1, 8, 32, 64) if not args.quick else (8, 64)
-        for b in bs:
-            add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"])
-            add(attention_case, b, "xla")
+        for kvd in args.kv_dtypes.split(","):
+            if kvd not in ("bf16", "fp8"):
+                raise SystemExit(f"--kv-dtypes: unknown kv dtype {kvd!r} (bf16, fp8)")
+            for b in bs:
+                add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"],
+                    kv_dtype=kvd)
+                add(attention_case, b, "xla", kv_dtype=kvd)
     if "indexer" in sections:
         hs, ns, bs = (64, 128), (16384, 65536, 262144), (1, 8, 32)
         if args.tiny:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import h2d_bandwidth, run_info, synthetic_cache, v4_attention_stack, write_json
+from benchmarks.common import KV_DTYPES, h2d_bandwidth, run_info, synthetic_cache, v4_attention_stack, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -33,13 +33,16 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--kmax-pages", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--kv-dtype", default="fp8", choices=KV_DTYPES,
+                    help="attention KV entries: fp8 (V4's 584-byte rows, the preset's) or bf16 (1024 bytes)")
     args = ap.parse_args(argv)
     if args.contexts is None:   # the tiny smoke model's RoPE table ends at 16384 positions
         args.contexts = "4096" if args.smoke else "131072,524288,1048064"
     if args.smoke:
-        c = get_config("tiny", n_layers=4, compress_ratios=(4, 4, 4, 4))
+        fp8 = dict(kv_fp8=True, head_dim=72) if args.kv_dtype == "fp8" else {}   # 64 nope dims + 8 rope
+        c = get_config("tiny", n_layers=4, compress_ratios=(4, 4, 4, 4), **fp8)
     else:
-        c = v4_attention_stack(compress_ratios=(4, 4, 4, 4))
+        c = v4_attention_stack(compress_ratios=(4, 4, 4, 4), kv_dtype=args.kv_dtype)
     params = init_params(c, jax.random.PRNGKey(0))
     icfg = mi.config_from_model(c, target_layers=(1,), rope_dtype="float32")
     indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(1)))
@@ -50,7 +53,7 @@ def main(argv=None):
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for b in [int(x) for x in args.batches.split(",")]:
             n_new = 1 + args.windows * args.tau
-            row = {"context": ctx, "batch": b}
+            row = {"context": ctx, "batch": b, "kv_dtype": args.kv_dtype, "kv_entry_bytes": c.kv_entry_bytes}
             for mode in ("full", "lsa"):
                 cache, hidden = synthetic_cache(c, b, ctx, ctx + n_new)
                 tok = jnp.zeros((b,), jnp.int32)
@@ -94,7 +97,7 @@ def _payload(c, icfg, lsa, h2d, rows) -> dict:
             "lsa": {"tau": lsa.tau, "kmax_pages": lsa.kmax_pages, "page_entries": c.page_entries,
                     "tail_pages": lsa.recency_tail_pages, "sink_pages": lsa.sink_pages,
                     "stale_by_one": lsa.stale_by_one},
-            "model": {"n_layers": c.n_layers, "compress_ratios": c.compress_ratios,
+            "model": {"n_layers": c.n_layers, "compress_ratios": c.compress_ratios, "kv_fp8": c.kv_fp8,
                       "target_layers": icfg.target_layers}, "rows": rows}
 
 

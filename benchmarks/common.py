@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_jax.cache import init_cache
+from fm_jax.cache import init_cache, store_kv
 from fm_jax.config import KIND_CSA, KIND_WINDOW, get_config
 from fm_jax.layers.quant import pack_index_keys
 
@@ -23,12 +24,17 @@ def run_info() -> dict:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
-def v4_attention_stack(compress_ratios=(4, 128, 4, 128)):
+def v4_attention_stack(compress_ratios=(4, 128, 4, 128), kv_dtype: str = "fp8"):
     """v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with 4
     layers, a dense FFN (so no hash-routed layers) and a small vocabulary: the attention stack the decode
-    benchmarks time."""
+    benchmarks time. kv_dtype "fp8": V4's 584-byte KV entries (the preset's own); "bf16": 1024-byte entries."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     return get_config("v4_flash", n_layers=4, compress_ratios=compress_ratios, ffn="dense", dense_inter_dim=2048,
-                      vocab_size=4096, hc_mult=1, n_hash_layers=0)
+                      vocab_size=4096, hc_mult=1, n_hash_layers=0, kv_fp8=kv_dtype == "fp8")
+
+
+KV_DTYPES = ("fp8", "bf16")
 
 
 def median_time(fn, *, warmup: int = 2, reps: int = 10) -> float:
@@ -75,13 +81,14 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
     layers = []
     for l, lc in enumerate(cache["layers"]):
         key, *ks = jax.random.split(key, 8)
-        new = {"window": jax.random.normal(ks[0], lc["window"].shape, jnp.float32).astype(dt)}
+        rows = lambda k, n: jax.jit(functools.partial(store_kv, config))(
+            jax.random.normal(k, (batch, n, config.head_dim), jnp.float32))   # bf16/f32 or packed fp8 rows
+        new = {"window": rows(ks[0], config.window)}
         if config.layer_kind(l) != KIND_WINDOW:
             r = config.compress_ratios[l]
             n = lc["comp_kv"].shape[1]
             valid = (jnp.arange(n) < context // r)[None, :, None]
-            new["comp_kv"] = jnp.where(valid, jax.random.normal(ks[1], lc["comp_kv"].shape, jnp.float32).astype(dt),
-                                       jnp.zeros((), dt))
+            new["comp_kv"] = jnp.where(valid, rows(ks[1], n), jnp.zeros((), lc["comp_kv"].dtype))
             new["comp_state"] = jax.tree_util.tree_map(lambda a, k=ks[2]: jax.random.normal(k, a.shape, a.dtype),
                                                        lc["comp_state"])
             if config.layer_kind(l) == KIND_CSA:
@@ -104,16 +111,16 @@ def step_bytes_full(config, params, batch: int, context: int) -> int:
     """Fewest HBM bytes one full-cache decode step must read: all parameters once, plus per request
     the window, every HCA entry, and for CSA layers every index key (the Lightning Indexer scans
     them) and the top-k attended entries."""
-    item = config.compute_dtype.itemsize
+    row = config.kv_entry_bytes
     per_req = 0
     for l in range(config.n_layers):
-        per_req += min(context, config.window) * config.head_dim * item
+        per_req += min(context, config.window) * row
         kind, r = config.layer_kind(l), config.compress_ratios[l]
         if kind == KIND_CSA:
             n = context // r
-            per_req += n * config.index_key_bytes + min(n, config.index_topk) * config.head_dim * item
+            per_req += n * config.index_key_bytes + min(n, config.index_topk) * row
         elif kind != KIND_WINDOW:
-            per_req += context // r * config.head_dim * item
+            per_req += context // r * row
     return param_bytes(params) + batch * per_req
 
 

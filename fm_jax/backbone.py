@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fm_jax.cache import entry_capacity, n_visible_entries
+from fm_jax.cache import entry_capacity, kv_zeros, n_visible_entries, round_kv, store_kv
 from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 from fm_jax.layers.attention import output_projection, project_kv, project_q
@@ -68,9 +68,10 @@ def _window_gather(kv: jax.Array, window: int):
     return kv[:, jnp.clip(pos, 0, t - 1)], jnp.minimum(jnp.arange(t) + 1, window).astype(jnp.int32)
 
 
-def _attend_sequence(q, kv_pool, sel, window_kv, window_len, sink, scale, impl):
+def _attend_sequence(q, kv_pool, sel, window_kv, window_len, sink, scale, impl, rope_dim=None):
     """Per-query sparse attention over a sequence, chunked over queries.
-    q [B,T,H,D], kv_pool [B,N,D], sel [B,T,K], window_kv [B,T,W,D], window_len [T] -> [B,T,H,D] f32."""
+    q [B,T,H,D], kv_pool [B,N,D] (or packed fp8 rows [B,N,E] with `rope_dim`), sel [B,T,K],
+    window_kv [B,T,W,D], window_len [T] -> [B,T,H,D] f32."""
     b, t = q.shape[:2]
     qc = min(QUERY_CHUNK, t)
     n_chunks = -(-t // qc)
@@ -87,7 +88,8 @@ def _attend_sequence(q, kv_pool, sel, window_kv, window_len, sink, scale, impl):
 
     def one_chunk(xs):
         qq, ss, ww, ll = xs
-        f = lambda q1, s1, w1, l1: sparse_attention(q1, kv_pool, s1, w1, l1, sink, scale=scale, impl=impl)[0]
+        f = lambda q1, s1, w1, l1: sparse_attention(q1, kv_pool, s1, w1, l1, sink, scale=scale, rope_dim=rope_dim,
+                                                    impl=impl)[0]
         return jax.vmap(f, in_axes=(1, 1, 1, 1), out_axes=1)(qq, ss, ww, ll)
 
     out = jax.lax.map(one_chunk, args)  # [n_chunks, B, qc, H, D]
@@ -109,7 +111,7 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
     positions = jnp.arange(t)
     q, q_lora = project_q(p, c, x, positions, inv)
     kv = project_kv(p, c, x, positions, inv)
-    window_kv, window_len = _window_gather(kv, c.window)
+    window_kv, window_len = _window_gather(round_kv(c, kv), c.window)
     entries = keys = None
     if kind != KIND_WINDOW:
         entries = compressor.compress_sequence(p["compressor"], x, r, kind == KIND_CSA, inv,
@@ -118,7 +120,7 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
     if n == 0:  # nothing compressed yet: an empty (all-padding) selection over a dummy pool
         pool, sel = jnp.zeros((b, 1, c.head_dim), kv.dtype), jnp.full((b, t, 1), -1, jnp.int32)
     else:
-        pool, n_vis, ids = entries, n_visible_entries(positions, r), jnp.arange(n)
+        pool, n_vis, ids = round_kv(c, entries), n_visible_entries(positions, r), jnp.arange(n)
         if kind == KIND_CSA:
             keys = pack_entry_keys(compressor.compress_sequence(
                 p["indexer"]["compressor"], x, r, True, inv, c.compress_rope_position, c.norm_eps))
@@ -148,7 +150,7 @@ def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_l
     last = lengths[:, None] - 1
     pos = last - jnp.mod(last - jnp.arange(c.window)[None, :], c.window)  # newest p < length, p % W == slot
     window = jnp.take_along_axis(kv, jnp.clip(pos, 0, t - 1)[..., None], axis=1)
-    lc = {"window": jnp.where((pos >= 0)[..., None], window, 0).astype(c.compute_dtype)}
+    lc = {"window": jnp.where((pos >= 0)[..., None], store_kv(c, window), 0)}
     if kind == KIND_WINDOW:
         return lc
     n_cap = entry_capacity(c, layer, max_len)
@@ -158,7 +160,7 @@ def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_l
         e = jnp.pad(e, [(0, 0), (0, n_cap - e.shape[1])] + [(0, 0)] * (e.ndim - 2))
         return jnp.where(complete.reshape(b, n_cap, *([1] * (e.ndim - 2))), e, 0).astype(e.dtype)
 
-    lc["comp_kv"] = place(entries.astype(c.compute_dtype))
+    lc["comp_kv"] = place(store_kv(c, entries))
     lc["comp_state"] = compressor.state_from_sequence(p["compressor"], x, lengths, r, kind == KIND_CSA)
     if kind == KIND_CSA:
         if keys is None:  # fewer than r tokens: no entry exists yet
@@ -219,10 +221,10 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
     q, q_lora = project_q(p, c, x, positions, inv)
     kv = project_kv(p, c, x, positions, inv)
     lc = dict(lc)
-    lc["window"] = _write_rows(lc["window"], positions % c.window, kv)
+    lc["window"] = _write_rows(lc["window"], positions % c.window, store_kv(c, kv))
     window_len = jnp.minimum(positions + 1, c.window).astype(jnp.int32)
     if kind == KIND_WINDOW:
-        pool = jnp.zeros((x.shape[0], 1, c.head_dim), lc["window"].dtype)
+        pool = kv_zeros(c, x.shape[0], 1)
         sel = jnp.full((x.shape[0], 1), -1, jnp.int32)
     else:
         overlap = kind == KIND_CSA
@@ -230,7 +232,7 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
             p["compressor"], lc["comp_state"], x, positions, r, overlap, inv, c.compress_rope_position, c.norm_eps)
         n_cells = lc["comp_kv"].shape[1]
         cell = eid if tier is None else _entry_cells(tier, eid, c.page_entries, n_cells)
-        lc["comp_kv"] = _write_rows(lc["comp_kv"], cell, entry, emit)
+        lc["comp_kv"] = _write_rows(lc["comp_kv"], cell, store_kv(c, entry), emit)
         pool = lc["comp_kv"]
         n_vis = n_visible_entries(positions, r).astype(jnp.int32)
         if kind == KIND_CSA:
@@ -251,7 +253,7 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
             ids = jnp.arange(pool.shape[1])
             sel = jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1).astype(jnp.int32)
     o, _ = sparse_attention(q, pool, sel, lc["window"], window_len, p["sink"], scale=c.head_dim ** -0.5,
-                            impl=impl)
+                            rope_dim=c.rope_dim if c.kv_fp8 else None, impl=impl)
     return output_projection(p, c, o, positions, inv), lc
 
 

@@ -4,15 +4,18 @@
 cache = {"lengths": int32 [batch],          # tokens held per request = position of the next token
          "capacity": int32 [],              # max_len: positions must stay below it
          "layers": ( per layer:
-             {"window":   [batch, window, head_dim]                ring buffer, slot = position % window
+             {"window":   [batch, window, kv_row]                  ring buffer, slot = position % window
               # compressed layers (ratio r):
-              "comp_kv":    [batch, n_entries, head_dim]           complete entries only (entry i holds
+              "comp_kv":    [batch, n_entries, kv_row]             complete entries only (entry i holds
                                                                    tokens i*r .. i*r + r - 1)
               "comp_state": {"kv", "score"} [batch, coff*r, coff*head_dim]  partial window (compressor)
               # CSA layers:
               "index_keys":  uint8 [batch, n_entries, index_head_dim + 4]   fp8 + scale layout
               "index_state": {"kv", "score"} [batch, 2r, 2*index_head_dim]} ) }
 ```
+Attention KV rows (`window`, `comp_kv`) are `kv_row = head_dim` values of the compute dtype, or with
+`config.kv_fp8` packed uint8 rows of `kv_entry_bytes` (584 B for V4-Flash; `fm_jax.layers.kv_fp8`):
+`store_kv` / `load_kv` convert, `round_kv` is the forward's view of the same values.
 `n_entries = entry_capacity(config, layer, max_len)`: `max_len // r`, rounded up to whole pages of
 `page_entries` for CSA layers (LSA moves CSA entries in pages, and an LSA reserve that holds every page
 then has exactly the full cache's shape). Every array keeps its shape for the whole generation, so a
@@ -23,7 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fm_jax.config import KIND_CSA, KIND_WINDOW
-from fm_jax.layers import compressor
+from fm_jax.layers import compressor, kv_fp8
 
 
 def entry_capacity(c, layer: int, max_len: int) -> int:
@@ -34,15 +37,53 @@ def entry_capacity(c, layer: int, max_len: int) -> int:
     return n
 
 
+def round_kv(c, kv):
+    """The forward's attention KV [..., head_dim]: with `kv_fp8` the nope dims fp8-rounded in the compute
+    dtype (exactly what `load_kv(store_kv(kv))` returns), else `kv` unchanged."""
+    if not c.kv_fp8:
+        return kv
+    return kv_fp8.round_kv(kv.astype(c.compute_dtype), c.rope_dim)
+
+
+def store_kv(c, kv):
+    """Attention KV [..., head_dim] -> the cache's rows: packed uint8 [..., kv_entry_bytes] with `kv_fp8`,
+    else the compute dtype."""
+    if not c.kv_fp8:
+        return kv.astype(c.compute_dtype)
+    return kv_fp8.pack(kv.astype(c.compute_dtype), c.rope_dim)
+
+
+def load_kv(c, rows):
+    """The cache's rows -> attention KV [..., head_dim] in the compute dtype (inverse of `store_kv` up to
+    `round_kv`)."""
+    if not c.kv_fp8:
+        return rows
+    return kv_fp8.unpack(rows, c.head_dim, c.rope_dim, c.compute_dtype)
+
+
+def kv_row(c):
+    """(width, dtype) of one stored attention-KV row: (kv_entry_bytes, uint8) with `kv_fp8`, else
+    (head_dim, compute dtype)."""
+    if c.kv_fp8:
+        return c.kv_entry_bytes, jnp.dtype(jnp.uint8)
+    return c.head_dim, c.compute_dtype
+
+
+def kv_zeros(c, *lead: int):
+    """Empty cache rows [*lead, kv_row width] (zero bytes unpack to zeros in both formats)."""
+    width, dtype = kv_row(c)
+    return jnp.zeros((*lead, width), dtype)
+
+
 def init_layer_cache(c, layer: int, batch: int, max_len: int):
     kind = c.layer_kind(layer)
-    lc = {"window": jnp.zeros((batch, c.window, c.head_dim), c.compute_dtype)}
+    lc = {"window": kv_zeros(c, batch, c.window)}
     if kind == KIND_WINDOW:
         return lc
     r = c.compress_ratios[layer]
     overlap = kind == KIND_CSA
     n = entry_capacity(c, layer, max_len)
-    lc["comp_kv"] = jnp.zeros((batch, n, c.head_dim), c.compute_dtype)
+    lc["comp_kv"] = kv_zeros(c, batch, n)
     lc["comp_state"] = compressor.init_state(batch, r, overlap, c.head_dim)
     if kind == KIND_CSA:
         lc["index_keys"] = jnp.zeros((batch, n, c.index_key_bytes), jnp.uint8)

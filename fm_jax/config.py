@@ -11,6 +11,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from fm_jax.layers import kv_fp8
+
 KIND_WINDOW, KIND_CSA, KIND_HCA = "window", "csa", "hca"
 
 
@@ -66,6 +68,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     # LSA paging: 1 page = page_entries CSA entries
     page_entries: int = 8
+    # V4's fp8 KV (SPEC §3, §9): the nope dims of the window KV and of the attention compressor's entries
+    # rounded to fp8 e4m3 (blocks of 64, power-of-two scales) in the forward, and stored as packed
+    # entry_bytes rows (`fm_jax.layers.kv_fp8`); needs head_dim - rope_dim a multiple of 64
+    kv_fp8: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     name: str = field(default="custom", compare=False)
 
@@ -97,6 +103,14 @@ class ModelConfig:
     def index_key_bytes(self) -> int:
         """Bytes of one packed index key: index_head_dim fp8 values + one fp32 scale."""
         return self.index_head_dim + 4
+
+    @property
+    def kv_entry_bytes(self) -> int:
+        """Bytes of one stored attention-KV entry (window slot or compressed entry): the packed fp8 layout
+        (584 for V4-Flash) with `kv_fp8`, else head_dim values of the compute dtype."""
+        if self.kv_fp8:
+            return kv_fp8.entry_bytes(self.head_dim, self.rope_dim)
+        return self.head_dim * self.compute_dtype.itemsize
 
     @property
     def heads_per_group(self) -> int:
@@ -186,6 +200,10 @@ def _validate(c: ModelConfig) -> None:
         bad("routed_scaling_factor", "must be > 0")
     if not c.swiglu_limit >= 0:
         bad("swiglu_limit", "must be >= 0 (0 = no clamp)")
+    if not isinstance(c.kv_fp8, bool):
+        bad("kv_fp8", "must be a bool")
+    if c.kv_fp8 and (c.head_dim - c.rope_dim) % kv_fp8.BLOCK:
+        bad("kv_fp8", f"needs head_dim - rope_dim (= {c.head_dim - c.rope_dim}) to be a multiple of {kv_fp8.BLOCK}")
     if c.n_hash_layers > c.n_layers:
         bad("n_hash_layers", f"must be <= n_layers={c.n_layers}")
 
@@ -222,9 +240,9 @@ PRESETS: dict[str, dict] = {
     ),
     # V4-Flash as in its official config.json (SPEC §9). Exact: mHC (hc_mult 4, Sinkhorn 20, eps 1e-6),
     # every layer MoE with sqrt(softplus) routing, 3 hash-routed layers, route scale 1.5, SwiGLU clamp 10,
-    # RoPE 10000 plain (window layers) / 160000 + YaRN (compressed layers), entry visibility. Not modelled:
-    # the MTP layer, fp8/fp4 weight and activation quantisation (QAT), the fp8 KV packing of SPEC §3; the
-    # MoE computes every expert densely (README "Fidelity to DeepSeek-V4").
+    # RoPE 10000 plain (window layers) / 160000 + YaRN (compressed layers), entry visibility, the fp8 KV
+    # (`kv_fp8`: rounding and 584-byte entries). Not modelled: the MTP layer, fp8/fp4 weight and activation
+    # quantisation (QAT); the MoE computes every expert densely (README "Fidelity to DeepSeek-V4").
     "v4_flash": dict(
         vocab_size=129280, d_model=4096, n_layers=43, n_heads=64, head_dim=512, rope_dim=64,
         q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window=128,
@@ -232,7 +250,7 @@ PRESETS: dict[str, dict] = {
         n_index_heads=64, index_head_dim=128, index_topk=512, max_seq_len=1048576,
         ffn="moe", n_routed_experts=256, n_shared_experts=1, moe_top_k=6, moe_inter_dim=2048,
         page_entries=64, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, n_hash_layers=3,
-        routed_scaling_factor=1.5, swiglu_limit=10.0, dtype="bfloat16",
+        routed_scaling_factor=1.5, swiglu_limit=10.0, kv_fp8=True, dtype="bfloat16",
     ),
 }
 

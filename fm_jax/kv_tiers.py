@@ -249,7 +249,8 @@ def _gather(src: np.ndarray, bidx: np.ndarray, pages: np.ndarray) -> np.ndarray:
 
 @dataclass
 class HostMirror:
-    """Every CSA entry in host memory, per CSA layer: kv [B, n_pages, page_entries, head_dim] and
+    """Every CSA entry in host memory, per CSA layer: kv [B, n_pages, page_entries, kv_row] (the cache's rows:
+    head_dim values, or packed fp8 uint8 rows of kv_entry_bytes with `kv_fp8`) and
     index keys [B, n_pages, page_entries, index_head_dim + 4] (uint8). With `verify`, every page carries
     a checksum (`page_checksums`, updated on write) that recall checks before the transfer."""
     kv: dict       # layer -> np.ndarray
@@ -319,5 +320,5 @@ class HostMirror:
 
 
 def page_bytes(config) -> int:
-    """Device bytes of one reserve page of one CSA layer (attention KV + index keys)."""
-    return config.page_entries * (config.head_dim * config.compute_dtype.itemsize + config.index_key_bytes)
+    """Device bytes of one reserve page of one CSA layer (attention KV rows + index keys)."""
+    return config.page_entries * (config.kv_entry_bytes + config.index_key_bytes)

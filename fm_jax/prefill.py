@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax.backbone import _attend_sequence, block, embed_residual, lm_logits
-from fm_jax.cache import init_cache, n_visible_entries
+from fm_jax.cache import init_cache, load_kv, n_visible_entries, round_kv, store_kv
 from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 from fm_jax.layers.attention import output_projection, project_kv, project_q
@@ -157,8 +157,8 @@ def attention_chunk(p, c, layer: int, x, lc, start, lengths, impl):
     kv = project_kv(p, c, x, positions, inv)
     w = c.window
     ring = lc["window"]
-    prev = ring[:, (start - w + jnp.arange(w)) % w]                      # positions start - W .. start - 1
-    ext = jnp.concatenate([prev, kv.astype(ring.dtype)], axis=1)          # [B, W + C, D]
+    prev = load_kv(c, ring[:, (start - w + jnp.arange(w)) % w])         # positions start - W .. start - 1
+    ext = jnp.concatenate([prev, round_kv(c, kv).astype(prev.dtype)], axis=1)   # [B, W + C, D]
     window_kv = ext[:, w + jnp.arange(n_tok)[:, None] - jnp.arange(w)[None, :]]  # newest first
     window_len = jnp.minimum(positions + 1, w).astype(jnp.int32)
     # the ring after min(lengths, start + C) tokens: each slot's newest position, if inside this chunk
@@ -166,14 +166,15 @@ def attention_chunk(p, c, layer: int, x, lc, start, lengths, impl):
     slot_pos = last[:, None] - jnp.mod(last[:, None] - jnp.arange(w)[None, :], w)
     fresh = (slot_pos >= start) & (lengths > start)[:, None]
     new_slot = jnp.take_along_axis(kv, jnp.clip(slot_pos - start, 0, n_tok - 1)[..., None], axis=1)
-    lc = {**lc, "window": jnp.where(fresh[..., None], new_slot.astype(ring.dtype), ring)}
+    lc = {**lc, "window": jnp.where(fresh[..., None], store_kv(c, new_slot), ring)}
     if kind == KIND_WINDOW:
         pool, sel = jnp.zeros((b, 1, c.head_dim), kv.dtype), jnp.full((b, n_tok, 1), -1, jnp.int32)
     else:
         overlap = kind == KIND_CSA
         entries, proj = _chunk_entries(p["compressor"], x, positions, lc["comp_state"], start, r, overlap, inv, c)
         lc["comp_state"] = _next_state(lc["comp_state"], proj, start, lengths)
-        lc["comp_kv"] = pool = _write_entries(lc["comp_kv"], entries.astype(kv.dtype), start, r, lengths)
+        lc["comp_kv"] = _write_entries(lc["comp_kv"], store_kv(c, entries.astype(kv.dtype)), start, r, lengths)
+        pool = lc["comp_kv"]   # packed rows with kv_fp8: the attention dequantises the rows it gathers
         n_cap = pool.shape[1]
         n_vis = n_visible_entries(positions, r)
         if kind == KIND_CSA:
@@ -189,7 +190,7 @@ def attention_chunk(p, c, layer: int, x, lc, start, lengths, impl):
             ids = jnp.arange(n_cap)
             sel = jnp.broadcast_to(jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1), (b, n_tok, n_cap))
     o = _attend_sequence(q, pool, sel.astype(jnp.int32), window_kv, window_len, p["sink"], c.head_dim ** -0.5,
-                         impl)
+                         impl, rope_dim=c.rope_dim if c.kv_fp8 else None)
     return output_projection(p, c, o, positions, inv), lc
 
 

@@ -15,7 +15,7 @@ from pallas_kernels.reference import (
     indexer_scores_xla,
     sparse_attention_xla,
 )
-from pallas_kernels.sparse_attention import sparse_attention_pallas
+from pallas_kernels.sparse_attention import sparse_attention_pallas, tiles_supported
 
 IMPLS = ("auto", "pallas", "xla")
 
@@ -24,11 +24,13 @@ def _pow2_dim(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
 
-def _choose(op: str, impl: str, interpret: bool, dim: int) -> str:
+def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None) -> str:
+    """`rope_dim`: packed fp8 KV rows, read in column tiles (`sparse_attention.tiles_supported`)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and _pow2_dim(dim) else "xla"
+        kernel_ok = _pow2_dim(dim) if rope_dim is None else tiles_supported(dim, rope_dim)
+        return "pallas" if jax.default_backend() == "gpu" and kernel_ok else "xla"
     if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
         raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
                          "pass interpret=True to run the kernel in interpret mode, or impl='xla'")
@@ -45,12 +47,13 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     return indexer_scores_xla(q, weights, keys, lengths, act=act)
 
 
-def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, impl: str = "auto",
-                     interpret: bool = False):
+def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, rope_dim: int | None = None,
+                     impl: str = "auto", interpret: bool = False):
     """Sparse decode attention over ``window_kv[:, :window_lengths]`` plus ``kv[indices]`` (-1 = padding)
-    with a per-head sink logit. Returns (out float32 [B, H, D], lse float32 [B, H])."""
-    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
-    if _choose("sparse_attention", impl, interpret, info.dim) == "pallas":
+    with a per-head sink logit; ``kv`` / ``window_kv`` may be packed fp8 rows (uint8, with ``rope_dim``).
+    Returns (out float32 [B, H, D], lse float32 [B, H])."""
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
+    if _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim) == "pallas":
         return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
-                                       interpret=interpret)
-    return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale)
+                                       rope_dim=rope_dim, interpret=interpret)
+    return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale, rope_dim=rope_dim)

@@ -18,8 +18,11 @@ Shapes and semantics (SPEC sections 2-4):
     ``logit[s] = sum_h w[h] relu(q[h] . k[s])`` for ``s < length``; ``act="none"``: masked -> ``-inf``;
     ``act="sigmoid"``: ``sigmoid(logit)``, masked -> ``0``. Returns float32 ``[B, N]`` / ``[B, M, N]``.
 
-``sparse_attention(q, kv, indices, window_kv, window_lengths, sink, scale)``
-    One shared KV head (keys == values). Attended set = window slots ``[0, window_lengths[b])`` plus
+``sparse_attention(q, kv, indices, window_kv, window_lengths, sink, scale, rope_dim=None)``
+    One shared KV head (keys == values). ``kv [B, N, D]`` and ``window_kv [B, W, D]`` are bf16/f32, or either
+    is V4's packed fp8 rows (uint8 ``[B, N | W, E]``, ``E = kv_fp8.entry_bytes(D, rope_dim)``, 584 for
+    512 / 64; needs ``rope_dim``): the attended rows are dequantised (exact in bf16) after the gather.
+    Attended set = window slots ``[0, window_lengths[b])`` plus
     ``kv[b, indices[b, j]]`` for every ``j`` with ``0 <= indices[b, j] < N`` (``-1`` = padding; duplicates count
     once per occurrence). ``lse = log(exp(sink) + sum_j exp(l_j))``, ``out = sum_j exp(l_j - lse) v_j``; a row with
     nothing valid gives ``out = 0`` and ``lse = sink``.
@@ -31,6 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fm_jax.layers import kv_fp8
 from fm_jax.layers.quant import dequantize_index_keys, unpack_index_keys
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -108,9 +112,31 @@ class AttentionShapes:
     n_entries: int   # N (kv pool)
     topk: int        # K
     window: int      # W
+    kv_packed: bool = False       # kv holds packed fp8 rows
+    window_packed: bool = False   # window_kv holds packed fp8 rows
+    rope_dim: int | None = None   # of the packed rows
 
 
-def check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink) -> AttentionShapes:
+def _check_kv_rows(name, x, b, d, rope_dim) -> bool:
+    """True when x is packed fp8 rows; ValueError unless x is bf16/f32 [B, ., D] or uint8 [B, ., E]."""
+    if x.dtype == jnp.uint8:
+        if rope_dim is None:
+            raise ValueError(f"sparse_attention: {name} is uint8 (packed fp8 KV) but rope_dim was not given")
+        try:
+            e = kv_fp8.entry_bytes(d, rope_dim)
+        except ValueError as err:
+            raise ValueError(f"sparse_attention: {err}") from None
+        if x.ndim != 3 or x.shape[0] != b or x.shape[2] != e:
+            raise ValueError(f"sparse_attention: packed {name} must be uint8 [B={b}, ., E={e}] for D={d}, "
+                             f"rope_dim={rope_dim}, got {list(_shape(x))}")
+        return True
+    if x.ndim != 3 or x.shape[0] != b or x.shape[2] != d or x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"sparse_attention: {name} must be bfloat16/float32 [B={b}, ., D={d}] or packed fp8 "
+                         f"uint8 rows, got {x.dtype} {list(_shape(x))}")
+    return False
+
+
+def check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim=None) -> AttentionShapes:
     """Validates the ``sparse_attention`` arguments; raises ``ValueError`` with the offending shape/dtype."""
     for name, x in (("q", q), ("kv", kv), ("indices", indices), ("window_kv", window_kv),
                     ("window_lengths", window_lengths), ("sink", sink)):
@@ -119,22 +145,18 @@ def check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink) -> A
     if q.ndim != 3 or not _is_float(q):
         raise ValueError(f"sparse_attention: q must be a float [B, H, D] array, got {q.dtype} {list(_shape(q))}")
     b, h, d = q.shape
-    if kv.ndim != 3 or kv.shape[0] != b or kv.shape[2] != d or kv.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"sparse_attention: kv must be bfloat16/float32 [B={b}, N, D={d}], "
-                         f"got {kv.dtype} {list(_shape(kv))}")
+    kv_packed = _check_kv_rows("kv", kv, b, d, rope_dim)
     if (indices.ndim != 2 or indices.shape[0] != b or not jnp.issubdtype(indices.dtype, jnp.integer)):
         raise ValueError(f"sparse_attention: indices must be an integer [B={b}, K] array, "
                          f"got {indices.dtype} {list(_shape(indices))}")
-    if (window_kv.ndim != 3 or window_kv.shape[0] != b or window_kv.shape[2] != d
-            or window_kv.dtype not in (jnp.bfloat16, jnp.float32)):
-        raise ValueError(f"sparse_attention: window_kv must be bfloat16/float32 [B={b}, W, D={d}], "
-                         f"got {window_kv.dtype} {list(_shape(window_kv))}")
+    window_packed = _check_kv_rows("window_kv", window_kv, b, d, rope_dim)
     if _shape(window_lengths) != (b,) or not jnp.issubdtype(window_lengths.dtype, jnp.integer):
         raise ValueError(f"sparse_attention: window_lengths must be an integer [B={b}] array, "
                          f"got {window_lengths.dtype} {list(_shape(window_lengths))}")
     if _shape(sink) != (h,) or not _is_float(sink):
         raise ValueError(f"sparse_attention: sink must be a float [H={h}] array, got {sink.dtype} {list(_shape(sink))}")
-    return AttentionShapes(b, h, d, kv.shape[1], indices.shape[1], window_kv.shape[1])
+    return AttentionShapes(b, h, d, kv.shape[1], indices.shape[1], window_kv.shape[1], kv_packed, window_packed,
+                           rope_dim if kv_packed or window_packed else None)
 
 
 def _valid_entries(lengths, info: IndexerShapes):
@@ -210,14 +232,17 @@ def indexer_scores_xla(q, weights, keys, lengths, *, act: str = "none"):
 # ----------------------------------------------------------------------------------------------------------
 # sparse attention
 # ----------------------------------------------------------------------------------------------------------
-def _attended(kv, indices, window_kv, window_lengths, info: AttentionShapes):
-    """-> (entries [B, W + K, D] in kv dtype, valid [B, W + K])."""
+def _attended(kv, indices, window_kv, window_lengths, info: AttentionShapes, packed_dtype=jnp.bfloat16):
+    """-> (entries [B, W + K, D], valid [B, W + K]): in the promoted kv dtype, packed rows dequantised to
+    `packed_dtype` after the gather (only attended rows are ever dequantised)."""
     idx = indices.astype(jnp.int32)
     valid_g = (idx >= 0) & (idx < info.n_entries)
     g = jnp.take_along_axis(kv, jnp.clip(idx, 0, info.n_entries - 1)[:, :, None], axis=1)
     valid_w = jnp.arange(info.window, dtype=jnp.int32)[None, :] < window_lengths.astype(jnp.int32)[:, None]
-    dt = jnp.promote_types(kv.dtype, window_kv.dtype)
-    entries = jnp.concatenate([window_kv.astype(dt), g.astype(dt)], axis=1)
+    rows = lambda x, packed: kv_fp8.unpack(x, info.dim, info.rope_dim, packed_dtype) if packed else x
+    g, win = rows(g, info.kv_packed), rows(window_kv, info.window_packed)
+    dt = jnp.promote_types(g.dtype, win.dtype)
+    entries = jnp.concatenate([win.astype(dt), g.astype(dt)], axis=1)
     return entries, jnp.concatenate([valid_w, valid_g], axis=1)
 
 
@@ -233,22 +258,23 @@ def _softmax_with_sink(logits, valid, sink):
     return p, m + jnp.log(denom)
 
 
-def sparse_attention_reference(q, kv, indices, window_kv, window_lengths, sink, *, scale):
+def sparse_attention_reference(q, kv, indices, window_kv, window_lengths, sink, *, scale, rope_dim=None):
     """The definition, in float32 with HIGHEST precision. Returns (out f32 [B, H, D], lse f32 [B, H])."""
-    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
-    entries, valid = _attended(kv.astype(jnp.float32), indices, window_kv.astype(jnp.float32),
-                               window_lengths, info)
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
+    entries, valid = _attended(kv, indices, window_kv, window_lengths, info, jnp.float32)
+    entries = entries.astype(jnp.float32)
     logits = scale * jnp.einsum("bhd,bjd->bhj", q.astype(jnp.float32), entries, precision=HIGHEST)
     p, lse = _softmax_with_sink(logits, valid, sink)
     out = jnp.einsum("bhj,bjd->bhd", p, entries, precision=HIGHEST)
     return out.astype(jnp.float32), lse.astype(jnp.float32)
 
 
-def sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, *, scale):
-    """The XLA path: gather, then two batched matmuls (bf16 operands when q and kv are bf16)."""
-    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
+def sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, *, scale, rope_dim=None):
+    """The XLA path: gather (packed fp8 rows: then dequantise to bf16, exact), then two batched matmuls
+    (bf16 operands when q and the kv are bf16)."""
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
     entries, valid = _attended(kv, indices, window_kv, window_lengths, info)
-    if q.dtype == jnp.bfloat16 and kv.dtype == jnp.bfloat16 and window_kv.dtype == jnp.bfloat16:
+    if q.dtype == jnp.bfloat16 and entries.dtype == jnp.bfloat16:
         logits = jnp.einsum("bhd,bjd->bhj", q, entries, preferred_element_type=jnp.float32)
         p, lse = _softmax_with_sink(scale * logits, valid, sink)
         out = jnp.einsum("bhj,bjd->bhd", p.astype(jnp.bfloat16), entries, preferred_element_type=jnp.float32)

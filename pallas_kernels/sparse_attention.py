@@ -17,6 +17,15 @@ acquire-release atomic after a CTA barrier, and the split that arrives last merg
 ``(out, lse)``. No split waits on another, so this cannot deadlock whatever the scheduling order. The merge is
 serial in that last program, so it only pays off with few splits (see ``default_config``).
 
+fp8 KV (V4's packed rows, ``fm_jax.layers.kv_fp8``; ``kv`` and/or ``window_kv`` uint8 ``[B, ., E]``): the
+program loads the packed bytes of its rows (gathered or window rows alike) and dequantises in registers, one
+column tile at a time: each 64-value nope block is its fp8 bytes (bitcast to e4m3, converted) times the
+block's power-of-two scale (its ue8m0 byte shifted into a float32 exponent), the RoPE tile two bytes per
+bf16 value; every tile is exact in bf16. The logits are then the sum of the per-tile products and the
+accumulator is one ``[heads, width]`` tile per column tile. No dequantised copy of the KV exists in HBM.
+When any input is packed, every input is read in these column tiles (so D need not be a power of two, but
+``rope_dim`` must be one, >= 16); otherwise one tile of width D.
+
 Numerics: bf16 q and kv -> bf16 tensor-core products with float32 accumulation and ``p`` rounded to bf16 for
 ``p . v`` (as flash attention does); a float32 q with bf16 kv splits q and p into bf16 hi + lo parts
 (~float32 accuracy); float32 kv uses IEEE float32 dots.
@@ -29,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from fm_jax.layers import kv_fp8
 from pallas_kernels import compat
 from pallas_kernels.reference import check_attention_inputs
 
@@ -50,83 +60,127 @@ def _split(x):
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
+def column_tiles(d: int, rope_dim: int | None) -> tuple:
+    """(offset, width) column tiles the kernel reads: one tile of D for bf16/f32 inputs; for packed fp8
+    inputs (``rope_dim`` given) one tile per 64-value scale block of the nope dims, then the RoPE dims."""
+    if rope_dim is None:
+        return ((0, d),)
+    nope = d - rope_dim
+    return tuple((c0, kv_fp8.BLOCK) for c0 in range(0, nope, kv_fp8.BLOCK)) + ((nope, rope_dim),)
+
+
+def _load_packed(ref, b, ridx, valid, tiles, d, rope_dim):
+    """Packed fp8 rows ``ref[b, ridx]`` (int32 [bk] row ids, masked by ``valid``) -> one bf16 [bk, width]
+    tile per column tile, dequantised in registers (exact)."""
+    nope = d - rope_dim
+    r2, m2 = ridx[:, None], valid[:, None]
+    out = []
+    for i, (c0, w) in enumerate(tiles[:-1]):
+        cols = (c0 + jnp.arange(w, dtype=jnp.int32))[None, :]
+        vals = jax.lax.bitcast_convert_type(compat.load(ref.at[b, r2, cols], mask=m2, other=0), kv_fp8.FP8)
+        e = compat.load(ref.at[b, ridx, nope + 2 * rope_dim + i], mask=valid, other=0)
+        out.append((vals.astype(jnp.float32) * kv_fp8.scale_from_byte(e)[:, None]).astype(jnp.bfloat16))
+    byte = (nope + 2 * jnp.arange(rope_dim, dtype=jnp.int32))[None, :]      # little-endian bf16 pairs
+    lo = compat.load(ref.at[b, r2, byte], mask=m2, other=0).astype(jnp.uint16)
+    hi = compat.load(ref.at[b, r2, byte + 1], mask=m2, other=0).astype(jnp.uint16)
+    out.append(jax.lax.bitcast_convert_type(lo | (hi << 8), jnp.bfloat16))
+    return out
+
+
 def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *refs, bh, bk, d, n, k_total,
-                      w_total, n_wblocks, n_blocks, blocks_per_split, n_splits, scale, mode, fused, barrier):
+                      w_total, n_wblocks, n_blocks, blocks_per_split, n_splits, scale, mode, fused, barrier,
+                      tiles, rope_dim, kv_packed, win_packed):
     b = pl.program_id(0)
     hb = pl.program_id(1)
     sp = pl.program_id(2)
     h0 = hb * bh
     rows = jnp.arange(bk, dtype=jnp.int32)
-    cols = jnp.arange(d, dtype=jnp.int32)
     wlen = jnp.minimum(wl_ref[b], w_total)
     kt_dtype = jnp.float32 if mode == "f32" else jnp.bfloat16
 
-    q = q_ref[b, pl.ds(h0, bh), :]                                              # [bh, d]
-    if mode == "split":
-        qparts = _split(q.astype(jnp.float32))
-    else:
-        qparts = (q.astype(kt_dtype),)
+    def qparts_of(c0, w):
+        q = q_ref[b, pl.ds(h0, bh), pl.ds(c0, w)]                              # [bh, w]
+        return _split(q.astype(jnp.float32)) if mode == "split" else (q.astype(kt_dtype),)
+    qparts = [qparts_of(c0, w) for c0, w in tiles]
     prec = jax.lax.Precision.HIGHEST if mode == "f32" else None
 
-    def step(kt, valid, carry):
-        m_i, l_i, acc = carry
-        kt = kt.astype(kt_dtype)
-        s = _dot(qparts[0], kt, 1, prec)
-        for extra in qparts[1:]:
-            s = s + _dot(extra, kt, 1)
+    def step(kts, valid, carry):      # kts: one [bk, width] tile per column tile
+        m_i, l_i, accs = carry
+        kts = [kt.astype(kt_dtype) for kt in kts]
+        s = None
+        for qp, kt in zip(qparts, kts):
+            s_t = _dot(qp[0], kt, 1, prec)
+            for extra in qp[1:]:
+                s_t = s_t + _dot(extra, kt, 1)
+            s = s_t if s is None else s + s_t
         s = jnp.where(valid[None, :], s * scale, NEG)                           # [bh, bk]
         m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
         alpha = jnp.exp(m_i - m_new)
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         l_new = l_i * alpha + jnp.sum(p, axis=1)
         if mode == "f32":
-            pv = _dot(p, kt, 0, prec)
+            pvs = [_dot(p, kt, 0, prec) for kt in kts]
         elif mode == "split":
             ph, pl_ = _split(p)
-            pv = _dot(ph, kt, 0) + _dot(pl_, kt, 0)
+            pvs = [_dot(ph, kt, 0) + _dot(pl_, kt, 0) for kt in kts]
         else:
-            pv = _dot(p.astype(jnp.bfloat16), kt, 0)
-        return m_new, l_new, acc * alpha[:, None] + pv
+            pvs = [_dot(p.astype(jnp.bfloat16), kt, 0) for kt in kts]
+        return m_new, l_new, tuple(acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs))
+
+    def load_float(ref, rows_ix, valid):
+        return [compat.load(ref.at[b, rows_ix, (c0 + jnp.arange(w, dtype=jnp.int32))[None, :]],
+                            mask=valid[:, None], other=0) for c0, w in tiles]
 
     def window_block(t, carry):                          # t: global block id < n_wblocks
         w0 = t * bk
         valid = w0 + rows < wlen
-        kt = compat.load(win_ref.at[b, pl.ds(w0, bk), :], mask=valid[:, None], other=0)
-        return step(kt, valid, carry)
+        if win_packed:
+            kts = _load_packed(win_ref, b, jnp.minimum(w0 + rows, w_total - 1), valid, tiles, d, rope_dim)
+        elif len(tiles) == 1:
+            kts = [compat.load(win_ref.at[b, pl.ds(w0, bk), :], mask=valid[:, None], other=0)]
+        else:
+            kts = load_float(win_ref, jnp.minimum(w0 + rows, w_total - 1)[:, None], valid)
+        return step(kts, valid, carry)
 
     def gather_block(t, carry):                          # t: global block id >= n_wblocks
         g0 = (t - n_wblocks) * bk
         idx = compat.load(idx_ref.at[b, pl.ds(g0, bk)], mask=g0 + rows < k_total, other=-1)
         valid = (idx >= 0) & (idx < n)
         safe = jnp.where(valid, idx, 0)
-        kt = compat.load(kv_ref.at[b, safe[:, None], cols[None, :]], mask=valid[:, None], other=0)
-        return step(kt, valid, carry)
+        if kv_packed:
+            kts = _load_packed(kv_ref, b, safe, valid, tiles, d, rope_dim)
+        else:
+            kts = load_float(kv_ref, safe[:, None], valid)
+        return step(kts, valid, carry)
 
     # this split owns global blocks [lo, hi): window blocks first, then gathered blocks
     lo = sp * blocks_per_split
     hi = jnp.minimum(lo + blocks_per_split, n_blocks)
-    init = (jnp.full((bh,), NEG, jnp.float32), jnp.zeros((bh,), jnp.float32), jnp.zeros((bh, d), jnp.float32))
+    init = (jnp.full((bh,), NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
+            tuple(jnp.zeros((bh, w), jnp.float32) for _, w in tiles))
     carry = jax.lax.fori_loop(jnp.minimum(lo, n_wblocks), jnp.minimum(hi, n_wblocks), window_block, init)
-    m_i, l_i, acc = jax.lax.fori_loop(jnp.maximum(lo, n_wblocks), jnp.maximum(hi, n_wblocks), gather_block, carry)
+    m_i, l_i, accs = jax.lax.fori_loop(jnp.maximum(lo, n_wblocks), jnp.maximum(hi, n_wblocks), gather_block, carry)
 
-    def finish(m_i, l_i, acc):       # fold the sink in and write the final (out, lse)
+    def finish(m_i, l_i, accs):      # fold the sink in and write the final (out, lse)
         sink = sink_ref[pl.ds(h0, bh)]
         m = jnp.maximum(m_i, sink)
         a = jnp.exp(m_i - m)
         denom = l_i * a + jnp.exp(sink - m)
         inv = jnp.where(denom > 0, a / jnp.where(denom > 0, denom, 1.0), 0.0)
-        o_ref[b, pl.ds(h0, bh), :] = acc * inv[:, None]
+        for (c0, w), acc in zip(tiles, accs):
+            o_ref[b, pl.ds(h0, bh), pl.ds(c0, w)] = acc * inv[:, None]
         lse_ref[b, pl.ds(h0, bh)] = m + jnp.log(denom)
 
     if n_splits == 1:
         o_ref, lse_ref = refs
-        finish(m_i, l_i, acc)
+        finish(m_i, l_i, accs)
         return
     if not fused:
         acc_ref, m_ref, l_ref = refs
     else:
         _, o_ref, lse_ref, acc_ref, m_ref, l_ref, cnt_ref = refs    # refs[0] is the counter input (aliased)
-    acc_ref[b, sp, pl.ds(h0, bh), :] = acc
+    for (c0, w), acc in zip(tiles, accs):
+        acc_ref[b, sp, pl.ds(h0, bh), pl.ds(c0, w)] = acc
     m_ref[b, sp, pl.ds(h0, bh)] = m_i
     l_ref[b, sp, pl.ds(h0, bh)] = l_i
     if not fused:
@@ -143,8 +197,14 @@ def _attention_kernel(wl_ref, sink_ref, q_ref, kv_ref, idx_ref, win_ref, *refs, 
             m_new = jnp.maximum(m_run, m_t)
             a_run, a_t = jnp.exp(m_run - m_new), jnp.exp(m_t - m_new)
             return (m_new, l_run * a_run + l_ref[b, t, pl.ds(h0, bh)] * a_t,
-                    acc_run * a_run[:, None] + acc_ref[b, t, pl.ds(h0, bh), :] * a_t[:, None])
+                    tuple(acc * a_run[:, None] + acc_ref[b, t, pl.ds(h0, bh), pl.ds(c0, w)] * a_t[:, None]
+                          for (c0, w), acc in zip(tiles, acc_run)))
         finish(*jax.lax.fori_loop(0, n_splits, body, init))
+
+
+def tiles_supported(d: int, rope_dim: int | None) -> bool:
+    """Whether the compiled (Triton) kernel takes these shapes: every column tile a power of two >= 16."""
+    return all(w >= 16 and w & (w - 1) == 0 for _, w in column_tiles(d, rope_dim))
 
 
 def _combine(acc, m, l, sink):
@@ -179,7 +239,8 @@ def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mod
                 num_stages=1 if mode == "f32" else 2, fused_combine=fused)
 
 
-def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, scale, interpret: bool = False,
+def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, scale, rope_dim: int | None = None,
+                            interpret: bool = False,
                             heads_per_program: int | None = None, block_k: int | None = None,
                             n_splits: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, fused_combine: bool | None = None):
@@ -187,15 +248,17 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
 
     ``fused_combine`` picks where split-K partials are merged: in-kernel by the last split to arrive (True) or
     by a separate XLA epilogue (False); see the module docstring."""
-    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink)
+    info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
     b, h, d = info.batch, info.heads, info.dim
+    tiles = column_tiles(d, info.rope_dim)
     try:
         scale = float(scale)
     except (TypeError, jax.errors.ConcretizationTypeError) as e:
         raise ValueError("sparse_attention(impl='pallas'): scale must be a static Python number") from e
-    if not interpret and (d < 16 or d & (d - 1)):
-        raise ValueError(f"sparse_attention(impl='pallas'): head dim D must be a power of two >= 16, got {d}")
-    if kv.dtype == jnp.float32 or window_kv.dtype == jnp.float32:
+    if not interpret and not tiles_supported(d, info.rope_dim):
+        raise ValueError(f"sparse_attention(impl='pallas'): head dim D must be a power of two >= 16 (packed fp8 KV: "
+                         f"rope_dim must be), got D={d}, rope_dim={info.rope_dim}")
+    if kv.dtype == jnp.float32 or window_kv.dtype == jnp.float32:   # (packed rows are uint8: exact in bf16)
         mode = "f32"
     elif q.dtype == jnp.bfloat16:
         mode = "bf16"
@@ -218,7 +281,7 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
         idx = jnp.full((b, 1), -1, jnp.int32)
     win, wl = window_kv, window_lengths.astype(jnp.int32)
     if info.window == 0:
-        win = jnp.zeros((b, 1, d), window_kv.dtype)
+        win = jnp.zeros((b, 1, window_kv.shape[2]), window_kv.dtype)
         wl = jnp.zeros((b,), jnp.int32)
 
     n_wblocks = -(-info.window // bk)
@@ -245,7 +308,8 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
     kernel = functools.partial(
         _attention_kernel, bh=bh, bk=bk, d=d, n=info.n_entries, k_total=idx.shape[1], w_total=info.window,
         n_wblocks=n_wblocks, n_blocks=n_blocks, blocks_per_split=bps, n_splits=splits, scale=scale, mode=mode,
-        fused=fused, barrier=not interpret)
+        fused=fused, barrier=not interpret, tiles=tiles, rope_dim=info.rope_dim, kv_packed=info.kv_packed,
+        win_packed=info.window_packed)
     res = pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -25,7 +25,7 @@ import numpy as np
 from fm_jax import backbone
 from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
-from fm_jax.cache import n_visible_entries
+from fm_jax.cache import kv_zeros, n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
 from serve.prefill import chunked_prefill
@@ -95,8 +95,8 @@ def run_window(params, config, cache, token, key, n_steps: int, greedy: bool, re
 
 @functools.partial(jax.jit, static_argnames=("page_entries",), donate_argnames=("layers",))
 def _apply_recall(layers, staged, slots, page_entries: int):
-    """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, hd], keys)},
-    staged: {l: (kv [B, M, P, hd], keys [B, M, P, Dk])}, slots [B, M] (n_slots = padding, dropped)."""
+    """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, kv_row], keys)},
+    staged: {l: (kv [B, M, P, kv_row], keys [B, M, P, Dk])}, slots [B, M] (n_slots = padding, dropped)."""
     out = {}
     bidx = jnp.arange(slots.shape[0])[:, None]
     for l, (kv, keys) in layers.items():
@@ -112,7 +112,7 @@ def _apply_recall(layers, staged, slots, page_entries: int):
 @functools.partial(jax.jit, static_argnames=("page_entries",))
 def _read_slots(layers, slots, page_entries: int):
     """Gather reserve pages for write-through: {l: (kv, keys)} [B, cells, ...], slots [B, M] ->
-    {l: (kv [B, M, P, hd], keys [B, M, P, Dk])}."""
+    {l: (kv [B, M, P, kv_row], keys [B, M, P, Dk])}."""
     bidx = jnp.arange(slots.shape[0])[:, None]
     out = {}
     for l, (kv, keys) in layers.items():
@@ -131,15 +131,10 @@ def _update_full_keys(full_keys, pages_keys, pages):
 
 
 # ------------------------------------------------------------------------------------------ bytes
-def _per_entry_bytes(config):
-    item = config.compute_dtype.itemsize
-    return config.head_dim * item, config.index_key_bytes
-
-
 def kv_bytes(config, n_tokens: np.ndarray, *, reserve_cells: int | None = None, target_layers=()) -> dict:
     """Device KV bytes per request for contexts of `n_tokens` [B]: full cache, or with the CSA layers
     holding `reserve_cells` cells each plus the full index keys of the Memory Indexer's target layers."""
-    kv_b, key_b = _per_entry_bytes(config)
+    kv_b, key_b = config.kv_entry_bytes, config.index_key_bytes
     n_tokens = np.asarray(n_tokens, np.int64)
     window = np.full_like(n_tokens, 0)
     hca = np.zeros_like(n_tokens)
@@ -350,8 +345,7 @@ class _Cycle:
         for l in config.csa_layers:  # the full CSA buffers leave the device; an empty reserve replaces them
             lc = dict(layers[l])
             # committed like the arrays the window returns (jit keys its cache on committedness)
-            lc["comp_kv"] = jax.device_put(jnp.zeros((b, self.layout.n_cells, config.head_dim), lc["comp_kv"].dtype),
-                                           lc["comp_kv"].sharding)
+            lc["comp_kv"] = jax.device_put(kv_zeros(config, b, self.layout.n_cells), lc["comp_kv"].sharding)
             lc["index_keys"] = jax.device_put(jnp.zeros((b, self.layout.n_cells, config.index_key_bytes), jnp.uint8),
                                               lc["index_keys"].sharding)
             layers[l] = lc

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax import kv_tiers as kt
-from fm_jax.cache import entry_capacity
+from fm_jax.cache import entry_capacity, kv_row, kv_zeros
 from fm_jax.prefill import bucket, check_chunk, commit, prefill_chunked
 
 
@@ -50,13 +50,13 @@ class MirrorStore:
         n = entry_capacity(config, config.csa_layers[0], capacity)
         p = config.page_entries
         self.n_entries = n
-        dt = np.dtype(config.compute_dtype)
+        width, dtype = kv_row(config)   # the cache's KV rows: packed fp8 bytes or the compute dtype
         self.mirror = kt.HostMirror(
-            kv={l: np.zeros((batch, n // p, p, config.head_dim), dt) for l in config.csa_layers},
+            kv={l: np.zeros((batch, n // p, p, width), dtype) for l in config.csa_layers},
             keys={l: np.zeros((batch, n // p, p, config.index_key_bytes), np.uint8) for l in config.csa_layers})
         self.targets = tuple(target_layers)
         self.target_keys = commit({l: jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8) for l in self.targets})
-        self.scratch_kv = commit(jnp.zeros((batch, n, config.head_dim), config.compute_dtype))
+        self.scratch_kv = commit(kv_zeros(config, batch, n))
         self.scratch_keys = commit(jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8))
         self.pending = {}                                  # layer -> [(host view, device rows)] in flight
         self.h2d_bytes = self.d2h_bytes = 0
@@ -113,7 +113,7 @@ class MirrorStore:
         out = list(layers)
         b = next(iter(self.mirror.kv.values())).shape[0]
         for l in self.c.csa_layers:
-            out[l] = {**out[l], "comp_kv": jnp.zeros((b, 0, self.c.head_dim), self.c.compute_dtype),
+            out[l] = {**out[l], "comp_kv": kv_zeros(self.c, b, 0),
                       "index_keys": self.target_keys.pop(l) if l in self.targets
                       else jnp.zeros((b, 0, self.c.index_key_bytes), jnp.uint8)}
         return out
