@@ -2,6 +2,7 @@
 (decode against the cache). Public entry points are in `fm_jax.model`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -19,6 +20,17 @@ from fm_jax.layers.rope import inv_freq_for_layer
 from pallas_kernels import indexer_scores, sparse_attention
 
 QUERY_CHUNK = 256  # uncached attention processes queries in chunks of this size to bound memory
+
+
+# ---------------------------------------------------------------- matmul precision
+def matmul_precision(c):
+    """Context that gives every matmul traced inside it without an explicit precision the config's
+    `dot_precision` (float32 configs: IEEE float32 rather than XLA:GPU's TF32; see `ModelConfig`).
+    Entered by `block` and `lm_logits`, through which every model computation runs (prefill, decode,
+    chunked prefill, training); matmuls that name their precision (mHC, router, Memory Indexer,
+    the Pallas kernels' float32 mode) keep it."""
+    p = c.dot_precision
+    return contextlib.nullcontext() if p is None else jax.default_matmul_precision(p)
 
 
 # ---------------------------------------------------------------- residual / hyper-connections
@@ -48,8 +60,9 @@ def block(lp, c, h, attend, token_ids):
     hash-routed MoE layers read them). Returns (new residual state, the layer's normed attention input,
     aux). The normed input is what the Lightning Indexer reads, hence the Memory Indexer's query input
     ("hidden")."""
-    h, x, aux = _sublayer(lp, c, "attn", h, attend)
-    h, _, _ = _sublayer(lp, c, "ffn", h, lambda xf: (ffn(lp["ffn"], c, xf, token_ids), None))
+    with matmul_precision(c):
+        h, x, aux = _sublayer(lp, c, "attn", h, attend)
+        h, _, _ = _sublayer(lp, c, "ffn", h, lambda xf: (ffn(lp["ffn"], c, xf, token_ids), None))
     return h, x, aux
 
 
@@ -57,7 +70,8 @@ def lm_logits(params, c, h) -> jax.Array:
     """Residual state -> logits float32 [..., vocab]: hc_head collapses the streams (hc_mult > 1), then the
     final norm and the LM head."""
     hf = h if c.hc_mult == 1 else hc_head(params["hc_head"], h, c)
-    return (rms_norm(hf, params["final_norm"], c.norm_eps) @ params["lm_head"]).astype(jnp.float32)
+    with matmul_precision(c):
+        return (rms_norm(hf, params["final_norm"], c.norm_eps) @ params["lm_head"]).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- uncached (whole sequence)

@@ -73,6 +73,14 @@ class ModelConfig:
     # entry_bytes rows (`fm_jax.layers.kv_fp8`); needs head_dim - rope_dim a multiple of 64
     kv_fp8: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # XLA precision of the model's matmuls (a `jax.default_matmul_precision` value, applied by
+    # `backbone.matmul_precision` around every block and the LM head). None = "highest" for dtype float32:
+    # XLA:GPU otherwise runs float32 dots as TF32 (10-bit mantissa, ~1e-3 relative per product), which on
+    # the H200s moved logits by up to 6.8 between a mesh and one device and flipped top-k picks (issue 11);
+    # with it, float32 means IEEE float32 and a mesh differs from one device by reduction order only.
+    # For bfloat16 None keeps XLA's default (bf16 operands are exact on the tensor cores either way).
+    # "tensorfloat32" trades that for the GPU's TF32 speed.
+    matmul_precision: Literal["highest", "tensorfloat32", "default"] | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -84,6 +92,13 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def dot_precision(self) -> str | None:
+        """The effective `matmul_precision` (None = XLA's default); see the field's comment."""
+        if self.matmul_precision is not None:
+            return self.matmul_precision
+        return "highest" if self.dtype == "float32" else None
 
     def layer_kind(self, layer: int) -> str:
         r = self.compress_ratios[layer]
@@ -188,6 +203,8 @@ def _validate(c: ModelConfig) -> None:
         bad("dense_inter_dim", "must be positive when ffn='dense'")
     if c.dtype not in ("float32", "bfloat16"):
         bad("dtype", "must be 'float32' or 'bfloat16'")
+    if c.matmul_precision not in (None, "highest", "tensorfloat32", "default"):
+        bad("matmul_precision", "must be None, 'highest', 'tensorfloat32' or 'default'")
     for name in ("hc_sinkhorn_iters", "n_hash_layers"):
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "hc_sinkhorn_iters" else 0):

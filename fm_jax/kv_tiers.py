@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax.cache import entry_capacity
+from fm_jax.sharding import batch_row_groups
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,14 @@ def host_memory_kind() -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
-def to_device(x: np.ndarray) -> jax.Array:
-    """Host array -> default device, staged through pinned host memory where available."""
+def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """Host array -> `sharding` (default: the default device), staged through pinned host memory where
+    available. A multi-device sharding sends every device only its own slice (sliced on the host)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
     kind = host_memory_kind()
-    dev = jax.devices()[0]
     if kind is None:
-        return jax.device_put(x, dev)
-    staged = jax.device_put(x, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
-    return jax.device_put(staged, jax.sharding.SingleDeviceSharding(dev))
+        return jax.device_put(x, sharding)
+    return jax.device_put(jax.device_put(x, sharding.with_memory_kind(kind)), sharding)
 
 
 # ------------------------------------------------------------------------------------------ pages
@@ -283,29 +284,39 @@ class HostMirror:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.kv.values()) + sum(a.nbytes for a in self.keys.values())
 
-    def _recall_one(self, layer, name, src, bidx, pages) -> jax.Array:
+    def _recall_one(self, layer, name, src, rows, pages, devices) -> list:
+        """Gather + check + transfer the pages of one (layer, kv | keys) array for the requests `rows`
+        (one data shard; pages [len(rows), M]) onto each of `devices` (the devices that own them)."""
+        bidx = np.arange(src.shape[0])[rows][:, None]
         host = _gather(src, bidx, pages)
         if self.verify:
             bad = np.argwhere(page_checksums(host) != self.sums[(layer, name)][bidx, pages])
             if bad.size:
                 b, j = (int(x) for x in bad[0])
-                raise PageChecksumError(f"CSA layer {layer} {name}: page {int(pages[b, j])} of request {b} does not "
-                                        f"match its checksum on recall ({len(bad)} bad page(s)): the host mirror "
-                                        "or the host copy is corrupted")
-        return to_device(host)
+                raise PageChecksumError(f"CSA layer {layer} {name}: page {int(pages[b, j])} of request "
+                                        f"{int(bidx[b, 0])} does not match its checksum on recall ({len(bad)} bad "
+                                        "page(s)): the host mirror or the host copy is corrupted")
+        return [to_device(host, jax.sharding.SingleDeviceSharding(d)) for d in devices]
 
-    def recall_to_device(self, plan: RecallPlan):
-        """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array, in
-        parallel threads: NumPy's fancy-index copy and the device_put both release the GIL, and one
-        thread's memcpy rate is far below the PCIe rate. Returns {layer: (kv, keys)} device arrays
+    def recall_to_device(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None):
+        """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array and
+        every data shard of `sharding` (a per-request sharding, e.g. `sharding.batch_sharding`; default
+        the default device), in parallel threads: NumPy's fancy-index copy and the device_put both release
+        the GIL, and one thread's memcpy rate is far below the PCIe rate. Each shard's requests are
+        gathered apart and land only on the devices that own them (no host array of the whole batch, no
+        hop through one device). Returns {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
         (transfers may still be running). Raises PageChecksumError on a corrupted page."""
-        bidx = np.arange(plan.pages.shape[0])[:, None]
-        jobs = self._arrays()
-        arrays = list(_pool().map(lambda j: self._recall_one(*j, bidx, plan.pages), jobs))
-        out = {l: [None, None] for l in self.kv}
-        for (l, name, _), arr in zip(jobs, arrays):
-            out[l][0 if name == "kv" else 1] = arr
-        return {l: tuple(v) for l, v in out.items()}
+        b, m = plan.pages.shape
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
+        groups = batch_row_groups(sharding, b)
+        jobs = [(l, name, src, rows, devs) for l, name, src in self._arrays() for rows, devs in groups]
+        parts = list(_pool().map(lambda j: self._recall_one(*j[:4], plan.pages[j[3]], j[4]), jobs))
+        shards = {}  # (layer, name) -> (full shape, per-device arrays of every shard)
+        for (l, name, src, _, _), arrs in zip(jobs, parts):
+            shards.setdefault((l, name), ((b, m) + src.shape[2:], []))[1].extend(arrs)
+        whole = {k: arrs[0] if len(arrs) == 1 else jax.make_array_from_single_device_arrays(shape, sharding, arrs)
+                 for k, (shape, arrs) in shards.items()}
+        return {l: (whole[(l, "kv")], whole[(l, "keys")]) for l in self.kv}
 
     def write_through(self, layer: int, slots_kv: np.ndarray, slots_keys: np.ndarray, pages: np.ndarray):
         """Store reserve pages read back from the device. slots_*: [B, M, P, ...]; pages: [B, M]

@@ -49,6 +49,10 @@ Usage::
     logits, cache = prefill(params, config, tokens, max_len)        # jitted; shardings propagate
     cache = shard_cache(cache, config, mesh)
     logits, cache = decode_step(params, config, cache, tokens[:, -1])
+
+The engine (`serve.engine.generate(..., mesh=mesh)`) does this itself, pins the decode window's carry
+with :func:`constrain` and recalls each ``data`` shard's pages straight onto the devices of that shard
+(:func:`batch_row_groups`).
 """
 from __future__ import annotations
 
@@ -200,3 +204,39 @@ def shard_cache(cache, config, mesh: Mesh):
 def shard_batch(x, mesh: Mesh):
     """A per-request array (tokens, lengths) placed with its batch axis over ``data``."""
     return jax.device_put(x, batch_sharding(mesh, tuple(np.shape(x))))
+
+
+def replicate(tree, mesh: Mesh):
+    """`tree` placed whole on every device of `mesh` (e.g. the Memory Indexer's parameters, a PRNG key)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def check_batch(mesh: Mesh, batch: int) -> None:
+    """ValueError unless `batch` requests split evenly over the mesh's ``data`` axis (the engine needs every
+    request on exactly one data slice; the silent replication fallback would duplicate its work)."""
+    d = _axis_size(mesh, DATA)
+    if batch % d:
+        raise ValueError(f"batch {batch} is not a multiple of the mesh's `data` axis ({d}): "
+                         f"pad the batch to a multiple of {d} or use a smaller data axis")
+
+
+def constrain(tree, mesh: Mesh | None, batch: int):
+    """Inside jit: every leaf of `tree` pinned to the cache rule (a leading `batch` axis over ``data``,
+    whole over ``model``; anything else replicated), so that a scan's carry and a jitted function's
+    outputs keep the shardings they came in with (no resharding, no recompilation between calls).
+    Identity when `mesh` is None (one device)."""
+    if mesh is None:
+        return tree
+    shardings = jax.tree_util.tree_map(lambda x: NamedSharding(mesh, cache_spec(tuple(x.shape), batch, mesh)), tree)
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def batch_row_groups(sharding: jax.sharding.Sharding, batch: int) -> list[tuple[slice, list]]:
+    """The data shards of a per-request sharding: (rows of the batch, the addressable devices that hold
+    those rows) per shard, in row order. A single-device or replicated sharding gives one group."""
+    groups: dict[tuple[int, int], list] = {}
+    for dev, idx in sharding.addressable_devices_indices_map((batch,)).items():
+        rows = idx[0] if idx else slice(None)
+        key = (rows.start or 0, batch if rows.stop is None else rows.stop)
+        groups.setdefault(key, []).append(dev)
+    return [(slice(*k), sorted(v, key=lambda d: d.id)) for k, v in sorted(groups.items())]

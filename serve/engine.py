@@ -28,6 +28,7 @@ from fm_jax import memory_indexer as mi
 from fm_jax.cache import kv_zeros, n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
+from fm_jax.sharding import batch_sharding, check_batch, constrain, replicate, shard_batch, shard_cache, shard_params
 from serve.prefill import chunked_prefill
 
 MODES = ("full", "lsa", "recency", "random")
@@ -70,13 +71,16 @@ class GenerateResult:
 
 # ------------------------------------------------------------------------------------------ jitted
 @functools.partial(jax.jit, static_argnames=("config", "n_steps", "greedy", "return_logits", "impl",
-                                             "hidden_layers"), donate_argnames=("cache",))
+                                             "hidden_layers", "mesh"), donate_argnames=("cache",))
 def run_window(params, config, cache, token, key, n_steps: int, greedy: bool, return_logits: bool, impl: str,
-               hidden_layers: tuple):
+               hidden_layers: tuple, mesh=None):
     """`n_steps` decode steps as one scan, feeding back the chosen token.
     token [B] -> (cache, next token [B], tokens [n_steps, B], logits [n_steps, B, V] or None,
-    hidden of `hidden_layers` at the last step {layer: [B, d_model]}, key)."""
+    hidden of `hidden_layers` at the last step {layer: [B, d_model]}, key).
+    With a ("data", "model") `mesh`, the per-request carry (cache, token, hidden) stays split over
+    ``data`` and whole over ``model`` (`sharding.constrain`); parameters keep their own shardings."""
     b = token.shape[0]
+    pin = functools.partial(constrain, mesh=mesh, batch=b)
 
     def step(carry, _):
         cache, tok, key, _ = carry
@@ -85,16 +89,17 @@ def run_window(params, config, cache, token, key, n_steps: int, greedy: bool, re
         nxt = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logits)
         nxt = nxt.astype(jnp.int32)
         last = {l: hidden[l] for l in hidden_layers}
+        cache, nxt, last = pin((cache, nxt, last))
         return (cache, nxt, key, last), (nxt, logits if return_logits else None)
 
     init_hidden = {l: jnp.zeros((b, config.d_model), params["embed"].dtype) for l in hidden_layers}
-    (cache, tok, key, last), (toks, logits) = jax.lax.scan(step, (cache, token, key, init_hidden), None,
+    (cache, tok, key, last), (toks, logits) = jax.lax.scan(step, (cache, token, key, pin(init_hidden)), None,
                                                           length=n_steps)
     return cache, tok, toks, logits, last, key
 
 
-@functools.partial(jax.jit, static_argnames=("page_entries",), donate_argnames=("layers",))
-def _apply_recall(layers, staged, slots, page_entries: int):
+@functools.partial(jax.jit, static_argnames=("page_entries", "mesh"), donate_argnames=("layers",))
+def _apply_recall(layers, staged, slots, page_entries: int, mesh=None):
     """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, kv_row], keys)},
     staged: {l: (kv [B, M, P, kv_row], keys [B, M, P, Dk])}, slots [B, M] (n_slots = padding, dropped)."""
     out = {}
@@ -106,7 +111,7 @@ def _apply_recall(layers, staged, slots, page_entries: int):
         kv = kv.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skv.astype(kv.dtype), mode="drop")
         keys = keys.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skeys, mode="drop")
         out[l] = (kv.reshape(b, cells, -1), keys.reshape(b, cells, -1))
-    return out
+    return constrain(out, mesh, slots.shape[0])  # the reserve keeps the cache's sharding
 
 
 @functools.partial(jax.jit, static_argnames=("page_entries",))
@@ -122,12 +127,13 @@ def _read_slots(layers, slots, page_entries: int):
     return out
 
 
-@functools.partial(jax.jit, donate_argnames=("full_keys",))
-def _update_full_keys(full_keys, pages_keys, pages):
-    """Write pages [B, M] (-1 = skip) of index keys into the device copy of a target layer's keys."""
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("full_keys",))
+def _update_full_keys(full_keys, pages_keys, pages, mesh=None):
+    """Write pages [B, M] (-1 = skip) of index keys into the device copy of a target layer's keys
+    [B, n_pages, P, Dk]."""
     b, n_pages = full_keys.shape[:2]
     bidx = jnp.arange(b)[:, None]
-    return full_keys.at[bidx, jnp.where(pages >= 0, pages, n_pages)].set(pages_keys, mode="drop")
+    return constrain(full_keys.at[bidx, jnp.where(pages >= 0, pages, n_pages)].set(pages_keys, mode="drop"), mesh, b)
 
 
 # ------------------------------------------------------------------------------------------ bytes
@@ -180,14 +186,15 @@ def _check_generate(config, mode, indexer, lsa, max_new_tokens):
 def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
              lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
              lengths=None, key=None, impl: str = "auto", trace_resident: bool = False, stream=None,
-             prefill_chunk: int | None = None) -> GenerateResult:
+             prefill_chunk: int | None = None, mesh=None) -> GenerateResult:
     """Prefill `prompt` [B, T] (right-padded with `lengths` [B] when ragged) and generate
     `max_new_tokens` tokens per request. Returns `.tokens` [B, n], `.logits` [B, n, V] (when
     `return_logits`), `.stats` (bytes and times; see README) and, with `trace_resident`,
     `.resident_tables` (per window, the page table it decoded with). `stream`: see `decode_loop`.
     `prefill_chunk`: run the prompt in chunks of that many tokens (`serve.prefill`; the cache capacity is
     rounded up to a multiple of it, and in the tiered modes the CSA entries stream to the host mirror
-    during prefill)."""
+    during prefill). `mesh`: a ("data", "model") mesh (`fm_jax.sharding.make_mesh`) to run on; see
+    `decode_loop`."""
     if lsa.page_entries is not None and lsa.page_entries != config.page_entries:
         config = config.replace(page_entries=lsa.page_entries)
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
@@ -195,6 +202,12 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     # every window runs the full tau steps (one compilation); room for the tokens past the request
     max_len = prompt.shape[1] + 1 + -(-(max_new_tokens - 1) // lsa.tau) * lsa.tau
     lengths = check_prefill_inputs(config, prompt, max_len, lengths)
+    if mesh is not None:
+        check_batch(mesh, prompt.shape[0])
+        if prefill_chunk is not None:  # its MirrorStore keeps the CSA scratch buffers on one device
+            raise ValueError("prefill_chunk is not supported with a mesh yet: pass prefill_chunk=None")
+        params = shard_params(params, config, mesh)
+        prompt, lengths = shard_batch(prompt, mesh), shard_batch(lengths, mesh)
     if mode != "full":  # a budget that cannot work fails here, not after the prefill
         kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages, recency_tail_pages=lsa.recency_tail_pages,
                        sink_pages=lsa.sink_pages, tau=lsa.tau)
@@ -217,7 +230,7 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     res = decode_loop(params, config, cache, token, hidden, max_new_tokens, mode=mode, indexer=indexer, lsa=lsa,
                       greedy=greedy, return_logits=return_logits, key=key, impl=impl,
                       first_logits=last_logits if return_logits else None, trace_resident=trace_resident,
-                      stream=stream, mirror=mirror)
+                      stream=stream, mirror=mirror, mesh=mesh)
     res.stats["prefill_s"] = prefill_s
     res.stats["prefill_chunk"] = prefill_chunk
     return res
@@ -226,20 +239,31 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
 def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
                 lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
                 impl: str = "auto", first_logits=None, trace_resident: bool = False, stream=None,
-                mirror=None) -> GenerateResult:
+                mirror=None, mesh=None) -> GenerateResult:
     """Decode from a prefilled (entry-indexed) cache whose next token is `token` [B]; `hidden[l]` is
     layer l's hidden state [B, d_model] at the last cached token (the first Memory Indexer query).
     The cache needs room for `1 + ceil((max_new_tokens - 1) / tau) * tau` more tokens.
     `stream(window, tokens [B, tau], logits [B, tau, V] or None)`, when given, receives every window's
     outputs (NumPy) instead of the result (whose tokens are then only `token`): long generations keep
     no growing output on the host. `mirror`: a HostMirror already holding every CSA entry (chunked
-    prefill), else it is copied from the cache."""
+    prefill), else it is copied from the cache.
+    `mesh`: a ("data", "model") mesh (`fm_jax.sharding.make_mesh`): requests split over ``data`` (the
+    batch must be a multiple of it; ValueError otherwise), heads and experts over ``model``
+    (`sharding.param_spec`); each data shard's pages are recalled from the host mirror straight onto the
+    devices that own its requests. Tokens equal those of one device; logits differ by reduction order."""
     _check_generate(config, mode, indexer, lsa, max_new_tokens)
     key = jax.random.PRNGKey(0) if key is None else key
-    # Commit every input to its placement: jit keys its cache on committedness, and the scan's outputs
-    # are committed, so uncommitted prefill outputs would cost a second compilation of the window.
-    cache, token, key = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (cache, token, key))
     b = token.shape[0]
+    if mesh is None:
+        # Commit every input to its placement: jit keys its cache on committedness, and the scan's outputs
+        # are committed, so uncommitted prefill outputs would cost a second compilation of the window.
+        cache, token, key = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (cache, token, key))
+    else:  # the placements every jitted step keeps (a no-op for inputs already placed so)
+        check_batch(mesh, b)
+        params, cache = shard_params(params, config, mesh), shard_cache(cache, config, mesh)
+        token, key = shard_batch(token, mesh), replicate(key, mesh)
+        if indexer is not None:
+            indexer = (indexer[0], replicate(indexer[1], mesh))
     times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
              "first_window_s": 0.0}
     n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
@@ -250,8 +274,8 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
                          f"of tau={lsa.tau} reaches position {last - 1}")
     icfg, iparams = indexer if mode == "lsa" else (None, None)
     hidden_layers = tuple(icfg.target_layers) if icfg is not None else ()
-    hidden = {l: hidden[l] for l in hidden_layers}
-    cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror) if mode != "full" else None
+    hidden = {l: hidden[l] if mesh is None else shard_batch(hidden[l], mesh) for l in hidden_layers}
+    cycle = _Cycle(config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror, mesh) if mode != "full" else None
     if cycle is not None:
         cache = cycle.cache
     pos = np.asarray(cache["lengths"]).astype(np.int64)  # position of the next token (= tokens held)
@@ -267,7 +291,7 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
                 resident_tables.append(cycle.tables_host.copy())
         t0 = time.perf_counter()
         cache, token, toks, logits, hidden, key = run_window(params, config, cache, token, key, n, greedy,
-                                                             return_logits, impl, hidden_layers)
+                                                             return_logits, impl, hidden_layers, mesh)
         if cycle is not None and has_next:  # host gather + H2D for the next window run while this one computes
             cycle.prepare_next(pos + n, times)
         toks.block_until_ready()
@@ -325,12 +349,16 @@ def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
 class _Cycle:
     """Host-side state of the tiered CSA cache across cycle boundaries."""
 
-    def __init__(self, config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror=None):
+    def __init__(self, config, cache, lsa, mode, icfg, iparams, max_len, impl, mirror=None, mesh=None):
         self.c, self.lsa, self.mode, self.icfg, self.iparams, self.impl = config, lsa, mode, icfg, iparams, impl
+        self.mesh = mesh
+        b = cache["lengths"].shape[0]
+        # per-request host -> device inputs (recalled pages, page tables, slots) go to the data shard that
+        # owns each request; None = the default device
+        self.rows = None if mesh is None else batch_sharding(mesh, (b,))
         self.layout = kt.make_layout(config, max_len, kmax_pages=lsa.kmax_pages,
                                      recency_tail_pages=lsa.recency_tail_pages, sink_pages=lsa.sink_pages,
                                      tau=lsa.tau)
-        b = cache["lengths"].shape[0]
         if mirror is None:
             self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall)
         else:  # streamed during a chunked prefill
@@ -351,7 +379,7 @@ class _Cycle:
             layers[l] = lc
         self.state = kt.ReserveState.empty(b, self.layout)
         self.cache = self._compile_recall_shapes({**cache, "layers": tuple(layers)})
-        self.cache["tier"] = kt.device_tables(self.state, self.layout)
+        self.cache["tier"] = self._tables()
         self.rng = np.random.default_rng(lsa.seed)
         self.staged = None           # (plan, device arrays, tables) of the next window, with stale_by_one
         self.next_scores = None      # page scores chosen at this boundary for the next window (stale_by_one)
@@ -366,12 +394,20 @@ class _Cycle:
         dropped padding slot), so that no window after the first triggers a compilation."""
         b, p = cache["lengths"].shape[0], self.layout.page_entries
         for m in kt.recall_buckets(self.layout.n_slots):
-            staged = {l: tuple(kt.to_device(np.zeros((b, m, p, x.shape[-1]), x.dtype))
+            staged = {l: tuple(kt.to_device(np.zeros((b, m, p, x.shape[-1]), x.dtype), self.rows)
                                for x in (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]))
                       for l in self.c.csa_layers}
             plan = kt.RecallPlan(np.full((b, m), self.layout.n_slots, np.int64), np.zeros((b, m), np.int64), 0)
             cache = self._apply(cache, plan, staged, None)
         return cache
+
+    def _put(self, x) -> jax.Array:
+        """A small per-request host array [B, ...] on the devices of its requests."""
+        return jnp.asarray(x) if self.rows is None else jax.device_put(np.asarray(x), self.rows)
+
+    def _tables(self):
+        """The decode cache's `tier` for the current reserve state, placed like the cache."""
+        return {k: self._put(v) for k, v in kt.device_tables(self.state, self.layout).items()}
 
     def record(self, times):
         now = {k: times[k] for k in ("scoring_s", "recall_s", "write_through_s")}
@@ -389,8 +425,8 @@ class _Cycle:
             t0 = time.perf_counter()
             keys = {l: k.reshape(k.shape[0], -1, k.shape[-1]) for l, k in self.full_keys.items()}
             scores = mi.ensemble_scores(
-                mi.score_all(self.iparams, self.icfg, hidden, keys, jnp.asarray(pos - 1, jnp.int32),
-                             jnp.asarray(n_complete, jnp.int32), impl=self.impl), self.icfg.ensemble)
+                mi.score_all(self.iparams, self.icfg, hidden, keys, self._put(np.asarray(pos - 1, np.int32)),
+                             self._put(np.asarray(n_complete, np.int32)), impl=self.impl), self.icfg.ensemble)
             scores = np.asarray(scores)
             times["scoring_s"] += time.perf_counter() - t0
             return [kt.page_counts(scores[b], int(n_complete[b]), self.icfg.threshold, p, n_pages)
@@ -404,10 +440,10 @@ class _Cycle:
                   for sc, q in zip(page_scores, pos)]
         written_pages = -(-(pos // self.layout.ratio) // self.layout.page_entries)
         self.state, plan = kt.plan_recall(self.state, wanted, self.layout, written_pages)
-        tables = kt.device_tables(self.state, self.layout)
+        tables = self._tables()
         staged = None
         if plan.pages.shape[1]:
-            staged = self.mirror.recall_to_device(plan)
+            staged = self.mirror.recall_to_device(plan, self.rows)
         self.recalled_pages += plan.n_pages * len(self.c.csa_layers)
         return plan, staged, tables
 
@@ -415,7 +451,7 @@ class _Cycle:
         layers = list(cache["layers"])
         if staged is not None:
             res = _apply_recall({l: (layers[l]["comp_kv"], layers[l]["index_keys"]) for l in self.c.csa_layers},
-                                staged, jnp.asarray(plan.slots, jnp.int32), self.layout.page_entries)
+                                staged, self._put(plan.slots.astype(np.int32)), self.layout.page_entries, self.mesh)
             for l, (kv, keys) in res.items():
                 layers[l] = {**layers[l], "comp_kv": kv, "index_keys": keys}
         return {**cache, "layers": tuple(layers), **({"tier": tables} if tables is not None else {})}
@@ -475,10 +511,11 @@ class _Cycle:
         if np.any((pages >= 0) & (slots < 0)):  # select_pages always makes written pages resident
             raise AssertionError("a page written during the window is not resident")
         layers = {l: (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]) for l in self.c.csa_layers}
-        read = _read_slots(layers, jnp.asarray(np.maximum(slots, 0), jnp.int32), self.layout.page_entries)
+        read = _read_slots(layers, self._put(np.maximum(slots, 0).astype(np.int32)), self.layout.page_entries)
         for l, (kv, keys) in read.items():
             self.mirror.write_through(l, np.asarray(kv), np.asarray(keys), pages)
             if l in self.full_keys:
-                self.full_keys[l] = _update_full_keys(self.full_keys[l], keys, jnp.asarray(pages, jnp.int32))
+                self.full_keys[l] = _update_full_keys(self.full_keys[l], keys, self._put(pages.astype(np.int32)),
+                                                      self.mesh)
         times["write_through_s"] += time.perf_counter() - t0
         return cache
