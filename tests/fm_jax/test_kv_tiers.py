@@ -8,6 +8,7 @@ from fm_jax import get_config
 from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
 from fm_jax.model import init_params
+from fm_jax.sharding import batch_row_groups, batch_sharding, make_mesh
 from serve.engine import LSAConfig, generate
 
 B, MAX_LEN = 2, 512
@@ -28,6 +29,26 @@ def _mirror(verify=True):
 def _plan(layout, pages):
     pages = np.asarray(pages, np.int64)
     return kt.RecallPlan(np.tile(np.arange(pages.shape[1]), (B, 1)), pages, pages.size)
+
+
+def test_recall_lands_each_data_shard_on_the_devices_that_own_it():
+    """On a (2, 4) mesh request b's pages sit on exactly the 4 devices of data slice b, nowhere else;
+    a flipped bit still names the request by its index in the whole batch."""
+    c, layout, mirror = _mirror()
+    mesh = make_mesh(2, 4)
+    rows = batch_sharding(mesh, (B,))
+    assert [(g.start, g.stop, len(d)) for g, d in batch_row_groups(rows, B)] == [(0, 1, 4), (1, 2, 4)]
+    out = mirror.recall_to_device(_plan(layout, [[0, 3, 5], [1, 2, 7]]), rows)
+    l = c.csa_layers[0]
+    kv = out[l][0]
+    assert kv.sharding.is_equivalent_to(rows, kv.ndim) and kv.shape == (B, 3, layout.page_entries, c.head_dim)
+    for shard in kv.addressable_shards:
+        b = next(i for i, row in enumerate(mesh.devices) if shard.device in list(row))  # its data slice
+        assert shard.index[0] == slice(b, b + 1)
+        np.testing.assert_array_equal(np.asarray(shard.data)[0, 2], mirror.kv[l][b, [5, 7][b]])
+    mirror.kv[l][1, 7].view(np.uint8).reshape(-1)[3] ^= 1
+    with pytest.raises(kt.PageChecksumError, match="page 7 of request 1"):
+        mirror.recall_to_device(_plan(layout, [[0, 3, 5], [1, 2, 7]]), rows)
 
 
 def test_clean_recall_passes_and_moves_the_pages():
@@ -91,12 +112,12 @@ def test_engine_with_verify_reports_a_corrupted_page(monkeypatch):
     real = kt.HostMirror.recall_to_device
     calls = []
 
-    def corrupt_then_recall(self, plan):
+    def corrupt_then_recall(self, plan, sharding=None):
         calls.append(1)
         if len(calls) == 2:  # flip one bit of every page before the second recall
             for arr in self.kv.values():
                 arr.view(np.uint32)[..., 0] ^= 1
-        return real(self, plan)
+        return real(self, plan, sharding)
     monkeypatch.setattr(kt.HostMirror, "recall_to_device", corrupt_then_recall)
     lsa = LSAConfig(tau=8, kmax_pages=4, recency_tail_pages=1, sink_pages=1, verify_recall=True)
     with pytest.raises(kt.PageChecksumError):
