@@ -16,8 +16,9 @@
 * Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy, per-layer indexer KL, lr, grad norm, tokens seen),
   ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
-* Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads) and
-  ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
+* Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
+  ``OUT/master`` (the float32 master weights: ``--init-params`` continues from them in a new run, e.g. on
+  the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
 
 Example (CPU smoke run)::
 
@@ -52,7 +53,7 @@ from train.fit import Logger
 
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
-                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks")
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks", "init_params")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,17 @@ def build_train_step(config, template, tx, kl_weight: float):
     return train_step
 
 
+def load_master(path: str, config, template):
+    """Params saved by `fm_jax.checkpoint.save_params` in any dtype (a run's ``OUT/master`` or ``OUT/params``)
+    as float32 master weights shaped like `template`: training continues across sessions (the optimizer
+    state starts fresh). The checkpoint must have `config`'s architecture."""
+    stored = fm_ckpt.load_config(path)
+    if stored.replace(dtype=config.dtype) != config:
+        raise ValueError(f"--init-params {path}: saved for a different architecture than --preset/--override "
+                         "(only the dtype may differ)")
+    return cast_like(fm_ckpt.restore_params(path, stored), template)
+
+
 def precompile(step_fn, state, phases) -> dict:
     """{length: Future of the compiled train step} for the phases' batch shapes, all compiled at once in
     background threads: compiling a shape takes minutes on the GPU, so later phases compile while the
@@ -248,6 +260,8 @@ def run(args) -> dict:
     key = jax.random.PRNGKey(args.seed)
     template = param_template(config, key)
     master = init_params(config.replace(dtype="float32"), key)
+    if args.init_params:
+        master = load_master(args.init_params, config, master)
     tx, sched = make_optimizer(args, args.steps)
     state = init_state(master, tx)
     step_fn = build_train_step(config, template, tx, args.kl_weight)
@@ -324,6 +338,7 @@ def run(args) -> dict:
         result["stopped"] = True
         return result
     fm_ckpt.save_params(os.path.join(out, "params"), cast_like(state["params"], template), config, overwrite=True)
+    fm_ckpt.save_params(os.path.join(out, "master"), state["params"], config.replace(dtype="float32"), overwrite=True)
     summary = {**result, "command": "python -m train.pretrain " + " ".join(args.argv), "preset": args.preset,
                "config": {k: v for k, v in args.override}, "phases": [vars(p) for p in phases],
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "final_eval": last_eval}
@@ -339,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--init-params", type=cli.existing_dir, default=None,
+                   help="start from these backbone params (an earlier run's OUT/master or OUT/params) instead of "
+                        "a random init; the optimizer starts fresh")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=cli.positive_int, default=3000)
     o.add_argument("--curriculum", default="1024:dense:0.2,2048:sparse:0.3,4096:sparse:0.5",
