@@ -53,7 +53,7 @@ from train.fit import Logger
 
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
-                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks", "init_params")
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks", "task_params", "init_params")
 
 
 @dataclass(frozen=True)
@@ -205,9 +205,10 @@ def answer_accuracy(params, config, tokens, loss_mask):
     return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(loss_mask[:, :-1] > 0, -1), 1)
 
 
-def fixed_batch(names, length: int, seed: int, batch: int):
-    """`train.tasks.make_batch` right-padded to `length + ANSWER_ROOM` tokens: one shape per length."""
-    tokens, mask = T.make_batch(names, length, seed, batch)
+def fixed_batch(names, length: int, seed: int, batch: int, params: dict | None = None):
+    """`train.tasks.make_batch` right-padded to `length + ANSWER_ROOM` tokens: one shape per length.
+    `params`: task name -> parameters (`train.tasks.DEFAULT_PARAMS` for the others)."""
+    tokens, mask = T.make_batch(names, length, seed, batch, params)
     room = length + ANSWER_ROOM - tokens.shape[1]
     if room < 0:
         raise ValueError(f"answers longer than ANSWER_ROOM={ANSWER_ROOM} tokens at length {length}")
@@ -243,6 +244,21 @@ def task_names(spec: str) -> tuple[str, ...]:
         if n not in T.TASKS:
             raise ValueError(f"unknown task {n!r}; choose from {T.TASKS}")
     return names
+
+
+def check_task_params(names, task_params) -> None:
+    """ValueError unless `task_params` maps tasks of `names` to parameters their generators accept."""
+    if task_params is None:
+        return
+    if not isinstance(task_params, dict) or not all(isinstance(v, dict) for v in task_params.values()):
+        raise ValueError("--task-params must be a JSON object {task: {param: value}}")
+    for name, kw in task_params.items():
+        if name not in names:
+            raise ValueError(f"--task-params: {name!r} is not among the training tasks {tuple(names)}")
+        try:
+            T.make_example(name, 2048, 0, **kw)
+        except TypeError as e:
+            raise ValueError(f"--task-params {name}: {e}") from e
 
 
 def run(args) -> dict:
@@ -281,7 +297,7 @@ def run(args) -> dict:
 
     def produce(s):
         ph = phase_at(phases, s)
-        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch)
+        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch, args.task_params)
         return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}, ph
 
     stop_at = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
@@ -354,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--task-params", type=json.loads, default=None,
+                   help="JSON {task: {param: value}} for the training batches, e.g. longer needle values "
+                        "'{\"niah_single\": {\"value_len\": 16}}' (more supervised tokens per example); held-out "
+                        "evaluation keeps train.tasks.DEFAULT_PARAMS")
     p.add_argument("--init-params", type=cli.existing_dir, default=None,
                    help="start from these backbone params (an earlier run's OUT/master or OUT/params) instead of "
                         "a random init; the optimizer starts fresh")
@@ -395,7 +415,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--curriculum: {e}") from e
     if args.stop_after is not None and args.stop_after <= 0:
         raise SystemExit("--stop-after must be positive")
-    task_names(args.tasks)
+    names = task_names(args.tasks)
+    check_task_params(names, args.task_params)
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k in ("out", "step", "tokens_seen", "wall_s", "final_eval")}),
           file=sys.stderr)

@@ -83,3 +83,13 @@ def test_init_params_continues_from_an_earlier_run(tmp_path):
     with pytest.raises(ValueError, match="different architecture"):
         P.main(["--out", str(tmp_path / "c"), "--steps", "1", "--init-params", os.path.join(first, "master"),
                 *TINY, "--override", "d_model=32"])
+
+
+def test_task_params_reach_the_batches_and_are_checked():
+    t0, m0 = P.fixed_batch(("niah_single",), 512, 3, 2)
+    t1, m1 = P.fixed_batch(("niah_single",), 512, 3, 2, {"niah_single": {"value_len": 16}})
+    assert m1.sum() == 2 * 17 and m0.sum() == 2 * 4  # value tokens + EOS per row
+    with pytest.raises(ValueError, match="not among the training tasks"):
+        P.check_task_params(("local",), {"niah_single": {"value_len": 4}})
+    with pytest.raises(ValueError, match="niah_single"):
+        P.check_task_params(("niah_single",), {"niah_single": {"colour": 4}})
