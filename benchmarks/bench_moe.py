@@ -44,7 +44,7 @@ def _mgpu_grouped_matmul(lhs, rhs, group_sizes, preferred_element_type=None):
     """`ragged_dot` signature over the Hopper Mosaic-GPU kernel (output in lhs's dtype; blocks tuned for
     V4-Flash's K = 4096 / 2048). Only rows in a group are defined, as `routed_experts` requires."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-    out = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes, block_m=64, block_n=128, block_k=64,
+    out = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=64, block_n=128, block_k=64,
                                      max_concurrent_steps=4, grid_block_n=1)
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
