@@ -55,6 +55,10 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_top_k: int = 2
     moe_inter_dim: int = 64
+    # how the routed experts are computed (same routing, same function up to float rounding; layers/ffn.py):
+    # "dense" = every expert on every token, unrouted ones weighted 0; "sparse" = each expert on its routed
+    # tokens only (sort by expert + grouped matmul, expert parallel over the mesh axis `model`)
+    moe_impl: Literal["dense", "sparse"] = "dense"
     # MoE routing (SPEC §9): routed weights = renormalised sqrt(softplus) scores x routed_scaling_factor
     # (V4's 1.5 in every preset); layers l < n_hash_layers route by token id (tid2eid) instead of top-k
     routed_scaling_factor: float = 1.5
@@ -201,6 +205,8 @@ def _validate(c: ModelConfig) -> None:
             bad("n_shared_experts", "must be >= 0")
     elif c.dense_inter_dim <= 0:
         bad("dense_inter_dim", "must be positive when ffn='dense'")
+    if c.moe_impl not in ("dense", "sparse"):
+        bad("moe_impl", "must be 'dense' or 'sparse'")
     if c.dtype not in ("float32", "bfloat16"):
         bad("dtype", "must be 'float32' or 'bfloat16'")
     if c.matmul_precision not in (None, "highest", "tensorfloat32", "default"):
@@ -259,7 +265,9 @@ PRESETS: dict[str, dict] = {
     # every layer MoE with sqrt(softplus) routing, 3 hash-routed layers, route scale 1.5, SwiGLU clamp 10,
     # RoPE 10000 plain (window layers) / 160000 + YaRN (compressed layers), entry visibility, the fp8 KV
     # (`kv_fp8`: rounding and 584-byte entries). Not modelled: the MTP layer, fp8/fp4 weight and activation
-    # quantisation (QAT); the MoE computes every expert densely (README "Fidelity to DeepSeek-V4").
+    # quantisation (QAT) (README "Fidelity to DeepSeek-V4"). `moe_impl` stays "dense" until the GPU numbers
+    # of benchmarks/bench_moe.py show the grouped matmul winning: XLA:GPU's default `ragged_dot` lowering
+    # can expand to a dense matmul over all groups (more FLOPs than the dense MoE).
     "v4_flash": dict(
         vocab_size=129280, d_model=4096, n_layers=43, n_heads=64, head_dim=512, rope_dim=64,
         q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window=128,

@@ -15,7 +15,7 @@ Mesh axes are ``("data", "model")``:
   ``attn.wo_b``        ``[G*o_lora, d]``       ``P("model", None)``   rows of those groups
   ``attn.indexer.wq_b`` ``[q_lora, HI*di]``    ``P(None, "model")``   indexer heads
   ``attn.indexer.weights_proj`` ``[d, HI]``    ``P(None, "model")``   indexer head weights
-  ``ffn.experts.*``    ``[E, ...]``            ``P("model", ...)``    routed experts
+  ``ffn.experts.*``    ``[E, ...]``            ``P("model", ...)``    routed experts (expert parallel)
   ``ffn.dense.w1/w3``, ``ffn.shared.w1/w3``    ``P(None, "model")``   SwiGLU hidden units
   ``ffn.dense.w2``, ``ffn.shared.w2``          ``P("model", None)``   (Megatron column/row pair)
   ``embed``            ``[V, d]``              ``P("model", None)``   vocabulary rows
@@ -33,6 +33,12 @@ Mesh axes are ``("data", "model")``:
   Embedding / LM head: both are split over the vocabulary (Megatron's vocab-parallel layout): the
   embedding lookup becomes a masked local gather plus an all-reduce over ``model``, and the logits come
   out split over the vocabulary. For V4-Flash this keeps 2 × 1 GiB of bf16 tables off every device.
+
+Routed experts: the dense MoE (``moe_impl="dense"``) runs every expert on every token, so GSPMD splits
+its expert contraction by the weights' layout. The sparse MoE (``moe_impl="sparse"``) is expert parallel
+when called under ``jax.set_mesh(mesh)``: a ``shard_map`` over ``model`` where each device computes the
+token-expert pairs of its own experts, then a ``psum`` (``fm_jax.layers.moe_sparse``); without a context
+mesh XLA's propagation places it.
 
 **Fallback.** A rule applies only if it divides evenly: the head / group / expert count must be a
 multiple of the ``model`` axis size (so that shard boundaries fall between heads, groups and experts),

@@ -167,9 +167,11 @@ def attention_train(p, c, layer: int, x, stage):
         if kind == KIND_CSA:
             ilog = indexer_logits(p["indexer"], c, jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_lora),
                                   positions, inv, r)
-            if sparse is not False:
-                picked = topk_mask(jax.lax.stop_gradient(ilog), attended, c.index_topk)
-                attended = picked if sparse is True else jnp.where(sparse, picked, attended)
+            if sparse is True:
+                attended = topk_mask(jax.lax.stop_gradient(ilog), attended, c.index_topk)
+            elif sparse is not False:  # traced: a cond, so the dense stage does not pay for the top-k
+                attended = jax.lax.cond(sparse, lambda a: topk_mask(jax.lax.stop_gradient(ilog), a, c.index_topk),
+                                        lambda a: a, attended)
         lc = _dot("bthd,bnd->bthn", q, pool) * scale
         parts.append(jnp.where(attended[:, :, None, :], lc, -jnp.inf))
         aux["n_attended"] = jnp.mean(jnp.sum(attended, axis=-1).astype(jnp.float32))

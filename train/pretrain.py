@@ -16,8 +16,9 @@
 * Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy, per-layer indexer KL, lr, grad norm, tokens seen),
   ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
-* Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads) and
-  ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
+* Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
+  ``OUT/master`` (the float32 master weights: ``--init-params`` continues from them in a new run, e.g. on
+  the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
 
 Example (CPU smoke run)::
 
@@ -52,7 +53,7 @@ from train.fit import Logger
 
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
-                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks")
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks", "task_params", "init_params")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,17 @@ def build_train_step(config, template, tx, kl_weight: float):
     return train_step
 
 
+def load_master(path: str, config, template):
+    """Params saved by `fm_jax.checkpoint.save_params` in any dtype (a run's ``OUT/master`` or ``OUT/params``)
+    as float32 master weights shaped like `template`: training continues across sessions (the optimizer
+    state starts fresh). The checkpoint must have `config`'s architecture."""
+    stored = fm_ckpt.load_config(path)
+    if stored.replace(dtype=config.dtype) != config:
+        raise ValueError(f"--init-params {path}: saved for a different architecture than --preset/--override "
+                         "(only the dtype may differ)")
+    return cast_like(fm_ckpt.restore_params(path, stored), template)
+
+
 def precompile(step_fn, state, phases) -> dict:
     """{length: Future of the compiled train step} for the phases' batch shapes, all compiled at once in
     background threads: compiling a shape takes minutes on the GPU, so later phases compile while the
@@ -193,9 +205,10 @@ def answer_accuracy(params, config, tokens, loss_mask):
     return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(loss_mask[:, :-1] > 0, -1), 1)
 
 
-def fixed_batch(names, length: int, seed: int, batch: int):
-    """`train.tasks.make_batch` right-padded to `length + ANSWER_ROOM` tokens: one shape per length."""
-    tokens, mask = T.make_batch(names, length, seed, batch)
+def fixed_batch(names, length: int, seed: int, batch: int, params: dict | None = None):
+    """`train.tasks.make_batch` right-padded to `length + ANSWER_ROOM` tokens: one shape per length.
+    `params`: task name -> parameters (`train.tasks.DEFAULT_PARAMS` for the others)."""
+    tokens, mask = T.make_batch(names, length, seed, batch, params)
     room = length + ANSWER_ROOM - tokens.shape[1]
     if room < 0:
         raise ValueError(f"answers longer than ANSWER_ROOM={ANSWER_ROOM} tokens at length {length}")
@@ -233,6 +246,21 @@ def task_names(spec: str) -> tuple[str, ...]:
     return names
 
 
+def check_task_params(names, task_params) -> None:
+    """ValueError unless `task_params` maps tasks of `names` to parameters their generators accept."""
+    if task_params is None:
+        return
+    if not isinstance(task_params, dict) or not all(isinstance(v, dict) for v in task_params.values()):
+        raise ValueError("--task-params must be a JSON object {task: {param: value}}")
+    for name, kw in task_params.items():
+        if name not in names:
+            raise ValueError(f"--task-params: {name!r} is not among the training tasks {tuple(names)}")
+        try:
+            T.make_example(name, 2048, 0, **kw)
+        except TypeError as e:
+            raise ValueError(f"--task-params {name}: {e}") from e
+
+
 def run(args) -> dict:
     import orbax.checkpoint as ocp
 
@@ -248,6 +276,8 @@ def run(args) -> dict:
     key = jax.random.PRNGKey(args.seed)
     template = param_template(config, key)
     master = init_params(config.replace(dtype="float32"), key)
+    if args.init_params:
+        master = load_master(args.init_params, config, master)
     tx, sched = make_optimizer(args, args.steps)
     state = init_state(master, tx)
     step_fn = build_train_step(config, template, tx, args.kl_weight)
@@ -267,7 +297,7 @@ def run(args) -> dict:
 
     def produce(s):
         ph = phase_at(phases, s)
-        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch)
+        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch, args.task_params)
         return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}, ph
 
     stop_at = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
@@ -324,6 +354,7 @@ def run(args) -> dict:
         result["stopped"] = True
         return result
     fm_ckpt.save_params(os.path.join(out, "params"), cast_like(state["params"], template), config, overwrite=True)
+    fm_ckpt.save_params(os.path.join(out, "master"), state["params"], config.replace(dtype="float32"), overwrite=True)
     summary = {**result, "command": "python -m train.pretrain " + " ".join(args.argv), "preset": args.preset,
                "config": {k: v for k, v in args.override}, "phases": [vars(p) for p in phases],
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "final_eval": last_eval}
@@ -339,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--task-params", type=json.loads, default=None,
+                   help="JSON {task: {param: value}} for the training batches, e.g. longer needle values "
+                        "'{\"niah_single\": {\"value_len\": 16}}' (more supervised tokens per example); held-out "
+                        "evaluation keeps train.tasks.DEFAULT_PARAMS")
+    p.add_argument("--init-params", type=cli.existing_dir, default=None,
+                   help="start from these backbone params (an earlier run's OUT/master or OUT/params) instead of "
+                        "a random init; the optimizer starts fresh")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=cli.positive_int, default=3000)
     o.add_argument("--curriculum", default="1024:dense:0.2,2048:sparse:0.3,4096:sparse:0.5",
@@ -377,7 +415,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--curriculum: {e}") from e
     if args.stop_after is not None and args.stop_after <= 0:
         raise SystemExit("--stop-after must be positive")
-    task_names(args.tasks)
+    names = task_names(args.tasks)
+    check_task_params(names, args.task_params)
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k in ("out", "step", "tokens_seen", "wall_s", "final_eval")}),
           file=sys.stderr)

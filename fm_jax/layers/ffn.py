@@ -21,9 +21,13 @@ routing weight multiplies the expert's activation before `w2` (in float32). The 
 fuses the shared expert as one more "expert" of weight 1/1.5 next to the renormalised routed weights and
 scales the sum by 1.5: the same function.
 
-The MoE computes every routed expert densely and gives unrouted ones weight zero: exact and
-sharding-friendly (experts split over the `model` axis), at E/top_k times the FLOPs of a dispatching
-implementation. Fine for `tiny`/`small`; `v4_flash` benchmarks time the attention stack.
+Two implementations of the routed experts, chosen by the config field `moe_impl` (same routing, same
+function; they differ only in the rounding of the final sum over experts, see `moe_sparse`):
+
+* "dense": every routed expert on every token, unrouted ones weighted zero (E / top_k times the FLOPs of
+  dispatching; the cheaper one for a few experts, and on CPU, where `ragged_dot` expands to dense).
+* "sparse" (`fm_jax.layers.moe_sparse`): assignments sorted by expert and grouped matmuls
+  (`jax.lax.ragged_dot`) over exactly the routed rows; expert parallel over the mesh axis `model`.
 """
 from __future__ import annotations
 
@@ -31,15 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from fm_jax.layers.init import dense_init
+from fm_jax.layers.moe_sparse import sparse_moe
+from fm_jax.layers.swiglu import init_swiglu, swiglu, swiglu_hidden
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def init_swiglu(key, d_model: int, inter: int, dtype=jnp.float32, lead: tuple = ()):
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {"w1": dense_init(k1, (*lead, d_model, inter), dtype),
-            "w3": dense_init(k3, (*lead, d_model, inter), dtype),
-            "w2": dense_init(k2, (*lead, inter, d_model), dtype)}
 
 
 def init_ffn(key, c, dtype=jnp.float32, *, hash_routed: bool = False):
@@ -62,20 +61,6 @@ def init_ffn(key, c, dtype=jnp.float32, *, hash_routed: bool = False):
     return p
 
 
-def _swiglu_hidden(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """silu(gate) * up in float32, with V4's clamp (limit 0 = none)."""
-    gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
-    if limit > 0:
-        up = jnp.clip(up, -limit, limit)
-        gate = jnp.minimum(gate, limit)
-    return jax.nn.silu(gate) * up
-
-
-def swiglu(p, x: jax.Array, limit: float = 0.0) -> jax.Array:
-    """x: [..., d_model] -> [..., d_model]."""
-    return _swiglu_hidden(x @ p["w1"], x @ p["w3"], limit).astype(x.dtype) @ p["w2"]
-
-
 def moe_route(p, c, x: jax.Array, token_ids=None) -> tuple[jax.Array, jax.Array]:
     """The experts of every token and their weights: (ids int32 [..., moe_top_k], weights float32
     [..., moe_top_k]). x: [..., d_model]; token_ids: int [...] (needed on hash-routed layers)."""
@@ -96,15 +81,28 @@ def moe_gates(p, c, x: jax.Array, token_ids=None) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(ids, c.n_routed_experts, dtype=jnp.float32) * w[..., None], axis=-2)
 
 
+def dense_moe(experts, x: jax.Array, gates: jax.Array, limit: float) -> jax.Array:
+    """Every routed expert on every token, weighted by `gates` float32 [..., n_routed_experts] (zero for
+    unrouted experts). x: [..., d_model] -> [..., d_model] (x's dtype promoted with the weights')."""
+    e = experts
+    h = swiglu_hidden(jnp.einsum("...d,edi->...ei", x, e["w1"]), jnp.einsum("...d,edi->...ei", x, e["w3"]),
+                      limit)
+    h = (h * gates[..., None]).astype(x.dtype)  # weight before w2, as V4
+    return jnp.einsum("...ei,eid->...d", h, e["w2"])
+
+
 def ffn(p, c, x: jax.Array, token_ids=None) -> jax.Array:
     """x: [..., d_model] (normed), token_ids: int [...] (hash-routed layers) -> [..., d_model]."""
     if c.ffn == "dense":
         return swiglu(p["dense"], x, c.swiglu_limit)
     e = p["experts"]
-    h = _swiglu_hidden(jnp.einsum("...d,edi->...ei", x, e["w1"]), jnp.einsum("...d,edi->...ei", x, e["w3"]),
-                       c.swiglu_limit)
-    h = (h * moe_gates(p, c, x, token_ids)[..., None]).astype(x.dtype)  # weight before w2, as V4
-    out = jnp.einsum("...ei,eid->...d", h, e["w2"])
+    if c.moe_impl == "dense":
+        out = dense_moe(e, x, moe_gates(p, c, x, token_ids), c.swiglu_limit)
+    elif c.moe_impl == "sparse":
+        ids, w = moe_route(p, c, x, token_ids)
+        out = sparse_moe(e, x, ids, w, c.swiglu_limit).astype(jnp.result_type(x.dtype, e["w2"].dtype))
+    else:  # the config validates this; a hand-built config object could still get here
+        raise ValueError(f"unknown moe_impl {c.moe_impl!r}; choose 'dense' or 'sparse'")
     if "shared" in p:
         out = out + swiglu(p["shared"], x, c.swiglu_limit)
     return out

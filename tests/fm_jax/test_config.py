@@ -98,6 +98,8 @@ INVALID += [("rope_base", 0.0, {}), ("compress_rope_base", -1.0, {}), ("norm_eps
 # V4 routing / mHC fields (SPEC §9)
 INVALID += [("hc_eps", -1e-6, {}), ("routed_scaling_factor", 0.0, {}), ("swiglu_limit", -1.0, {}),
             ("n_hash_layers", -1, {"ffn": "moe"}), ("n_hash_layers", 5, {"ffn": "moe"}), ("n_hash_layers", 1, {})]
+# how the routed experts are computed (layers/ffn.py)
+INVALID += [("moe_impl", "gather", {"ffn": "moe"}), ("moe_impl", "Sparse", {})]
 
 
 def test_list_compress_ratios_become_a_hashable_tuple():

@@ -40,6 +40,15 @@ def test_dense_stage_is_sparse_with_unbounded_topk():
     assert not np.allclose(np.asarray(dense), np.asarray(small), atol=1e-3)  # top-k really restricts
 
 
+def test_traced_stage_flag_matches_the_named_stages():
+    """pretrain passes the stage as a traced bool (one compilation for both stages): same logits."""
+    c, params, tokens = _setup(t=70)
+    flag = jax.jit(lambda p, t, s: lm.forward_train(p, c, t, s, False)[0])
+    for name, value in (("dense", False), ("sparse", True)):
+        want, _ = _fwd(params, c, tokens, name, False)
+        np.testing.assert_array_equal(np.asarray(flag(params, tokens, jnp.asarray(value))), np.asarray(want))
+
+
 def test_window_logits_mask_matches_definition():
     rng = np.random.default_rng(0)
     b, t, h, d, w = 1, 37, 2, 8, 8

@@ -68,3 +68,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert s["tokens_seen"] == 4 * 2 * (384 + P.ANSWER_ROOM)
     with pytest.raises(SystemExit, match="different settings"):
         P.main(["--out", cut, "--steps", "5", *TINY])
+
+
+def test_init_params_continues_from_an_earlier_run(tmp_path):
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    P.main(["--out", first, "--steps", "2", *TINY])
+    c = get_config("tiny", vocab_size=512)
+    before = P.fm_ckpt.restore_params(os.path.join(first, "master"), c.replace(dtype="float32"))
+    P.main(["--out", second, "--steps", "1", "--init-params", os.path.join(first, "master"), "--lr", "1e-9", *TINY])
+    after = P.fm_ckpt.restore_params(os.path.join(second, "master"), c.replace(dtype="float32"))
+    fresh = P.init_params(c.replace(dtype="float32"), jax.random.PRNGKey(0))
+    close = lambda a, b: all(np.allclose(x, y, atol=1e-6) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert close(before, after) and not close(fresh, after)
+    with pytest.raises(ValueError, match="different architecture"):
+        P.main(["--out", str(tmp_path / "c"), "--steps", "1", "--init-params", os.path.join(first, "master"),
+                *TINY, "--override", "d_model=32"])
+
+
+def test_task_params_reach_the_batches_and_are_checked():
+    t0, m0 = P.fixed_batch(("niah_single",), 512, 3, 2)
+    t1, m1 = P.fixed_batch(("niah_single",), 512, 3, 2, {"niah_single": {"value_len": 16}})
+    assert m1.sum() == 2 * 17 and m0.sum() == 2 * 4  # value tokens + EOS per row
+    with pytest.raises(ValueError, match="not among the training tasks"):
+        P.check_task_params(("local",), {"niah_single": {"value_len": 4}})
+    with pytest.raises(ValueError, match="niah_single"):
+        P.check_task_params(("niah_single",), {"niah_single": {"colour": 4}})

@@ -1,7 +1,9 @@
 """DeepSeek-V4 MoE (SPEC §9) against a plain-NumPy float64 transcription written here: sqrt(softplus)
 scores, top-k by score + bias (the bias only chooses), hash routing by token id (tid2eid, no bias),
 weights renormalised x routed_scaling_factor and applied before w2, shared expert with weight 1, and the
-SwiGLU clamp (up to +-limit, gate to <= limit) on routed and shared experts."""
+SwiGLU clamp (up to +-limit, gate to <= limit) on routed and shared experts; both MoE implementations
+(`moe_impl` "dense" and "sparse"). Sparse-specific tests (dispatch, skewed routing, scan, mesh) are in
+test_moe_sparse.py."""
 from __future__ import annotations
 
 import jax
@@ -77,14 +79,16 @@ def flat64(p):
 _ffn = jax.jit(ffn, static_argnums=1)
 
 
+@pytest.mark.parametrize("moe_impl", ["dense", "sparse"])
 @pytest.mark.parametrize("hash_routed", [False, True], ids=["topk", "hash"])
 @pytest.mark.parametrize("x_scale", [1.0, 8.0], ids=["small", "clamped"])
-def test_moe_matches_spec(hash_routed, x_scale):
+def test_moe_matches_spec(hash_routed, x_scale, moe_impl):
     p = params(1, hash_routed)
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((2, 6, D)) * x_scale).astype(np.float32)
     tokens = rng.integers(0, V, (2, 6)).astype(np.int32)
-    got = np.asarray(_ffn(jax.tree.map(jnp.asarray, p), C, jnp.asarray(x), jnp.asarray(tokens)))
+    got = np.asarray(_ffn(jax.tree.map(jnp.asarray, p), C.replace(moe_impl=moe_impl), jnp.asarray(x),
+                          jnp.asarray(tokens)))
     q = flat64(p)
     want = np_moe(q, x.reshape(-1, D).astype(np.float64), tokens.reshape(-1), K, 1.5, 10.0).reshape(2, 6, D)
     assert got.shape == (2, 6, D) and got.dtype == np.float32

@@ -1,0 +1,96 @@
+"""Sparse (dispatching) MoE compute: each routed expert runs only on the tokens routed to it.
+
+Same function as the dense path in `fm_jax.layers.ffn` (routing from `moe_route`, SPEC §9), different cost:
+the `tokens × top_k` token-expert assignments are sorted by expert and the three expert matmuls run as
+grouped matmuls (`jax.lax.ragged_dot`: consecutive row groups, one expert's weights each) over exactly
+those rows. Shapes stay static: the capacity is always `tokens × top_k` rows, whatever the routing.
+
+Numerics against the dense path: `w1` / `w3` outputs in the compute dtype, SwiGLU and the routing weight in
+float32, cast to the compute dtype before `w2` (as the dense path and V4), then `w2` and the sum over a
+token's `top_k` experts in float32 (V4's MoE accumulator). The dense path instead sums all experts inside
+one `w2` contraction in the compute dtype, so the two agree to the rounding of that sum, not bitwise.
+
+Expert parallel: called under a context mesh (`jax.set_mesh(mesh)`) whose `model` axis divides
+`n_routed_experts` (the split `fm_jax.sharding` gives the expert weights), every `model` device dispatches
+all assignments but computes only those of its own experts (the others sort past its last group and are
+zeroed), and a `psum` over `model` adds the partial outputs. Without such a mesh the computation is
+single-program (under `jit` with sharded inputs, XLA's propagation places it).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fm_jax.layers.swiglu import swiglu_hidden
+from fm_jax.sharding import MODEL
+
+GroupedMatmul = Callable[..., jax.Array]  # (lhs [M, K], rhs [G, K, N], group_sizes [G], **kw) -> [M, N]
+
+
+def dispatch(ids: jax.Array, n_experts: int, first_expert=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sort token-expert assignments by expert.
+
+    ids: int32 [tokens, top_k] global expert ids; the experts computed here are
+    [first_expert, first_expert + n_experts) (`first_expert` may be traced).
+    Returns (order int32 [tokens * top_k]: flat assignment indices `token * top_k + j` sorted by expert,
+    stably; group_sizes int32 [n_experts]: assignments per local expert; mine bool [tokens * top_k]:
+    whether the sorted row belongs to a local expert). Assignments to other experts sort last."""
+    local = ids.reshape(-1).astype(jnp.int32) - first_expert
+    key = jnp.where((local >= 0) & (local < n_experts), local, n_experts)  # n_experts = "not here"
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    group_sizes = jnp.bincount(key, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    return order, group_sizes, key[order] < n_experts
+
+
+def routed_experts(experts, x: jax.Array, ids: jax.Array, weights: jax.Array, limit: float, *,
+                   first_expert=0, grouped_matmul: GroupedMatmul = jax.lax.ragged_dot) -> jax.Array:
+    """sum_k weights[:, k] * expert_{ids[:, k]}(x) over the experts held in `experts`, float32.
+
+    experts: {w1, w3 [E_local, d_model, inter], w2 [E_local, inter, d_model]} (global ids first_expert...);
+    x: [tokens, d_model]; ids: int32 [tokens, top_k]; weights: float32 [tokens, top_k]; limit: the SwiGLU
+    clamp. Assignments to experts not held here contribute 0. Returns [tokens, d_model] float32."""
+    n, k = ids.shape
+    dt = jnp.result_type(x.dtype, experts["w1"].dtype)  # the dense einsum's promotion
+    w1, w3, w2 = (experts[name].astype(dt) for name in ("w1", "w3", "w2"))
+    order, sizes, mine = dispatch(ids, w1.shape[0], first_expert)
+    rows = x.astype(dt)[order // k]                                          # [tokens * top_k, d_model]
+    h = swiglu_hidden(grouped_matmul(rows, w1, sizes), grouped_matmul(rows, w3, sizes), limit)
+    h = h * jnp.where(mine, weights.reshape(-1)[order], 0.0)[:, None]  # the routing weight before w2
+    h = h.astype(x.dtype).astype(dt)  # rounded as the dense path rounds it
+    y = grouped_matmul(h, w2, sizes, preferred_element_type=jnp.float32)    # [tokens * top_k, d_model]
+    y = jnp.where(mine[:, None], y, 0.0)  # rows past the last group: defined as 0 here, whatever the kernel
+    # back to (token, j) order by a gather (a scatter-add would sum duplicates in an unspecified order)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+    return jnp.sum(y[inverse].reshape(n, k, -1), axis=1)
+
+
+def _expert_parallel_axis(n_experts: int) -> int:
+    """Size of the context mesh's `model` axis when it splits the experts evenly, else 1 (no split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or MODEL not in mesh.axis_names:
+        return 1
+    m = int(mesh.shape[MODEL])
+    return m if m > 1 and n_experts % m == 0 else 1
+
+
+def sparse_moe(experts, x: jax.Array, ids: jax.Array, weights: jax.Array, limit: float) -> jax.Array:
+    """The routed experts' output [..., d_model] float32, each expert on its own tokens only.
+    x: [..., d_model]; ids int32 / weights float32: [..., top_k] (from `ffn.moe_route`)."""
+    lead, d, k = x.shape[:-1], x.shape[-1], ids.shape[-1]
+    x2, ids2, wt2 = x.reshape(-1, d), ids.reshape(-1, k), weights.reshape(-1, k)
+    n_experts = experts["w1"].shape[0]
+    m = _expert_parallel_axis(n_experts)
+    if m == 1:
+        return routed_experts(experts, x2, ids2, wt2, limit).reshape(*lead, d)
+
+    def shard(e_local, x_, ids_, w_):  # one `model` device: its n_experts / m experts
+        first = jax.lax.axis_index(MODEL) * (n_experts // m)
+        return jax.lax.psum(routed_experts(e_local, x_, ids_, w_, limit, first_expert=first), MODEL)
+
+    espec = jax.tree.map(lambda a: P(MODEL, *([None] * (a.ndim - 1))), experts)
+    out = jax.shard_map(shard, in_specs=(espec, P(), P(), P()), out_specs=P(), axis_names={MODEL},
+                        check_vma=False)(experts, x2, ids2, wt2)
+    return out.reshape(*lead, d)
