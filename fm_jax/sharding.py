@@ -62,6 +62,7 @@ with :func:`constrain` and recalls each ``data`` shard's pages straight onto the
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -215,6 +216,12 @@ def shard_batch(x, mesh: Mesh):
 def replicate(tree, mesh: Mesh):
     """`tree` placed whole on every device of `mesh` (e.g. the Memory Indexer's parameters, a PRNG key)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def use_mesh(mesh: Mesh | None):
+    """Context: `mesh` as the context mesh (`jax.set_mesh`), which sparse MoE's expert-parallel
+    `shard_map` reads; nothing for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def check_batch(mesh: Mesh, batch: int) -> None:

@@ -28,7 +28,8 @@ from fm_jax import memory_indexer as mi
 from fm_jax.cache import kv_zeros, n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
-from fm_jax.sharding import batch_sharding, check_batch, constrain, replicate, shard_batch, shard_cache, shard_params
+from fm_jax.sharding import (batch_sharding, check_batch, constrain, replicate, shard_batch, shard_cache, shard_params,
+                             use_mesh)
 from serve.prefill import chunked_prefill
 
 MODES = ("full", "lsa", "recency", "random")
@@ -183,6 +184,16 @@ def _check_generate(config, mode, indexer, lsa, max_new_tokens):
             raise ValueError(f"indexer head_dim={icfg.head_dim} != model index_head_dim={config.index_head_dim}")
 
 
+def _under_mesh(f):
+    """Run `f(..., mesh=mesh)` with `mesh` as the context mesh (sparse MoE splits experts over it)."""
+    @functools.wraps(f)
+    def run(*args, mesh=None, **kwargs):
+        with use_mesh(mesh):
+            return f(*args, mesh=mesh, **kwargs)
+    return run
+
+
+@_under_mesh
 def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", indexer=None,
              lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, *,
              lengths=None, key=None, impl: str = "auto", trace_resident: bool = False, stream=None,
@@ -236,6 +247,7 @@ def generate(params, config, prompt, max_new_tokens: int, mode: str = "full", in
     return res
 
 
+@_under_mesh
 def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mode: str = "full", indexer=None,
                 lsa: LSAConfig = LSAConfig(), greedy: bool = True, return_logits: bool = False, key=None,
                 impl: str = "auto", first_logits=None, trace_resident: bool = False, stream=None,
