@@ -94,10 +94,9 @@ def main(argv=None) -> int:
         icfg = mi.config_from_model(c)
         indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(1)))
         for mode in modes:
-            def run(mesh=None):
-                return generate(params, c, prompt, n_new, mode=mode, indexer=indexer, lsa=lsa, return_logits=True,
-                                lengths=lengths, mesh=mesh)
-            ref, again = run(), run()  # twice: one device must be deterministic for the comparison to mean much
+            kw = dict(mode=mode, indexer=indexer, lsa=lsa, return_logits=True, lengths=lengths)
+            # twice: one device must be deterministic for the comparison to mean much
+            ref, again = (generate(params, c, prompt, n_new, **kw) for _ in range(2))
             step_ms = lambda r: 1e3 * r.stats["decode_s"] / ((args.windows - 1) * args.tau)
             base_row = {"precision": prec, "mode": mode, "batch": args.batch, "prompt": args.prompt,
                         "lengths": lengths.tolist(), "new_tokens": n_new}
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
                          "rerun_logits_bit_equal": bool((ref.logits == again.logits).all())})
             print(rows[-1], flush=True)
             for d, m in meshes:
-                res = run(make_mesh(d, m))
+                res = generate(params, c, prompt, n_new, mesh=make_mesh(d, m), **kw)
                 rows.append({**base_row, "mesh": f"{d}x{m}", "step_ms": step_ms(res), **agreement(ref, res)})
                 print({k: v for k, v in rows[-1].items() if k != "token_agreement_per_step"}, flush=True)
     write_json(args.out, {**run_info(), "config": args.config, "dtype": base.dtype, "device_count": jax.device_count(),

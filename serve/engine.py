@@ -28,8 +28,16 @@ from fm_jax import memory_indexer as mi
 from fm_jax.cache import kv_zeros, n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_HCA
 from fm_jax.model import check_prefill_inputs, prefill_with_hidden
-from fm_jax.sharding import (batch_sharding, check_batch, constrain, replicate, shard_batch, shard_cache, shard_params,
-                             use_mesh)
+from fm_jax.sharding import (
+    batch_sharding,
+    check_batch,
+    constrain,
+    replicate,
+    shard_batch,
+    shard_cache,
+    shard_params,
+    use_mesh,
+)
 from serve.prefill import chunked_prefill
 
 MODES = ("full", "lsa", "recency", "random")
