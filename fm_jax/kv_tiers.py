@@ -8,9 +8,10 @@ inside the jitted step. The host mirror holds every page of every CSA layer.
 Host memory: the mirror is a set of NumPy arrays (mutable, so write-through is an in-place copy).
 Recall gathers the missing pages on the host and moves them with `jax.device_put` through a
 `pinned_host` staging copy when the backend has that memory kind (CPU and CUDA backends do, checked
-once in `host_memory_kind`), otherwise straight from NumPy; one thread per (layer, kv | keys) array,
-because a single thread's gather copy is far slower than PCIe (measured on the H100 host: 86-110 ms
-per 290 MB cycle serial, 28-30 ms threaded).
+once in `host_memory_kind`), otherwise straight from NumPy; one thread per (layer, kv | keys) array and
+data shard, because a single thread's gather copy is far slower than PCIe (measured on the H100 host:
+86-110 ms per 290 MB cycle serial, 28-30 ms threaded). On a mesh each data shard's requests are gathered
+apart and copied only to the devices of that shard (`HostMirror.recall_to_device(plan, sharding)`).
 
 Bookkeeping (which page sits in which slot, LRU order) lives on the host in `ReserveState`; it is
 updated only at cycle boundaries, never inside the jitted window.
