@@ -226,7 +226,10 @@ def use_mesh(mesh: Mesh | None):
 
 def check_batch(mesh: Mesh, batch: int) -> None:
     """ValueError unless `batch` requests split evenly over the mesh's ``data`` axis (the engine needs every
-    request on exactly one data slice; the silent replication fallback would duplicate its work)."""
+    request on exactly one data slice; the silent replication fallback would duplicate its work), or when
+    `mesh` is not a ("data", "model") mesh."""
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"expected a {AXES} mesh from fm_jax.sharding.make_mesh, got {mesh!r}")
     d = _axis_size(mesh, DATA)
     if batch % d:
         raise ValueError(f"batch {batch} is not a multiple of the mesh's `data` axis ({d}): "

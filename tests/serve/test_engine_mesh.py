@@ -81,9 +81,11 @@ def test_mesh_matches_one_device(setup, monkeypatch, mode, shape):
         assert n == B // shape[0] and len(sh.device_set) == 1, (n, sh)
 
 
-def test_mesh_rejects_a_batch_the_data_axis_does_not_divide(setup):
+def test_mesh_rejects_bad_inputs(setup):
     c, params, prompt, kw, _ = setup
     with pytest.raises(ValueError, match=r"batch 6 is not a multiple of the mesh's `data` axis \(4\)"):
         generate(params, c, prompt[:6], NEW, mode="full", mesh=make_mesh(4, 2), lsa=LSA, lengths=LENGTHS[:6])
+    with pytest.raises(ValueError, match=r"expected a \('data', 'model'\) mesh"):
+        generate(params, c, prompt, NEW, mode="full", mesh=jax.make_mesh((8,), ("batch",)), lsa=LSA)
     with pytest.raises(ValueError, match="prefill_chunk is not supported with a mesh"):
         generate(params, c, prompt, NEW, mode="full", mesh=make_mesh(4, 2), lsa=LSA, prefill_chunk=32)
