@@ -10,3 +10,8 @@ cat /tmp/run/steps.log 2>/dev/null
 tail -n 1 /tmp/run/pretrain/metrics.jsonl 2>/dev/null | head -c 400; echo
 tail -n 1 /tmp/run/pretrain/perf.jsonl 2>/dev/null
 grep -v -i warn /tmp/run/chain.log | tail -4
+# the latest float32 weights come back with every poll (a lease that ends takes its disk with it):
+# `cat master.tgz.part-* | tar xzf -` here, then `train.pretrain --init-params master` continues
+if [ -n "${OUT:-}" ] && [ -d /tmp/run/pretrain/master ]; then
+  tar czf - -C /tmp/run/pretrain master metrics.jsonl | split -b 14M - "$OUT/master.tgz.part-"
+fi

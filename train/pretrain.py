@@ -17,8 +17,8 @@
   ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
 * Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
-  ``OUT/master`` (the float32 master weights: ``--init-params`` continues from them in a new run, e.g. on
-  the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
+  ``OUT/master`` (the float32 master weights, also refreshed at every checkpoint: ``--init-params`` continues
+  from them in a new run, e.g. on the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
 
 Example (CPU smoke run)::
 
@@ -312,6 +312,11 @@ def run(args) -> dict:
     def save(done):
         meta = {"step": done, "tokens_seen": tokens_seen, "wall_s": wall0 + time.perf_counter() - t_run}
         mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        save_master()
+
+    def save_master():  # at every checkpoint too: a lease can end mid-run, and this is what --init-params reads
+        fm_ckpt.save_params(os.path.join(out, "master"), state["params"], config.replace(dtype="float32"),
+                            overwrite=True)
 
     compiled = precompile(step_fn, state, [p for p in phases if p.end > start and p.start < stop_at])
     pre = D.Prefetcher(produce, range(start, stop_at), depth=4, workers=args.data_workers)
@@ -354,7 +359,6 @@ def run(args) -> dict:
         result["stopped"] = True
         return result
     fm_ckpt.save_params(os.path.join(out, "params"), cast_like(state["params"], template), config, overwrite=True)
-    fm_ckpt.save_params(os.path.join(out, "master"), state["params"], config.replace(dtype="float32"), overwrite=True)
     summary = {**result, "command": "python -m train.pretrain " + " ".join(args.argv), "preset": args.preset,
                "config": {k: v for k, v in args.override}, "phases": [vars(p) for p in phases],
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "final_eval": last_eval}
