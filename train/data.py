@@ -641,3 +641,12 @@ class Prefetcher:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def close_loop(prefetcher, manager, bar=None) -> None:
+    """End a training loop: stop the batch prefetcher, wait for the orbax manager's pending saves, close the
+    progress bar (shared by `train.fit` and `train.pretrain`, in their `finally`)."""
+    prefetcher.close()
+    manager.wait_until_finished()
+    if bar is not None:
+        bar.close()

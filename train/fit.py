@@ -478,10 +478,7 @@ def run(args) -> dict:
             if bar is not None:
                 bar.update(1)
     finally:
-        pre.close()
-        mngr.wait_until_finished()
-        if bar is not None:
-            bar.close()
+        D.close_loop(pre, mngr, bar)
     result = {"out": out, "step": int(jax.device_get(state["step"])), "resumed_from": start}
     if stop_at < args.steps:  # simulated kill: nothing more (no final eval / export)
         logger.close()

@@ -50,13 +50,6 @@ def _dot(spec: str, a, b):
     return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=_HIGHEST)
 
 
-def _positions(t: int):
-    """int32 [t] = 0..t-1 behind an optimisation barrier: the visibility and window masks built from
-    plain iotas were constant-folded by XLA into [B, T, N] literals, which made compilation take minutes
-    (and grow with the sequence length)."""
-    return jax.lax.optimization_barrier(jnp.arange(t, dtype=jnp.int32))
-
-
 def _window_blocks(x, window: int):
     """[B, T, ...] -> [B, nb, window, ...] zero-padded to whole blocks."""
     b, t = x.shape[:2]
@@ -77,7 +70,7 @@ def window_logits(q, kv, window: int, scale: float):
     keys = jnp.concatenate([jnp.pad(kb, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1], kb], axis=2)
     logits = _dot("bnqhd,bnkd->bnqhk", qb, keys) * scale             # [B, nb, W, H, 2W]
     logits = logits.reshape(b, -1, h, 2 * window)[:, :t]
-    tq = _positions(t)[:, None]
+    tq = jnp.arange(t)[:, None]
     pos = (tq // window - 1) * window + jnp.arange(2 * window)[None, :]
     valid = (pos >= 0) & (tq - pos >= 0) & (tq - pos < window)
     return logits, valid, keys
@@ -152,7 +145,7 @@ def attention_train(p, c, layer: int, x, stage):
     b, t, _ = x.shape
     kind, r = c.layer_kind(layer), c.compress_ratios[layer]
     inv = inv_freq_for_layer(c, layer)
-    positions = _positions(t)
+    positions = jnp.arange(t)
     scale = c.head_dim ** -0.5
     q, q_lora = project_q(p, c, x, positions, inv)
     kv = project_kv(p, c, x, positions, inv)

@@ -347,10 +347,7 @@ def run(args) -> dict:
             if bar is not None:
                 bar.update(1)
     finally:
-        pre.close()
-        mngr.wait_until_finished()
-        if bar is not None:
-            bar.close()
+        D.close_loop(pre, mngr, bar)
         logger.close()
     result = {"out": out, "step": int(jax.device_get(state["step"])), "resumed_from": start,
               "tokens_seen": tokens_seen, "wall_s": round(wall0 + time.perf_counter() - t_run, 1)}
