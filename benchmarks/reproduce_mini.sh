@@ -3,7 +3,7 @@
 # Indexer's KL loss), dump golden labels from it, train the Memory Indexer backbone-free, assemble the
 # model directory, and evaluate the four modes at one page budget.
 #
-#   bash benchmarks/reproduce_mini.sh RUN_DIR            # the shipped run (one H100, about 25 minutes)
+#   bash benchmarks/reproduce_mini.sh RUN_DIR            # default sizes; the shipped run: benchmarks/gpu_chain.sh
 #   SMOKE=1 bash benchmarks/reproduce_mini.sh RUN_DIR    # seconds-scale sizes (CPU), same steps
 #
 # Every step resumes or is skipped when its output exists, so a rerun after an interruption continues.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -26,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_jax import backbone, checkpoint, cli, interop
-from fm_jax.kv_tiers import window_write_pages
+from fm_jax import backbone, cli
 from serve.engine import MODES, LSAConfig, generate
-from serve.shipped import load_shipped
+from serve.shipped import load_model
 from train import labels as LB
 from train import tasks as T
 
@@ -39,14 +37,6 @@ RETRIEVAL = tuple(t for t in T.TASKS if t != "local")
 def batch_examples(name: str, length: int, n: int, seed: int):
     """n held-out examples of one task at one length (all prompts have exactly `length` tokens)."""
     return [T.make_example(name, length, seed + i) for i in range(n)]
-
-
-def lsa_config(config, length: int, budget: float, tail_fraction: float, tau: int, seed: int) -> LSAConfig:
-    """The page budget at `length` tokens: `budget` of the CSA pages (at least the pages one window
-    writes), the recency tail a `tail_fraction` of it (the release's production ratio is 32 of 96 pages)."""
-    n_pages = -(-(length // config.csa_ratio) // config.page_entries)
-    kmax = max(window_write_pages(config, tau), int(math.floor(budget * n_pages)))
-    return LSAConfig(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), sink_pages=0, seed=seed)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_p"))
@@ -105,18 +95,8 @@ def _mean_stat(stats, key):
     return float(np.mean(vals)) if vals else None
 
 
-def load_model(args):
-    """(params, config, indexer) from `--params` + `--indexer`, else the model directory `--ckpt`."""
-    if args.params or args.indexer:
-        if not (args.params and args.indexer):
-            raise ValueError("--params and --indexer go together (or give a model directory with --ckpt)")
-        config = checkpoint.load_config(args.params)
-        return checkpoint.restore_params(args.params, config), config, interop.load_flashmemory_checkpoint(args.indexer)
-    return load_shipped(args.ckpt)
-
-
 def evaluate(args) -> dict:
-    params, config, indexer = load_model(args)
+    params, config, indexer = load_model(args.ckpt, args.params, args.indexer)
     names = T.TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
     new_tokens = max(len(T.make_example(n, min(args.lengths), 0).answer) for n in names) + 1
     rows, t0, golden_cache = [], time.perf_counter(), {}
@@ -124,7 +104,7 @@ def evaluate(args) -> dict:
     runs += [(args.sweep_length, m, b) for b in args.sweep for m in ("lsa", "recency", "random")
              if (args.sweep_length, m, b) not in runs]
     for length, mode, budget in runs:
-        lsa = lsa_config(config, length, budget, args.tail_fraction, args.tau, args.seed)
+        lsa = LSAConfig.at_budget(config, length, budget, args.tail_fraction, args.tau, args.seed)
         batch = max(1, args.tokens_per_batch // length)
         for name in names:
             ex = batch_examples(name, length, args.n, args.seed_base + length)

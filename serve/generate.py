@@ -1,13 +1,19 @@
-"""CLI: prefill a synthetic prompt and decode with the full cache or with LSA; print a short table.
+"""CLI: the trained miniature (`checkpoints/mini`) answers a held-out task prompt with LSA; `--compare`
+answers the same prompt with the full cache and the same-budget baselines (recency, random).
 
-    python -m serve.generate --preset tiny --context 4096 --new-tokens 128 --mode lsa [--json]
+    python -m serve.generate                                         # niah_single, 4096-token prompt, LSA
+    python -m serve.generate --task niah_multivalue --context 8192 --compare
+    python -m serve.generate --random-weights --preset tiny --context 4096 --new-tokens 128   # benchmarks
 
-Weights are random unless `--params` (an orbax checkpoint from fm_jax.checkpoint) and `--indexer`
-(a FlashMemory joint .safetensors) are given; a random Memory Indexer starts from the backbone's
-Lightning Indexer where the dims match.
+The reduced modes share one device page budget, `--budget` of the CSA pages (recency tail inside,
+`serve.engine.LSAConfig.at_budget`); `--kmax-pages` sets it in pages instead. `--ckpt DIR` (a model
+directory), or `--params` with `--indexer`, loads another trained model. `--random-weights` keeps the
+old benchmark job: a random `--preset` model and Memory Indexer on a random prompt, reporting speed and
+KV bytes (`--compare` adds the token agreement with `full`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -20,6 +26,8 @@ from fm_jax.config import PRESETS, get_config
 from fm_jax.model import init_params
 from fm_jax.prefill import bucket, chunk_multiple
 from serve.engine import MODES, LSAConfig, generate
+from serve.shipped import SHIPPED, load_model
+from train import tasks as T
 
 
 def _fmt_bytes(n: float) -> str:
@@ -30,19 +38,17 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _indexer(args, config, params):
+def _random_indexer(args, config, params):
     if args.indexer:
         try:
-            icfg, iparams = interop.load_flashmemory_checkpoint(args.indexer)
+            return interop.load_flashmemory_checkpoint(args.indexer)
         except cli.USER_ERRORS as e:  # name the file: the safetensors reader's messages do not
             raise ValueError(f"--indexer {args.indexer}: {e}") from e
-    else:
-        icfg = mi.config_from_model(config)
-        try:
-            iparams = mi.init_from_lightning_indexer(icfg, params, config)
-        except ValueError:
-            iparams = mi.init_params(icfg, jax.random.PRNGKey(args.seed + 1))
-    return (icfg if args.threshold is None else icfg.replace(threshold=args.threshold)), iparams
+    icfg = mi.config_from_model(config)
+    try:
+        return icfg, mi.init_from_lightning_indexer(icfg, params, config)
+    except ValueError:
+        return icfg, mi.init_params(icfg, jax.random.PRNGKey(args.seed + 1))
 
 
 def _fmt_tokens(tokens, limit: int = 32) -> str:
@@ -61,34 +67,79 @@ def prefill_chunk(config, requested: int, context: int) -> int | None:
     return min(max(requested // m, 1) * m, bucket(context, m))
 
 
-def main(argv=None) -> int:
-    ap = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--context", type=cli.positive_int, default=4096, help="prompt tokens per request")
-    ap.add_argument("--new-tokens", type=cli.positive_int, default=128)
-    ap.add_argument("--batch", type=cli.positive_int, default=1)
-    ap.add_argument("--mode", default="lsa", choices=MODES)
-    ap.add_argument("--compare", action="store_true", help="also run mode=full and report token agreement")
-    ap.add_argument("--tau", type=cli.positive_int, default=LSAConfig.tau)
-    ap.add_argument("--threshold", type=cli.unit_float, default=None,
-                    help="Memory Indexer keep threshold (default: the indexer's own)")
-    ap.add_argument("--kmax-pages", type=cli.positive_int, default=LSAConfig.kmax_pages,
-                    help="resident pages per request (recency tail, sink and written pages inside)")
-    ap.add_argument("--tail-pages", type=cli.nonneg_int, default=LSAConfig.recency_tail_pages)
-    ap.add_argument("--sink-pages", type=cli.nonneg_int, default=LSAConfig.sink_pages)
-    ap.add_argument("--no-stale", action="store_true", help="recall synchronously at each boundary")
-    ap.add_argument("--verify-recall", action="store_true", help="checksum every page recalled from the host")
-    ap.add_argument("--params", type=cli.existing_dir, help="orbax checkpoint of backbone params (fm_jax.checkpoint)")
-    ap.add_argument("--indexer", type=cli.existing_file, help="FlashMemory joint .safetensors of the Memory Indexer")
-    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
-    ap.add_argument("--impl", default="auto", choices=("auto", "pallas", "xla"))
-    ap.add_argument("--prefill-chunk", type=int, default=8192,
-                    help="prefill the prompt in chunks of this many tokens (rounded down to the config's chunk "
-                         "granularity, at most the padded prompt; LSA modes stream CSA entries to the host "
-                         "during prefill); 0 = the whole prompt at once")
-    ap.add_argument("--json", action="store_true", help="print the stats as JSON")
-    args = ap.parse_args(argv)
+def lsa_config(args, config) -> LSAConfig:
+    knobs = dict(stale_by_one=not args.no_stale, verify_recall=args.verify_recall)
+    if args.kmax_pages is not None:
+        tail = args.tail_pages if args.tail_pages is not None else min(LSAConfig.recency_tail_pages, args.kmax_pages)
+        return LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=tail,
+                         sink_pages=args.sink_pages, seed=args.seed, **knobs)
+    if args.tail_pages is not None:
+        raise ValueError("--tail-pages goes with --kmax-pages (with --budget the tail is --tail-fraction of it)")
+    lsa = LSAConfig.at_budget(config, args.context, args.budget, args.tail_fraction, args.tau, args.seed, **knobs)
+    return dataclasses.replace(lsa, sink_pages=args.sink_pages)
 
+
+def _run(args, params, config, indexer, prompt, new_tokens: int, mode: str, lsa: LSAConfig):
+    return generate(params, config, prompt, new_tokens, mode=mode, indexer=indexer if mode == "lsa" else None,
+                    lsa=lsa, impl=args.impl, prefill_chunk=prefill_chunk(config, args.prefill_chunk, args.context))
+
+
+def _saving(st) -> str:
+    if st["mode"] == "full":
+        return f"{_fmt_bytes(st['full_csa_bytes'])} (all)"
+    return (f"{_fmt_bytes(st['device_csa_bytes'])} = {100 * st['device_csa_fraction']:.1f}% "
+            f"(saves {100 * (1 - st['device_csa_fraction']):.1f}%)")
+
+
+def run_task(args) -> int:
+    """The main job: held-out examples of `--task` answered by the trained model."""
+    params, config, indexer = load_model(args.ckpt, args.params, args.indexer)
+    if args.threshold is not None:
+        indexer = (indexer[0].replace(threshold=args.threshold), indexer[1])
+    examples = [T.make_example(args.task, args.context, T.HELDOUT_SEED + args.seed + b) for b in range(args.batch)]
+    prompt = np.stack([e.prompt for e in examples])
+    new_tokens = args.new_tokens or len(examples[0].answer) + 1
+    lsa = lsa_config(args, config)
+    modes = [args.mode] + ([m for m in MODES if m != args.mode] if args.compare else [])
+    results = {m: _run(args, params, config, indexer, prompt, new_tokens, m, lsa) for m in modes}
+    rows = []
+    for b, e in enumerate(examples):
+        for m in modes:
+            gen = np.asarray(results[m].tokens[b])
+            rows.append({"request": b, "mode": m, "generated": gen.tolist(), "score": T.score(args.task, e, gen),
+                         "correct": bool(T.score(args.task, e, gen) == 1.0)})
+    if args.json:
+        stats = {m: {k: v for k, v in r.stats.items() if k not in ("per_request", "per_cycle")}
+                 for m, r in results.items()}
+        print(json.dumps({"model": str(args.ckpt or args.params or SHIPPED), "task": args.task,
+                          "context": args.context, "kmax_pages": lsa.kmax_pages,
+                          "examples": [{"seed": T.HELDOUT_SEED + args.seed + b, "prompt_tail": e.prompt[-16:].tolist(),
+                                        "expected": e.answer.tolist(), "depth": e.meta["depth"]}
+                                       for b, e in enumerate(examples)],
+                          "answers": rows, "stats": stats}, indent=1))
+        return 0
+    n_pages = -(-(args.context // config.csa_ratio) // config.page_entries)
+    print(f"fm_jax generate: {args.ckpt or args.params or 'checkpoints/mini'} ({config.name}, trained) "
+          f"task={args.task} context={args.context} device={jax.devices()[0].device_kind}")
+    print(f"  page budget: {lsa.kmax_pages} of {n_pages} CSA pages per request (recency tail "
+          f"{lsa.recency_tail_pages}, sink {lsa.sink_pages}), tau={lsa.tau}")
+    for b, e in enumerate(examples):
+        q0 = e.meta["question_start"]
+        print(f"\n  example {b} (seed HELDOUT_SEED+{args.seed + b}): answer item at depth {e.meta['depth']:.2f}, "
+              f"prompt position {int(e.meta['answer_sources'][0])}")
+        print(f"    question: {T.describe(e.prompt[q0:])}")
+        print(f"    expected: {T.describe(e.answer)}")
+        w = max(len(T.describe(r['generated'])) for r in rows if r["request"] == b)
+        for r in (r for r in rows if r["request"] == b):
+            st = results[r["mode"]].stats
+            mark = "correct" if r["correct"] else f"wrong ({r['score']:.2f} of the tokens)"
+            print(f"    {r['mode']:<8} {T.describe(r['generated']):<{w}}  {mark:<28} device CSA KV {_saving(st)}")
+    return 0
+
+
+def run_random(args) -> int:
+    """The benchmark job: a random `--preset` model on a random prompt (speed and KV bytes)."""
+    args.preset = args.preset or "tiny"
     config = get_config(args.preset)
     if args.params:
         from fm_jax.checkpoint import restore_params
@@ -96,22 +147,21 @@ def main(argv=None) -> int:
     else:
         params = init_params(config, jax.random.PRNGKey(args.seed))
     prompt = jax.random.randint(jax.random.PRNGKey(args.seed + 2), (args.batch, args.context), 0, config.vocab_size)
-    lsa = LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=args.tail_pages,
-                    sink_pages=args.sink_pages, stale_by_one=not args.no_stale, verify_recall=args.verify_recall,
-                    seed=args.seed)
-    indexer = _indexer(args, config, params) if args.mode == "lsa" else None
-    chunk = prefill_chunk(config, args.prefill_chunk, args.context)
-    res = generate(params, config, prompt, args.new_tokens, mode=args.mode, indexer=indexer, lsa=lsa, impl=args.impl,
-                   prefill_chunk=chunk)
+    lsa = lsa_config(args, config)
+    indexer = None
+    if args.mode == "lsa":
+        icfg, ip = _random_indexer(args, config, params)
+        indexer = (icfg if args.threshold is None else icfg.replace(threshold=args.threshold), ip)
+    new_tokens = args.new_tokens or 128
+    res = _run(args, params, config, indexer, prompt, new_tokens, args.mode, lsa)
     st = dict(res.stats)
     if args.compare and args.mode != "full":
-        full = generate(params, config, prompt, args.new_tokens, mode="full", lsa=lsa, impl=args.impl,
-                        prefill_chunk=chunk)
+        full = _run(args, params, config, None, prompt, new_tokens, "full", lsa)
         st["token_agreement_vs_full"] = float(np.mean(full.tokens == res.tokens))
         st["full_decode_tokens_per_s"] = full.stats["decode_tokens_per_s"]
     st.pop("per_request", None)
     if args.json:
-        print(json.dumps({"preset": args.preset, "context": args.context, "new_tokens": args.new_tokens,
+        print(json.dumps({"preset": args.preset, "context": args.context, "new_tokens": new_tokens,
                           "device": str(jax.devices()[0].device_kind), **st,
                           "tokens": np.asarray(res.tokens).tolist()}, indent=2))
         return 0
@@ -131,13 +181,64 @@ def main(argv=None) -> int:
     if "token_agreement_vs_full" in st:
         rows.append(("token agreement vs full", f"{st['token_agreement_vs_full']:.3f}"))
     w = max(len(k) for k, _ in rows)
-    print(f"fm_jax generate: preset={args.preset} context={args.context} new_tokens={args.new_tokens} "
+    print(f"fm_jax generate: random weights, preset={args.preset} context={args.context} new_tokens={new_tokens} "
           f"batch={args.batch} device={jax.devices()[0].device_kind}")
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
     for b, toks in enumerate(np.asarray(res.tokens)):
         print(f"  generated tokens (request {b}): {_fmt_tokens(toks)}")
     return 0
+
+
+def build_parser():
+    ap = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="niah_single", choices=T.TASKS, help="train.tasks task of the prompt")
+    ap.add_argument("--ckpt", type=cli.existing_dir, default=None,
+                    help="model directory (backbone/ + memory_indexer.safetensors; default: checkpoints/mini)")
+    ap.add_argument("--params", type=cli.existing_dir, help="backbone params (fm_jax.checkpoint), with --indexer")
+    ap.add_argument("--indexer", type=cli.existing_file, help="FlashMemory joint .safetensors of the Memory Indexer")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="benchmark job: random --preset weights (unless --params) on a random prompt")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="with --random-weights (default tiny)")
+    ap.add_argument("--context", type=cli.positive_int, default=4096, help="prompt tokens per request")
+    ap.add_argument("--new-tokens", type=cli.positive_int, default=None,
+                    help="default: the answer and its EOS (task prompts), 128 (--random-weights)")
+    ap.add_argument("--batch", type=cli.positive_int, default=1, help="requests (task prompts: held-out examples)")
+    ap.add_argument("--mode", default="lsa", choices=MODES)
+    ap.add_argument("--compare", action="store_true",
+                    help="also answer in the other modes (--random-weights: token agreement with full)")
+    ap.add_argument("--budget", type=cli.float_range(0.0, 1.0, lo_open=True), default=0.1,
+                    help="device page budget of lsa / recency / random, a fraction of the CSA pages")
+    ap.add_argument("--tail-fraction", type=cli.unit_float, default=0.25, help="recency tail, fraction of the budget")
+    ap.add_argument("--kmax-pages", type=cli.positive_int, default=None,
+                    help="the budget in pages instead of --budget (tail, sink and written pages inside)")
+    ap.add_argument("--tail-pages", type=cli.nonneg_int, default=None, help="recency tail pages (with --kmax-pages)")
+    ap.add_argument("--sink-pages", type=cli.nonneg_int, default=LSAConfig.sink_pages)
+    ap.add_argument("--tau", type=cli.positive_int, default=LSAConfig.tau)
+    ap.add_argument("--threshold", type=cli.unit_float, default=None,
+                    help="Memory Indexer keep threshold (default: the indexer's own)")
+    ap.add_argument("--no-stale", action="store_true", help="recall synchronously at each boundary")
+    ap.add_argument("--verify-recall", action="store_true", help="checksum every page recalled from the host")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0,
+                    help="held-out example (seed HELDOUT_SEED + seed); random weights / prompt; mode=random's pages")
+    ap.add_argument("--impl", default="auto", choices=("auto", "pallas", "xla"))
+    ap.add_argument("--prefill-chunk", type=int, default=8192,
+                    help="prefill the prompt in chunks of this many tokens (rounded down to the config's chunk "
+                         "granularity, at most the padded prompt; LSA modes stream CSA entries to the host "
+                         "during prefill); 0 = the whole prompt at once")
+    ap.add_argument("--json", action="store_true", help="print the answers and stats as JSON")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.random_weights:
+        if args.ckpt:
+            raise ValueError("--random-weights takes --preset (and optionally --params), not --ckpt")
+        return run_random(args)
+    if args.preset:
+        raise ValueError("--preset goes with --random-weights (a trained model's config comes with its checkpoint)")
+    return run_task(args)
 
 
 if __name__ == "__main__":

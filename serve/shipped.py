@@ -25,3 +25,17 @@ def load_shipped(path=None):
     params = checkpoint.restore_params(root / BACKBONE, config)
     indexer = interop.load_flashmemory_checkpoint(str(root / INDEXER))
     return params, config, indexer
+
+
+def load_model(ckpt=None, params=None, indexer=None):
+    """(params, ModelConfig, (IndexerConfig, indexer params)) from a backbone checkpoint `params`
+    (`fm_jax.checkpoint`) plus a Memory Indexer `indexer` (FlashMemory .safetensors), else from the model
+    directory `ckpt` (default: the shipped `checkpoints/mini`)."""
+    if params or indexer:
+        if not (params and indexer):
+            raise ValueError("--params and --indexer go together (or give a model directory with --ckpt)")
+        if ckpt:
+            raise ValueError("give a model directory (--ckpt) or --params with --indexer, not both")
+        config = checkpoint.load_config(params)
+        return checkpoint.restore_params(params, config), config, interop.load_flashmemory_checkpoint(indexer)
+    return load_shipped(ckpt)

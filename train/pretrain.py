@@ -340,7 +340,8 @@ def run(args) -> dict:
                                     acc=f"{mv['answer_acc']:.3f}", kl=f"{mv['kl']:.3f}")
             if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
                 params = cast_like(state["params"], template)
-                last_eval = evaluate(params, config, names, args.eval_lengths, args.eval_examples)
+                last_eval = evaluate(params, config, tuple(dict.fromkeys(names)), args.eval_lengths,
+                                     args.eval_examples)
                 logger.metrics({"step": done, "eval": last_eval}, prefix="eval/")
             if done % args.save_every == 0 or done == args.steps:
                 save(done)
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="mini")
     p.add_argument("--override", type=_parse_override, action="append", default=[],
                    help="config field override key=value (JSON value), repeatable")
-    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'; batch rows cycle through "
+                   "the list, so a name given twice gets twice the rows")
     p.add_argument("--task-params", type=json.loads, default=None,
                    help="JSON {task: {param: value}} for the training batches, e.g. longer needle values "
                         "'{\"niah_single\": {\"value_len\": 16}}' (more supervised tokens per example); held-out "

@@ -96,7 +96,8 @@ Public API
 ----------
 ``make_example(name, context_len, seed, **params) -> Example``; ``score(name, example, generated) -> float``;
 ``make_batch(names, context_len, seed, batch, params=None) -> (tokens, loss_mask)``;
-``answer_length(name, **params)``; building blocks for new tasks: ``needle``, ``assignment``,
+``answer_length(name, **params)``; ``token_name(tok)`` / ``describe(tokens)`` (``k3``, ``v17``, ``QUERY``, ...);
+building blocks for new tasks: ``needle``, ``assignment``,
 ``make_filler``, ``filler_length``, ``build_prompt``; constants ``TASKS``, ``DEFAULT_PARAMS``,
 ``VOCAB_SIZE``, the special tokens, the token ranges, ``HELDOUT_SEED``.
 
@@ -392,6 +393,26 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         "depth": float(depths[0]),
     }
     return Example(name, prompt, np.asarray(answer, np.int32), meta)
+
+
+_SPECIAL_NAMES = ("PAD", "BOS", "EOS", "KEY", "VAL", "QUERY", "ANSWER", "SEP", "VAR", "ASSIGN")
+
+
+def token_name(tok: int) -> str:
+    """A token as people read it: special tokens by name, ``k<i>`` / ``v<i>`` for the i-th key / value
+    token, ``f<i>`` for filler, ``r<tok>`` for the reserved ids."""
+    tok = int(tok)
+    if not 0 <= tok < VOCAB_SIZE:
+        raise ValueError(f"token {tok} is outside the vocabulary [0, {VOCAB_SIZE})")
+    for prefix, rng in (("k", KEY_TOKENS), ("v", VALUE_TOKENS), ("f", FILLER_TOKENS)):
+        if tok in rng:
+            return f"{prefix}{tok - rng.start}"
+    return _SPECIAL_NAMES[tok] if tok < len(_SPECIAL_NAMES) else f"r{tok}"
+
+
+def describe(tokens) -> str:
+    """``token_name`` of each token, space-separated."""
+    return " ".join(token_name(t) for t in np.asarray(tokens).reshape(-1))
 
 
 def score(name: str, example: Example, generated_tokens) -> float:

@@ -198,11 +198,11 @@ def test_bad_engine_input(setup):
 
 def test_cli_json(capsys):
     # 600 tokens = 150 CSA entries = 19 pages of 8, against a reserve of 2 + 2 tail + 1 sink + 2 write pages
-    assert cli_main(["--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
+    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
                      "--batch", "2", "--kmax-pages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "lsa" and out["device_kv_bytes"] < out["full_kv_bytes"]
-    assert cli_main(["--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
+    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
                      "--batch", "2", "--kmax-pages", "2"]) == 0
     assert "device CSA KV" in capsys.readouterr().out
 
@@ -229,3 +229,13 @@ def test_last_window_starts_no_recall(setup, monkeypatch, stale):
                    lsa=LSAConfig(tau=TAU, kmax_pages=4, recency_tail_pages=1, stale_by_one=stale))
     assert res.stats["cycles"] == 4
     assert counts == {"plan": 4, "score": 3 if stale else 4}  # stale: window n uses boundary n-1's scores
+
+
+def test_lsa_config_at_budget():
+    c = get_config("mini")  # 16 entries per page: 4096 tokens = 1024 entries = 64 pages
+    lsa = LSAConfig.at_budget(c, 4096, 0.1, tail_fraction=0.25, tau=64)
+    assert (lsa.kmax_pages, lsa.recency_tail_pages, lsa.sink_pages) == (6, 1, 0)
+    tiny = LSAConfig.at_budget(c, 4096, 0.01)  # never below the pages one window writes
+    assert tiny.kmax_pages == kt.window_write_pages(c, 64)
+    with pytest.raises(ValueError, match="budget"):
+        LSAConfig.at_budget(c, 4096, 0.0)

@@ -265,3 +265,10 @@ def test_filler_and_build_prompt():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_token_names():
+    assert T.describe([T.BOS, T.KEY_TOKENS.start + 3, T.VALUE_TOKENS.start, T.FILLER_TOKENS.start + 1, T.ANSWER, 12]) \
+        == "BOS k3 v0 f1 ANSWER r12"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        T.token_name(T.VOCAB_SIZE)
