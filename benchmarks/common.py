@@ -103,6 +103,67 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
     return cache, hidden
 
 
+def serving_cache(config, batch: int, context: int, max_len: int, *, tiered: bool, target_layers=(), seed: int = 0):
+    """A prefilled cache for serving-scale batches -> (cache, hidden, mirror or None).
+
+    Unlike `synthetic_cache`, nothing is allocated at its full size first and random rows are drawn for
+    one request and copied to the others (the decode time does not depend on the values; memory and
+    bytes moved do). With `tiered` the CSA entries go to a `kv_tiers.HostMirror` in host memory and the
+    cache's CSA layers hold no entry buffer except the index keys of `target_layers`: the state the
+    chunked prefill leaves for modes lsa / recency / random (`serve.prefill`), so batches whose full
+    cache would not fit the device can be built."""
+    from fm_jax import kv_tiers as kt
+    from fm_jax.cache import entry_capacity, init_layer_cache, kv_zeros
+    key = jax.random.PRNGKey(seed)
+    dt = config.compute_dtype
+
+    def tiled(x):  # [1, ...] -> [batch, ...] on the device
+        return jax.jit(lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:]) + jnp.zeros((), a.dtype))(x)
+
+    def rows(k, n):   # one request's KV rows (bf16/f32 or packed fp8), [1, n, row]
+        return jax.jit(functools.partial(store_kv, config))(jax.random.normal(k, (1, n, config.head_dim), jnp.float32))
+
+    def index_keys(k, n):
+        return jax.jit(pack_index_keys)(jax.random.normal(k, (1, n, config.index_head_dim), jnp.float32))
+
+    def rand_like(k, tree):
+        return jax.tree_util.tree_map(lambda a: jax.random.normal(k, a.shape, a.dtype), tree)
+
+    layers, mirror_kv, mirror_keys = [], {}, {}
+    for l in range(config.n_layers):
+        key, *ks = jax.random.split(key, 6)
+        kind = config.layer_kind(l)
+        shapes = jax.eval_shape(lambda l=l: init_layer_cache(config, l, batch, max_len))
+        new = {"window": tiled(rows(ks[0], config.window))}
+        if kind != KIND_WINDOW:
+            n = entry_capacity(config, l, max_len)
+            valid = (jnp.arange(n) < context // config.compress_ratios[l])[None, :, None]
+            kv1 = jnp.where(valid, rows(ks[1], n), jnp.zeros((), kv_zeros(config, 1, 0).dtype))
+            new["comp_state"] = rand_like(ks[2], shapes["comp_state"])
+            if kind == KIND_CSA:
+                keys1 = jnp.where(valid, index_keys(ks[3], n), jnp.zeros((), jnp.uint8))
+                new["index_state"] = rand_like(ks[4], shapes["index_state"])
+                if tiered:
+                    p = config.page_entries
+                    for store, one in ((mirror_kv, kv1), (mirror_keys, keys1)):
+                        host = np.empty((batch, n // p, p, one.shape[-1]), np.dtype(one.dtype))
+                        host[...] = np.asarray(one).reshape(1, n // p, p, -1)   # broadcast copy, request by request
+                        store[l] = host
+                    new["comp_kv"] = kv_zeros(config, batch, 0)
+                    new["index_keys"] = tiled(keys1) if l in target_layers else \
+                        jnp.zeros((batch, 0, config.index_key_bytes), jnp.uint8)
+                else:
+                    new["comp_kv"], new["index_keys"] = tiled(kv1), tiled(keys1)
+            else:
+                new["comp_kv"] = tiled(kv1)
+        layers.append(new)
+    hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32).astype(dt)
+              for l in range(config.n_layers)]
+    cache = {"lengths": jnp.full((batch,), context, jnp.int32), "capacity": jnp.asarray(max_len, jnp.int32),
+             "layers": tuple(layers)}
+    return cache, hidden, (kt.HostMirror(mirror_kv, mirror_keys) if tiered else None)
+
+
 def param_bytes(params) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -69,7 +70,7 @@ class LSAConfig:
 
     @classmethod
     def at_budget(cls, config, length: int, budget: float, tail_fraction: float = 0.25, tau: int = 64,
-                  seed: int = 0, **fields) -> "LSAConfig":
+                  seed: int = 0, **fields) -> LSAConfig:
         """The page budget of the paper's same-budget comparisons at a `length`-token context: `budget` (a
         fraction in (0, 1]) of the CSA pages, at least the pages one window writes, with the recency tail a
         `tail_fraction` of it (the release's production ratio is 32 of 96 pages) and no sink."""
@@ -299,8 +300,8 @@ def decode_loop(params, config, cache, token, hidden, max_new_tokens: int, *, mo
         token, key = shard_batch(token, mesh), replicate(key, mesh)
         if indexer is not None:
             indexer = (indexer[0], replicate(indexer[1], mesh))
-    times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "decode_s": 0.0, "write_through_s": 0.0,
-             "first_window_s": 0.0}
+    times = {"prefill_s": 0.0, "scoring_s": 0.0, "recall_s": 0.0, "recall_landed_s": 0.0, "decode_s": 0.0,
+             "write_through_s": 0.0, "first_window_s": 0.0}
     n_windows_total = -(-(max_new_tokens - 1) // lsa.tau)
     max_len = int(cache["capacity"])
     last = int(np.max(np.asarray(cache["lengths"]))) + n_windows_total * lsa.tau
@@ -381,6 +382,12 @@ def _stats(config, mode, cycle, pos, times, n_windows, batch, tau, icfg):
     return st
 
 
+@functools.cache
+def _watcher() -> ThreadPoolExecutor:
+    """One thread that waits for recalled pages to land (apart from the gather pool, which it would block)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="fm-recall-landed")
+
+
 class _Cycle:
     """Host-side state of the tiered CSA cache across cycle boundaries."""
 
@@ -423,6 +430,7 @@ class _Cycle:
         self.resident_fractions = []
         self.per_cycle = []          # scoring / recall / write-through seconds and recalled pages per cycle
         self._last = None
+        self._landing = []           # futures: seconds from a recall's start until its arrays are on the device
 
     def _compile_recall_shapes(self, cache):
         """Run the reserve scatter once for every recall bucket, writing nothing (every slot is the
@@ -445,7 +453,10 @@ class _Cycle:
         return {k: self._put(v) for k, v in kt.device_tables(self.state, self.layout).items()}
 
     def record(self, times):
-        now = {k: times[k] for k in ("scoring_s", "recall_s", "write_through_s")}
+        # a transfer still running after the window would stall the next boundary anyway: wait for it here
+        times["recall_landed_s"] += sum(f.result() for f in self._landing)
+        self._landing = []
+        now = {k: times[k] for k in ("scoring_s", "recall_s", "recall_landed_s", "write_through_s")}
         now["recalled_pages"] = self.recalled_pages
         prev = self._last or {k: 0 for k in now}
         self.per_cycle.append({k: now[k] - prev[k] for k in now})
@@ -478,7 +489,11 @@ class _Cycle:
         tables = self._tables()
         staged = None
         if plan.pages.shape[1]:
+            t0 = time.perf_counter()
             staged = self.mirror.recall_to_device(plan, self.rows)
+            # `recall_s` stops when the copies are dispatched; a watcher times their landing, off this thread
+            self._landing.append(_watcher().submit(
+                lambda a=staged, t0=t0: (jax.block_until_ready(a), time.perf_counter() - t0)[1]))
         self.recalled_pages += plan.n_pages * len(self.c.csa_layers)
         return plan, staged, tables
 

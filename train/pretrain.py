@@ -18,7 +18,8 @@
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
 * Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
   ``OUT/master`` (the float32 master weights, also refreshed at every checkpoint: ``--init-params`` continues
-  from them in a new run, e.g. on the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen, wall time, final evaluation).
+  from them in a new run, e.g. on the next GPU lease) and ``OUT/summary.json`` (command, steps, tokens seen,
+  wall time, final evaluation).
 
 Example (CPU smoke run)::
 

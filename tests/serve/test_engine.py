@@ -88,6 +88,9 @@ def test_small_budget_keeps_device_kv_well_under_full(setup):
         assert st["device_kv_bytes"] < 0.5 * st["full_kv_bytes"]
         assert 0 < st["resident_fraction"] < 0.2
         assert st["recalled_bytes"] > 0
+        # every recall is timed until its pages are on the device, per cycle and in total
+        landed = [pc["recall_landed_s"] for pc in st["per_cycle"]]
+        assert st["recall_landed_s"] > 0 and min(landed) >= 0 and np.isclose(sum(landed), st["recall_landed_s"])
         assert r.tokens.shape == (2, 2 * TAU + 1)
     assert full.stats["device_kv_bytes"] == full.stats["full_kv_bytes"]
 
@@ -198,12 +201,12 @@ def test_bad_engine_input(setup):
 
 def test_cli_json(capsys):
     # 600 tokens = 150 CSA entries = 19 pages of 8, against a reserve of 2 + 2 tail + 1 sink + 2 write pages
-    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
-                     "--batch", "2", "--kmax-pages", "2", "--json"]) == 0
+    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW),
+                     "--tau", str(TAU), "--batch", "2", "--kmax-pages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "lsa" and out["device_kv_bytes"] < out["full_kv_bytes"]
-    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW), "--tau", str(TAU),
-                     "--batch", "2", "--kmax-pages", "2"]) == 0
+    assert cli_main(["--random-weights", "--preset", "tiny", "--context", "600", "--new-tokens", str(NEW),
+                     "--tau", str(TAU), "--batch", "2", "--kmax-pages", "2"]) == 0
     assert "device CSA KV" in capsys.readouterr().out
 
 
