@@ -199,9 +199,9 @@ def forward_train(params, c, tokens, stage, remat: bool = True):
 
 def lm_loss(logits, tokens, loss_mask):
     """Masked next-token cross-entropy: position i predicts tokens[i + 1] where loss_mask[i].
-    Returns (mean loss, accuracy of the argmax on the masked positions)."""
+    Returns (mean loss, accuracy of the argmax on the masked positions, that accuracy per row [B])."""
     lg, tgt, m = logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1].astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), tgt[..., None], axis=-1)[..., 0]
     denom = jnp.maximum(jnp.sum(m), 1.0)
-    acc = jnp.sum((jnp.argmax(lg, axis=-1) == tgt) * m) / denom
-    return jnp.sum(nll * m) / denom, acc
+    hits = jnp.sum((jnp.argmax(lg, axis=-1) == tgt) * m, axis=-1)
+    return jnp.sum(nll * m) / denom, jnp.sum(hits) / denom, hits / jnp.maximum(jnp.sum(m, axis=-1), 1.0)

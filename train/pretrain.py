@@ -13,7 +13,8 @@
 * Checkpoints: orbax ``CheckpointManager`` under ``OUT/ckpt`` every ``--save-every`` steps. A rerun with
   the same ``--out`` resumes from the latest one; each step's batch is a pure function of ``(seed, step)``,
   so the resumed run reproduces the uninterrupted run's metrics exactly.
-* Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy, per-layer indexer KL, lr, grad norm, tokens seen),
+* Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy overall and per task (``acc/<task>``, the training
+  rows since the previous line), per-layer indexer KL, lr, grad norm, tokens seen),
   ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
 * Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
@@ -144,11 +145,11 @@ def make_optimizer(args, total_steps: int):
 def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float):
     params = cast_like(merge(trainable, frozen), template)
     logits, auxes = lm.forward_train(params, config, batch["tokens"], stage)
-    ce, acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    ce, acc, row_acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
     kls = {f"kl/l{i}": a["kl"] for i, a in enumerate(auxes) if "kl" in a}
     kl = sum(kls.values()) / max(len(kls), 1)
     n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}
-    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "kl": kl, **kls, **n_att}
+    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "row_acc": row_acc, "kl": kl, **kls, **n_att}
 
 
 def build_train_step(config, template, tx, kl_weight: float):
@@ -204,6 +205,16 @@ def answer_accuracy(params, config, tokens, loss_mask):
     logits, _ = lm.forward_train(params, config, tokens, "sparse", remat=False)
     hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]) & (loss_mask[:, :-1] > 0)
     return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(loss_mask[:, :-1] > 0, -1), 1)
+
+
+def task_accuracy(row_accs) -> dict:
+    """{"acc/<task>": mean answer accuracy of that task's rows} over [(per-row accuracy [B], row tasks)]:
+    the training curve per task (fetched from the device once per log line)."""
+    by_task = {}
+    for acc, tasks in zip(jax.device_get([a for a, _ in row_accs]), [t for _, t in row_accs]):
+        for a, name in zip(acc.tolist(), tasks):
+            by_task.setdefault(name, []).append(a)
+    return {f"acc/{name}": float(np.mean(v)) for name, v in sorted(by_task.items())}
 
 
 def fixed_batch(names, length: int, seed: int, batch: int, params: dict | None = None):
@@ -298,8 +309,9 @@ def run(args) -> dict:
 
     def produce(s):
         ph = phase_at(phases, s)
-        tokens, mask = fixed_batch(names, ph.length, args.seed * 1_000_003 + s, ph.batch, args.task_params)
-        return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}, ph
+        seed = args.seed * 1_000_003 + s
+        tokens, mask = fixed_batch(names, ph.length, seed, ph.batch, args.task_params)
+        return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}, ph, T.batch_tasks(names, seed, ph.batch)
 
     stop_at = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     tokens_seen, wall0 = int(prior["tokens_seen"]), float(prior["wall_s"])
@@ -309,6 +321,7 @@ def run(args) -> dict:
         bar = tqdm(total=args.steps, initial=start, desc="pretrain", unit="step")
     t_run = t_last = time.perf_counter()
     n_tok_last, last_eval = 0, None
+    row_accs = []   # (device [B] answer accuracy per row, row tasks) of the steps since the last log line
 
     def save(done):
         meta = {"step": done, "tokens_seen": tokens_seen, "wall_s": wall0 + time.perf_counter() - t_run}
@@ -322,14 +335,17 @@ def run(args) -> dict:
     compiled = precompile(step_fn, state, [p for p in phases if p.end > start and p.start < stop_at])
     pre = D.Prefetcher(produce, range(start, stop_at), depth=4, workers=args.data_workers)
     try:
-        for s, (batch, ph) in pre:
+        for s, (batch, ph, row_tasks) in pre:
             state, metrics = compiled[ph.length].result()(state, batch, jnp.asarray(ph.stage == "sparse"))
+            row_accs.append((metrics.pop("row_acc"), row_tasks))
             done = s + 1
             n_tok = ph.batch * batch["tokens"].shape[1]
             tokens_seen += n_tok
             n_tok_last += n_tok
             if done % args.log_every == 0 or done == args.steps:
                 mv = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                mv.update(task_accuracy(row_accs))
+                row_accs = []
                 logger.metrics({"step": done, "lr": float(sched(s)), "length": ph.length, "stage": ph.stage,
                                 "tokens_seen": tokens_seen, **mv}, prefix="train/")
                 now = time.perf_counter()

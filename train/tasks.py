@@ -95,7 +95,8 @@ Metadata (``Example.meta``)
 Public API
 ----------
 ``make_example(name, context_len, seed, **params) -> Example``; ``score(name, example, generated) -> float``;
-``make_batch(names, context_len, seed, batch, params=None) -> (tokens, loss_mask)``;
+``make_batch(names, context_len, seed, batch, params=None) -> (tokens, loss_mask)``, ``batch_tasks`` (its rows'
+tasks);
 ``answer_length(name, **params)``; ``token_name(tok)`` / ``describe(tokens)`` (``k3``, ``v17``, ``QUERY``, ...);
 building blocks for new tasks: ``needle``, ``assignment``,
 ``make_filler``, ``filler_length``, ``build_prompt``; constants ``TASKS``, ``DEFAULT_PARAMS``,
@@ -441,12 +442,15 @@ def make_batch(names, context_len: int, seed: int, batch: int, params: dict | No
     if unknown:
         raise ValueError(f"make_batch: params given for tasks not in names: {sorted(unknown)}")
     max_a = max(answer_length(n, **params.get(n, {})) for n in set(names))
-    examples = []
-    for r in range(batch):
-        s = seed * batch + r
-        name = names[s % len(names)]
-        examples.append(make_example(name, context_len, s, **params.get(name, {})))
+    examples = [make_example(name, context_len, seed * batch + r, **params.get(name, {}))
+                for r, name in enumerate(batch_tasks(names, seed, batch))]
     return example_rows(examples, context_len + max_a + 1)
+
+
+def batch_tasks(names, seed: int, batch: int) -> list[str]:
+    """The task of each row of ``make_batch(names, _, seed, batch)``: ``names[(seed * batch + r) % len(names)]``."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return [names[(seed * batch + r) % len(names)] for r in range(batch)]
 
 
 def example_rows(examples, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     state, m0 = step(state, batch, jnp.asarray(True))
     state, m1 = step(state, batch, jnp.asarray(True))
     assert float(m1["loss"]) < float(m0["loss"])
+    row_acc = np.asarray(m0.pop("row_acc"))  # per row: what the per-task curves (`acc/<task>`) average
+    assert row_acc.shape == (2,) and np.all((row_acc >= 0) & (row_acc <= 1))
     assert np.all(np.isfinite([float(v) for v in m0.values()]))
     np.testing.assert_array_equal(np.asarray(state["params"]["layers"][0]["ffn"]["tid2eid"]), tid)
 
@@ -93,3 +95,9 @@ def test_task_params_reach_the_batches_and_are_checked():
         P.check_task_params(("local",), {"niah_single": {"value_len": 4}})
     with pytest.raises(ValueError, match="niah_single"):
         P.check_task_params(("niah_single",), {"niah_single": {"colour": 4}})
+
+
+def test_task_accuracy_groups_rows_by_task():
+    rows = [(jnp.asarray([1.0, 0.5]), ["niah_single", "local"]), (jnp.asarray([0.0, 1.0]), ["niah_single", "local"])]
+    assert P.task_accuracy(rows) == {"acc/local": 0.75, "acc/niah_single": 0.5}
+    assert P.task_accuracy([]) == {}

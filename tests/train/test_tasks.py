@@ -272,3 +272,12 @@ def test_token_names():
         == "BOS k3 v0 f1 ANSWER r12"
     with pytest.raises(ValueError, match="outside the vocabulary"):
         T.token_name(T.VOCAB_SIZE)
+
+
+def test_batch_tasks_names_each_row_of_make_batch():
+    names = ("niah_single", "local", "mq_recall")
+    tasks = T.batch_tasks(names, 5, 4)
+    assert tasks == [names[(5 * 4 + r) % 3] for r in range(4)]
+    tokens, _ = T.make_batch(names, 512, 5, 4)
+    for r, name in enumerate(tasks):  # the row is that task's example with the row's seed
+        np.testing.assert_array_equal(tokens[r, :512], T.make_example(name, 512, 5 * 4 + r).prompt)
