@@ -52,7 +52,7 @@ def main(argv=None):
         for ctx in [int(x) for x in args.contexts.split(",")]:
             for b in [int(x) for x in args.batches.split(",")]:
                 n_new = 1 + args.windows * args.tau
-                cache, hidden = synthetic_cache(c, b, ctx, ctx + n_new)
+                cache, hidden, _ = synthetic_cache(c, b, ctx, ctx + n_new)
                 tok = jax.numpy.zeros((b,), jax.numpy.int32)
                 res = decode_loop(params, c, cache, tok, hidden, n_new, mode="full", lsa=LSAConfig(tau=args.tau))
                 step_s = res.stats["decode_s"] / ((args.windows - 1) * args.tau)

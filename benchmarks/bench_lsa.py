@@ -55,7 +55,7 @@ def main(argv=None):
             n_new = 1 + args.windows * args.tau
             row = {"context": ctx, "batch": b, "kv_dtype": args.kv_dtype, "kv_entry_bytes": c.kv_entry_bytes}
             for mode in ("full", "lsa"):
-                cache, hidden = synthetic_cache(c, b, ctx, ctx + n_new)
+                cache, hidden, _ = synthetic_cache(c, b, ctx, ctx + n_new)
                 tok = jnp.zeros((b,), jnp.int32)
                 res = decode_loop(params, c, cache, tok, hidden, n_new, mode=mode, indexer=indexer, lsa=lsa)
                 del cache

@@ -12,8 +12,8 @@ device bound and the host bound, both reported. The release: 8xH20, 1.6x / 2.4x 
     python3 benchmarks/bench_serving.py --out benchmarks/results/serving-h100.json
     python3 benchmarks/bench_serving.py --out /tmp/s.json --smoke          # CPU check of the script
 
-Decode runs from `benchmarks.common.serving_cache` (random rows of one request copied to all; LSA's CSA
-entries built straight into the host mirror), `--windows` windows of `tau` steps; the first window
+Decode runs from `benchmarks.common.synthetic_cache(distinct=False)` (random rows of one request copied to
+all; LSA's CSA entries built straight into the host mirror), `--windows` windows of `tau` steps; the first window
 (compilation, first recall) is excluded. `recall_over_window` < 1 means recall landed within the window
 it overlaps.
 """
@@ -24,9 +24,10 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import param_bytes, run_info, serving_cache, write_json
+from benchmarks.common import param_bytes, run_info, synthetic_cache, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -35,6 +36,11 @@ from serve.engine import LSAConfig, decode_loop, kv_bytes
 RELEASE = {262144: {"kmax_pages": 96, "concurrency": 1.6, "throughput": 1.7},
            524288: {"kmax_pages": 192, "concurrency": 2.4, "throughput": 2.0},
            1048576: {"kmax_pages": 384, "concurrency": 2.7, "throughput": 2.8}}
+
+
+def release_row(context: int) -> dict:
+    """The release's K_max and ratios at the nearest of its contexts."""
+    return RELEASE[min(RELEASE, key=lambda r: abs(r - context))]
 
 
 def serving_config(smoke: bool):
@@ -64,9 +70,9 @@ def plan(c, context: int, n_new: int, kmax_pages: int, target_layers, device_bud
 
 def time_decode(params, c, indexer, mode: str, batch: int, context: int, lsa: LSAConfig, windows: int) -> dict:
     n_new = 1 + windows * lsa.tau
-    cache, hidden, mirror = serving_cache(c, batch, context, context + n_new, tiered=mode == "lsa",
-                                          target_layers=indexer[0].target_layers)
-    token = jax.numpy.zeros((batch,), jax.numpy.int32)
+    cache, hidden, mirror = synthetic_cache(c, batch, context, context + n_new, distinct=False, tiered=mode == "lsa",
+                                            target_layers=indexer[0].target_layers)
+    token = jnp.zeros((batch,), jnp.int32)
     t0 = time.perf_counter()
     res = decode_loop(params, c, cache, token, hidden, n_new, mode=mode, indexer=indexer if mode == "lsa" else None,
                       lsa=lsa, mirror=mirror)
@@ -109,8 +115,7 @@ def main(argv=None):
     if args.kmax_pages:
         kmax = [int(x) for x in args.kmax_pages.split(",")]
     else:  # the release's K_max of the nearest context (a sixteenth at smoke sizes)
-        kmax = [RELEASE[min(RELEASE, key=lambda r: abs(r - ctx))]["kmax_pages"] // (16 if args.smoke else 1)
-                for ctx in contexts]
+        kmax = [release_row(ctx)["kmax_pages"] // (16 if args.smoke else 1) for ctx in contexts]
     if len(kmax) != len(contexts):
         raise SystemExit("--kmax-pages needs one value per context")
     c = serving_config(args.smoke)
@@ -144,8 +149,8 @@ def main(argv=None):
     for ctx, k in zip(contexts, kmax):
         row = plan(c, ctx, 1 + args.windows * args.tau, k, icfg.target_layers, device_budget, host_budget, args.tau)
         lsa = row.pop("lsa")
-        row["release"] = RELEASE.get(min(RELEASE, key=lambda r: abs(r - ctx)))
-        print({k: v for k, v in row.items()}, flush=True)
+        row["release"] = release_row(ctx)
+        print(row, flush=True)
         if not args.plan_only:
             for mode, b in (("full", row["full_batch"]), ("lsa", row["lsa_batch"])):
                 tb = min(b, args.max_time_batch or b)

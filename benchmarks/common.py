@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fm_jax.cache import init_cache, store_kv
+from fm_jax.cache import store_kv
 from fm_jax.config import KIND_CSA, KIND_WINDOW, get_config
 from fm_jax.layers.quant import pack_index_keys
 
@@ -72,59 +72,33 @@ def h2d_bandwidth(n_bytes: int = 512 << 20) -> dict:
     return out
 
 
-def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 0):
-    """A cache as after prefilling `context` random tokens: random window/entries/keys/states
-    (random weights and index keys, as the benchmarks' issue asks), lengths = context."""
-    cache = init_cache(config, batch, max_len)
-    key = jax.random.PRNGKey(seed)
-    dt = config.compute_dtype
-    layers = []
-    for l, lc in enumerate(cache["layers"]):
-        key, *ks = jax.random.split(key, 8)
-        rows = lambda k, n: jax.jit(functools.partial(store_kv, config))(
-            jax.random.normal(k, (batch, n, config.head_dim), jnp.float32))   # bf16/f32 or packed fp8 rows
-        new = {"window": rows(ks[0], config.window)}
-        if config.layer_kind(l) != KIND_WINDOW:
-            r = config.compress_ratios[l]
-            n = lc["comp_kv"].shape[1]
-            valid = (jnp.arange(n) < context // r)[None, :, None]
-            new["comp_kv"] = jnp.where(valid, rows(ks[1], n), jnp.zeros((), lc["comp_kv"].dtype))
-            new["comp_state"] = jax.tree_util.tree_map(lambda a, k=ks[2]: jax.random.normal(k, a.shape, a.dtype),
-                                                       lc["comp_state"])
-            if config.layer_kind(l) == KIND_CSA:
-                raw = jax.random.normal(ks[3], (*lc["index_keys"].shape[:2], config.index_head_dim), jnp.float32)
-                new["index_keys"] = jnp.where(valid, jax.jit(pack_index_keys)(raw), jnp.zeros((), jnp.uint8))
-                new["index_state"] = jax.tree_util.tree_map(lambda a, k=ks[4]: jax.random.normal(k, a.shape, a.dtype),
-                                                            lc["index_state"])
-        layers.append(new)
-    hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32).astype(dt)
-              for l in range(config.n_layers)]
-    cache = {**cache, "lengths": jnp.full((batch,), context, jnp.int32), "layers": tuple(layers)}
-    return cache, hidden
+def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 0, *, distinct: bool = True,
+                    tiered: bool = False, target_layers=()):
+    """A cache as after prefilling `context` random tokens -> (cache, hidden per layer [B, d_model],
+    HostMirror or None): random window / entries / index keys / compressor states (random weights and
+    keys, as the benchmarks' issue asks), lengths = context. Nothing is allocated at its full size first.
 
-
-def serving_cache(config, batch: int, context: int, max_len: int, *, tiered: bool, target_layers=(), seed: int = 0):
-    """A prefilled cache for serving-scale batches -> (cache, hidden, mirror or None).
-
-    Unlike `synthetic_cache`, nothing is allocated at its full size first and random rows are drawn for
-    one request and copied to the others (the decode time does not depend on the values; memory and
-    bytes moved do). With `tiered` the CSA entries go to a `kv_tiers.HostMirror` in host memory and the
-    cache's CSA layers hold no entry buffer except the index keys of `target_layers`: the state the
-    chunked prefill leaves for modes lsa / recency / random (`serve.prefill`), so batches whose full
-    cache would not fit the device can be built."""
+    `distinct=False` draws one request's rows and copies them to the others (serving-scale batches: the
+    decode time does not depend on the values; memory and bytes moved do). With `tiered` the CSA entries
+    go to a `kv_tiers.HostMirror` in host memory and the cache's CSA layers hold no entry buffer except the
+    index keys of `target_layers`: the state the chunked prefill leaves for modes lsa / recency / random
+    (`serve.prefill`), so batches whose full cache would not fit the device can be built."""
     from fm_jax import kv_tiers as kt
     from fm_jax.cache import entry_capacity, init_layer_cache, kv_zeros
     key = jax.random.PRNGKey(seed)
-    dt = config.compute_dtype
+    n_rows = batch if distinct else 1
 
-    def tiled(x):  # [1, ...] -> [batch, ...] on the device
+    def tiled(x):  # [n_rows, ...] -> [batch, ...] on the device (a copy per request, not a broadcast view)
+        if distinct:
+            return x
         return jax.jit(lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:]) + jnp.zeros((), a.dtype))(x)
 
-    def rows(k, n):   # one request's KV rows (bf16/f32 or packed fp8), [1, n, row]
-        return jax.jit(functools.partial(store_kv, config))(jax.random.normal(k, (1, n, config.head_dim), jnp.float32))
+    def rows(k, n):   # KV rows (bf16/f32 or packed fp8), [n_rows, n, row]
+        return jax.jit(functools.partial(store_kv, config))(
+            jax.random.normal(k, (n_rows, n, config.head_dim), jnp.float32))
 
     def index_keys(k, n):
-        return jax.jit(pack_index_keys)(jax.random.normal(k, (1, n, config.index_head_dim), jnp.float32))
+        return jax.jit(pack_index_keys)(jax.random.normal(k, (n_rows, n, config.index_head_dim), jnp.float32))
 
     def rand_like(k, tree):
         return jax.tree_util.tree_map(lambda a: jax.random.normal(k, a.shape, a.dtype), tree)
@@ -138,27 +112,27 @@ def serving_cache(config, batch: int, context: int, max_len: int, *, tiered: boo
         if kind != KIND_WINDOW:
             n = entry_capacity(config, l, max_len)
             valid = (jnp.arange(n) < context // config.compress_ratios[l])[None, :, None]
-            kv1 = jnp.where(valid, rows(ks[1], n), jnp.zeros((), kv_zeros(config, 1, 0).dtype))
+            kv = jnp.where(valid, rows(ks[1], n), jnp.zeros((), kv_zeros(config, 1, 0).dtype))
             new["comp_state"] = rand_like(ks[2], shapes["comp_state"])
             if kind == KIND_CSA:
-                keys1 = jnp.where(valid, index_keys(ks[3], n), jnp.zeros((), jnp.uint8))
+                keys = jnp.where(valid, index_keys(ks[3], n), jnp.zeros((), jnp.uint8))
                 new["index_state"] = rand_like(ks[4], shapes["index_state"])
                 if tiered:
                     p = config.page_entries
-                    for store, one in ((mirror_kv, kv1), (mirror_keys, keys1)):
-                        host = np.empty((batch, n // p, p, one.shape[-1]), np.dtype(one.dtype))
-                        host[...] = np.asarray(one).reshape(1, n // p, p, -1)   # broadcast copy, request by request
+                    for store, rows_ in ((mirror_kv, kv), (mirror_keys, keys)):
+                        host = np.empty((batch, n // p, p, rows_.shape[-1]), np.dtype(rows_.dtype))
+                        host[...] = np.asarray(rows_).reshape(n_rows, n // p, p, -1)  # broadcasts when n_rows = 1
                         store[l] = host
                     new["comp_kv"] = kv_zeros(config, batch, 0)
-                    new["index_keys"] = tiled(keys1) if l in target_layers else \
+                    new["index_keys"] = tiled(keys) if l in target_layers else \
                         jnp.zeros((batch, 0, config.index_key_bytes), jnp.uint8)
                 else:
-                    new["comp_kv"], new["index_keys"] = tiled(kv1), tiled(keys1)
+                    new["comp_kv"], new["index_keys"] = tiled(kv), tiled(keys)
             else:
-                new["comp_kv"] = tiled(kv1)
+                new["comp_kv"] = tiled(kv)
         layers.append(new)
-    hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32).astype(dt)
-              for l in range(config.n_layers)]
+    hidden = [jax.random.normal(jax.random.fold_in(key, l), (batch, config.d_model), jnp.float32)
+              .astype(config.compute_dtype) for l in range(config.n_layers)]
     cache = {"lengths": jnp.full((batch,), context, jnp.int32), "capacity": jnp.asarray(max_len, jnp.int32),
              "layers": tuple(layers)}
     return cache, hidden, (kt.HostMirror(mirror_kv, mirror_keys) if tiered else None)

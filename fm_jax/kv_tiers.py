@@ -53,6 +53,11 @@ def window_write_pages(config, tau: int) -> int:
     return -(-tau // (config.csa_ratio * config.page_entries)) + 1
 
 
+def csa_pages(config, n_tokens: int) -> int:
+    """Pages of one CSA layer's entries for `n_tokens` tokens (the last one partial)."""
+    return entry_capacity(config, config.csa_layers[0], n_tokens) // config.page_entries
+
+
 def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: int, sink_pages: int,
                 tau: int) -> TierLayout:
     """Reserve of `kmax_pages` pages (the release's K_max: recency tail, sink and the pages a window
@@ -61,7 +66,7 @@ def make_layout(config, max_len: int, *, kmax_pages: int, recency_tail_pages: in
     if not config.csa_layers:
         raise ValueError("LSA needs at least one CSA layer (compress_ratios has no csa_ratio entry)")
     p, r = config.page_entries, config.csa_ratio
-    n_pages = entry_capacity(config, config.csa_layers[0], max_len) // p
+    n_pages = csa_pages(config, max_len)
     write_pages = window_write_pages(config, tau)
     n_slots = min(n_pages, kmax_pages)
     if n_slots < min(n_pages, write_pages):

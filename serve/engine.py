@@ -73,15 +73,15 @@ class LSAConfig:
                   seed: int = 0, **fields) -> LSAConfig:
         """The page budget of the paper's same-budget comparisons at a `length`-token context: `budget` (a
         fraction in (0, 1]) of the CSA pages, at least the pages one window writes, with the recency tail a
-        `tail_fraction` of it (the release's production ratio is 32 of 96 pages) and no sink."""
+        `tail_fraction` of it (the release's production ratio is 32 of 96 pages); no sink unless `fields`
+        name one (`fields`: the other LSAConfig fields)."""
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
         if not 0.0 <= tail_fraction <= 1.0:
             raise ValueError(f"tail_fraction must be in [0, 1], got {tail_fraction!r}")
-        n_pages = -(-(length // config.csa_ratio) // config.page_entries)
-        kmax = max(kt.window_write_pages(config, tau), int(budget * n_pages))
-        return cls(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), sink_pages=0, seed=seed,
-                   **fields)
+        kmax = max(kt.window_write_pages(config, tau), int(budget * kt.csa_pages(config, length)))
+        return cls(tau=tau, kmax_pages=kmax, recency_tail_pages=int(tail_fraction * kmax), seed=seed,
+                   **{"sink_pages": 0, **fields})
 
 
 @dataclass

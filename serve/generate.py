@@ -13,7 +13,6 @@ KV bytes (`--compare` adds the token agreement with `full`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from fm_jax import cli, interop
+from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
 from fm_jax.config import PRESETS, get_config
 from fm_jax.model import init_params
@@ -68,15 +68,13 @@ def prefill_chunk(config, requested: int, context: int) -> int | None:
 
 
 def lsa_config(args, config) -> LSAConfig:
-    knobs = dict(stale_by_one=not args.no_stale, verify_recall=args.verify_recall)
+    knobs = dict(stale_by_one=not args.no_stale, verify_recall=args.verify_recall, sink_pages=args.sink_pages)
     if args.kmax_pages is not None:
         tail = args.tail_pages if args.tail_pages is not None else min(LSAConfig.recency_tail_pages, args.kmax_pages)
-        return LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=tail,
-                         sink_pages=args.sink_pages, seed=args.seed, **knobs)
+        return LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=tail, seed=args.seed, **knobs)
     if args.tail_pages is not None:
         raise ValueError("--tail-pages goes with --kmax-pages (with --budget the tail is --tail-fraction of it)")
-    lsa = LSAConfig.at_budget(config, args.context, args.budget, args.tail_fraction, args.tau, args.seed, **knobs)
-    return dataclasses.replace(lsa, sink_pages=args.sink_pages)
+    return LSAConfig.at_budget(config, args.context, args.budget, args.tail_fraction, args.tau, args.seed, **knobs)
 
 
 def _run(args, params, config, indexer, prompt, new_tokens: int, mode: str, lsa: LSAConfig):
@@ -106,8 +104,8 @@ def run_task(args) -> int:
     for b, e in enumerate(examples):
         for m in modes:
             gen = np.asarray(results[m].tokens[b])
-            rows.append({"request": b, "mode": m, "generated": gen.tolist(), "score": T.score(args.task, e, gen),
-                         "correct": bool(T.score(args.task, e, gen) == 1.0)})
+            score = T.score(args.task, e, gen)
+            rows.append({"request": b, "mode": m, "generated": gen.tolist(), "score": score, "correct": score == 1.0})
     if args.json:
         stats = {m: {k: v for k, v in r.stats.items() if k not in ("per_request", "per_cycle")}
                  for m, r in results.items()}
@@ -118,7 +116,7 @@ def run_task(args) -> int:
                                        for b, e in enumerate(examples)],
                           "answers": rows, "stats": stats}, indent=1))
         return 0
-    n_pages = -(-(args.context // config.csa_ratio) // config.page_entries)
+    n_pages = kt.csa_pages(config, args.context)
     print(f"fm_jax generate: {args.ckpt or args.params or 'checkpoints/mini'} ({config.name}, trained) "
           f"task={args.task} context={args.context} device={jax.devices()[0].device_kind}")
     print(f"  page budget: {lsa.kmax_pages} of {n_pages} CSA pages per request (recency tail "

@@ -203,8 +203,7 @@ def precompile(step_fn, state, phases) -> dict:
 def answer_accuracy(params, config, tokens, loss_mask):
     """Teacher-forced answer-token accuracy per example [B] (the sparse stage: as at inference)."""
     logits, _ = lm.forward_train(params, config, tokens, "sparse", remat=False)
-    hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]) & (loss_mask[:, :-1] > 0)
-    return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(loss_mask[:, :-1] > 0, -1), 1)
+    return lm.lm_loss(logits, tokens, loss_mask)[2]
 
 
 def task_accuracy(row_accs) -> dict:
