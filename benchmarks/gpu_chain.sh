@@ -6,7 +6,7 @@
 set -u
 pkill -f "^bash benchmarks/reproduce_mini.sh" ; pkill -f "^python3 -m train" ; sleep 2; rm -rf /tmp/run; mkdir -p /tmp/run
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-# curriculum (checkpoints/mini's run): retrieval is learned densely on short prompts (128 per step at 512: off the
+# curriculum (attempt 4, the first of the two runs behind checkpoints/mini; see its README): retrieval is learned densely on short prompts (128 per step at 512: off the
 # EOS plateau at step ~300, against ~1200 starting at 1K), extended to 1K and 4K, and only then does CSA attend
 # the Lightning Indexer's top-k (a sparse stage before the model can retrieve starves it)
 export PRE="--steps ${STEPS:-4400} --curriculum ${CURRICULUM:-512:dense:0.25,1024:dense:0.15,4096:dense:0.35,4096:sparse:0.25} --tokens-per-step 65536 --lr ${LR:-1.5e-3} --warmup ${WARMUP:-200} --eval-every 0 --save-every 500 --log-every 50 --no-tensorboard${TASKS:+ --tasks $TASKS}${INIT:+ --init-params $INIT}"

@@ -1,7 +1,10 @@
 """The one entry point per op that model code calls: ``impl="pallas" | "xla" | "auto"``.
 
 ``auto`` runs the Pallas kernel when ``jax.default_backend() == "gpu"`` (and the shapes suit it: head dim a
-power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run.
+power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Packed fp8 KV rows
+go to the XLA path under ``auto`` on every backend: on the H100 the packed-row kernel (byte-wise loads of
+the 584-byte rows) measured 0.36-0.47x the XLA path at batch 1-64 (`kernels-h100.json`, run 'c');
+``impl="pallas"`` still runs it.
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pallas_kernels.reference import (
     indexer_scores_xla,
     sparse_attention_xla,
 )
-from pallas_kernels.sparse_attention import sparse_attention_pallas, tiles_supported
+from pallas_kernels.sparse_attention import sparse_attention_pallas
 
 IMPLS = ("auto", "pallas", "xla")
 
@@ -25,12 +28,11 @@ def _pow2_dim(d: int) -> bool:
 
 
 def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None) -> str:
-    """`rope_dim`: packed fp8 KV rows, read in column tiles (`sparse_attention.tiles_supported`)."""
+    """`rope_dim`: packed fp8 KV rows (XLA under "auto", see the module docstring)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        kernel_ok = _pow2_dim(dim) if rope_dim is None else tiles_supported(dim, rope_dim)
-        return "pallas" if jax.default_backend() == "gpu" and kernel_ok else "xla"
+        return "pallas" if jax.default_backend() == "gpu" and rope_dim is None and _pow2_dim(dim) else "xla"
     if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
         raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
                          "pass interpret=True to run the kernel in interpret mode, or impl='xla'")

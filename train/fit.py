@@ -49,7 +49,7 @@ from fm_jax import cli, interop
 from fm_jax import memory_indexer as mi
 from train import data as D
 from train.dump import _parse_override
-from train.evaluate import evaluate_dataset
+from train.evaluate import METRICS, evaluate_dataset
 
 # arguments that shape the training trajectory: a resumed run must use the same values
 TRAJECTORY_ARGS = ("data", "steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "b1",
@@ -263,8 +263,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _eval_record(res: dict) -> dict:
-    keep = ("recall", "precision", "keep_ratio", "auc")
-    rec = {k: res[k] for k in keep}
+    rec = {k: res[k] for k in METRICS}
     rec["random_at_same_keep"] = res["baselines_at_same_keep"]["random"]
     rec["recency_at_same_keep"] = res["baselines_at_same_keep"]["recency"]
     cur = res["curve"]

@@ -244,6 +244,7 @@ def test_metric_accumulator_against_brute_force(tmp_path):
     tp = kept = npos = cand = 0
     rand = rec = 0.0
     curve = np.zeros(3)
+    q_recalls, q_keeps = [], []
     for qi in range(q):
         m = int(doc.n_candidates[qi])
         pos = set(doc.labels.row(qi)[0].tolist())
@@ -255,12 +256,17 @@ def test_metric_accumulator_against_brute_force(tmp_path):
         cand += m
         rand += len(pos) * len(keep) / m
         rec += len(pos & set(range(m - len(keep), m)))
+        if pos:
+            q_recalls.append(len(keep & pos) / len(pos))
+        if m:
+            q_keeps.append(len(keep) / m)
         for gi, rho in enumerate((0.1, 0.5, 1.0)):
             k = int(np.ceil(rho * m - 1e-9))
             top = set(np.argsort(-s, kind="stable")[:k].tolist())
             curve[gi] += len(top & pos)
     assert r["recall"] == pytest.approx(tp / npos) and r["precision"] == pytest.approx(tp / kept)
     assert r["keep_ratio"] == pytest.approx(kept / cand)
+    assert r["query_recall"] == pytest.approx(np.mean(q_recalls)) and r["query_keep_ratio"] == pytest.approx(np.mean(q_keeps))
     assert r["baselines_at_same_keep"]["random"] == pytest.approx(rand / npos)
     assert r["baselines_at_same_keep"]["recency"] == pytest.approx(rec / npos)
     np.testing.assert_allclose(r["curve"]["indexer"], curve / npos)
@@ -296,7 +302,7 @@ def test_metric_accumulator_chunks_and_histogram_auc(tmp_path):
         all_y.append(y[cand])
     rw, rc, rh = whole.result(), chunked.result(), hist.result()
     assert json.dumps(rw["counts"]) == json.dumps(rc["counts"])
-    for k in ("recall", "precision", "keep_ratio", "auc"):
+    for k in E.METRICS:
         assert rw[k] == pytest.approx(rc[k], rel=1e-12)
     for k in ("random", "recency"):
         assert rw["baselines_at_same_keep"][k] == pytest.approx(rc["baselines_at_same_keep"][k], rel=1e-12)

@@ -119,6 +119,23 @@ def test_end_to_end_recall_beats_random(dumped, tmp_path):
     with open(os.path.join(run, "split.json")) as f:
         assert ev["docs"] == len(json.load(f)["val"])
 
+    # --min-candidates: the same metrics over only the queries that see that many entries
+    c, params = interop.load_flashmemory_checkpoint(os.path.join(run, "export", "indexer.safetensors"))
+    ds = D.IndexerDataset(data)
+    cut = int(np.median(np.concatenate([ds.doc(i).n_candidates for i in range(ds.n_docs)])))
+    want = evaluate.MetricAccumulator(c.threshold)
+    for i in range(ds.n_docs):
+        doc = ds.doc(i)
+        for q0, ens, _ in evaluate.iter_document_scores(params, c, doc):
+            for j in range(ens.shape[0]):
+                if doc.n_candidates[q0 + j] >= cut:
+                    want.add(ens[j:j + 1], doc, q0 + j)
+    got = evaluate.evaluate_dataset(params, c, ds, per_layer=False, min_candidates=cut)
+    assert 0 < got["counts"]["queries"] < sum(len(ds.doc(i).positions) for i in range(ds.n_docs))
+    assert got["counts"] == want.result()["counts"]
+    for k in evaluate.METRICS:
+        assert got[k] == pytest.approx(want.result()[k], rel=1e-9), k
+
     # exports: FlashMemory joint safetensors and orbax hold the same params
     c, params = interop.load_flashmemory_checkpoint(os.path.join(run, "export", "indexer.safetensors"))
     assert c.target_layers == (1, 3) and c.n_heads == 4 and c.head_dim == 16
