@@ -11,12 +11,20 @@ trained indexer's picks are stable and most pages are LRU hits.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import KV_DTYPES, h2d_bandwidth, run_info, synthetic_cache, v4_attention_stack, write_json
+from benchmarks.common import (
+    KV_DTYPES,
+    cycle_median,
+    h2d_bandwidth,
+    run_info,
+    synthetic_cache,
+    v4_attention_stack,
+    write_json,
+)
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -65,13 +73,7 @@ def main(argv=None):
                 row[f"{mode}_device_kv_bytes"] = st["device_kv_bytes"]
                 row[f"{mode}_device_csa_bytes"] = st["device_csa_bytes"]
                 if mode == "lsa":
-                    # steady state: median over the cycles after the first (which compiles and recalls
-                    # the whole initial resident set)
-                    later = st["per_cycle"][1:]
-
-                    def med(k, later=later):
-                        return float(np.median([pc[k] for pc in later]))
-
+                    med = functools.partial(cycle_median, st)
                     row.update({
                         "full_csa_bytes": st["full_csa_bytes"],
                         "csa_device_fraction": st["device_csa_fraction"],

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import param_bytes, run_info, synthetic_cache, write_json
+from benchmarks.common import cycle_median, param_bytes, run_info, synthetic_cache, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -83,9 +83,8 @@ def time_decode(params, c, indexer, mode: str, batch: int, context: int, lsa: LS
            "tokens_per_s": batch * steps / st["decode_s"], "first_window_s": st["first_window_s"],
            "wall_s": wall, "device_kv_bytes": st["device_kv_bytes"]}
     if mode == "lsa":
-        later = st["per_cycle"][1:]
-        landed = float(np.median([pc["recall_landed_s"] for pc in later]))
-        row.update({"recalled_bytes_per_cycle": float(np.median([pc["recalled_bytes"] for pc in later])),
+        landed = cycle_median(st, "recall_landed_s")
+        row.update({"recalled_bytes_per_cycle": cycle_median(st, "recalled_bytes"),
                     "recall_landed_s_per_cycle": landed,
                     "recall_over_window": landed / (st["decode_s"] / (windows - 1)),
                     "resident_fraction": st["resident_fraction"]})

@@ -138,6 +138,12 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
     return cache, hidden, (kt.HostMirror(mirror_kv, mirror_keys) if tiered else None)
 
 
+def cycle_median(stats: dict, key: str) -> float:
+    """Steady-state median of a per-cycle stat of `decode_loop` (`stats["per_cycle"]`): over the cycles after
+    the first, which compiles and recalls the whole initial resident set."""
+    return float(np.median([pc[key] for pc in stats["per_cycle"][1:]]))
+
+
 def param_bytes(params) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 

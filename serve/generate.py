@@ -51,6 +51,11 @@ def _random_indexer(args, config, params):
         return icfg, mi.init_params(icfg, jax.random.PRNGKey(args.seed + 1))
 
 
+def _with_threshold(indexer, threshold):
+    """(IndexerConfig, params) with `--threshold` replacing the checkpoint's keep threshold when given."""
+    return indexer if threshold is None else (indexer[0].replace(threshold=threshold), indexer[1])
+
+
 def _fmt_tokens(tokens, limit: int = 32) -> str:
     shown = " ".join(str(int(t)) for t in tokens[:limit])
     return shown + (f" ... ({len(tokens)} tokens)" if len(tokens) > limit else "")
@@ -92,8 +97,7 @@ def _saving(st) -> str:
 def run_task(args) -> int:
     """The main job: held-out examples of `--task` answered by the trained model."""
     params, config, indexer = load_model(args.ckpt, args.params, args.indexer)
-    if args.threshold is not None:
-        indexer = (indexer[0].replace(threshold=args.threshold), indexer[1])
+    indexer = _with_threshold(indexer, args.threshold)
     examples = [T.make_example(args.task, args.context, T.HELDOUT_SEED + args.seed + b) for b in range(args.batch)]
     prompt = np.stack([e.prompt for e in examples])
     new_tokens = args.new_tokens or len(examples[0].answer) + 1
@@ -148,8 +152,7 @@ def run_random(args) -> int:
     lsa = lsa_config(args, config)
     indexer = None
     if args.mode == "lsa":
-        icfg, ip = _random_indexer(args, config, params)
-        indexer = (icfg if args.threshold is None else icfg.replace(threshold=args.threshold), ip)
+        indexer = _with_threshold(_random_indexer(args, config, params), args.threshold)
     new_tokens = args.new_tokens or 128
     res = _run(args, params, config, indexer, prompt, new_tokens, args.mode, lsa)
     st = dict(res.stats)

@@ -136,7 +136,8 @@ from typing import Any
 import numpy as np
 
 VOCAB_SIZE = 512
-PAD, BOS, EOS, KEY, VAL, QUERY, ANSWER, SEP, VAR, ASSIGN = range(10)
+_SPECIAL_NAMES = ("PAD", "BOS", "EOS", "KEY", "VAL", "QUERY", "ANSWER", "SEP", "VAR", "ASSIGN")  # token_name
+PAD, BOS, EOS, KEY, VAL, QUERY, ANSWER, SEP, VAR, ASSIGN = range(len(_SPECIAL_NAMES))
 SPECIAL_TOKENS = range(0, 16)
 KEY_TOKENS = range(16, 144)
 VALUE_TOKENS = range(144, 272)
@@ -394,9 +395,6 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         "depth": float(depths[0]),
     }
     return Example(name, prompt, np.asarray(answer, np.int32), meta)
-
-
-_SPECIAL_NAMES = ("PAD", "BOS", "EOS", "KEY", "VAL", "QUERY", "ANSWER", "SEP", "VAR", "ASSIGN")
 
 
 def token_name(tok: int) -> str:
