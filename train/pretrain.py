@@ -252,8 +252,8 @@ def _check_run_config(out: str, args) -> None:
 def task_names(spec: str) -> tuple[str, ...]:
     names = T.TASKS if spec == "all" else tuple(spec.split(","))
     for n in names:
-        if n not in T.TASKS:
-            raise ValueError(f"unknown task {n!r}; choose from {T.TASKS}")
+        if n not in T.TASKS + T.DRILLS:
+            raise ValueError(f"unknown task {n!r}; choose from {T.TASKS + T.DRILLS}")
     return names
 
 

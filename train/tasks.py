@@ -73,6 +73,16 @@ Tasks (``TASKS``; defaults in ``DEFAULT_PARAMS``)
     ``niah_single`` with the needle starting at most ``window`` tokens before ``QUERY`` (needs only the
     recent context: sparse attention must not hurt it).
 
+Training-only drill (``DRILLS``; not in ``TASKS``, never evaluated)
+--------------------------------------------------------------------
+``recall_drill`` (``n_pairs=16, n_recalls=12, value_len=3``)
+    ``n_pairs`` needles (keys of 1 or 2 key tokens, first key tokens pairwise different) in the first half of
+    the filler, then ``n_recalls`` of them restated word for word in the second half, then a question for a
+    needle that is not restated. Every value token of a restatement is a copy from its original, so
+    :func:`make_batch` supervises them too (``meta["drill_targets"]``, their prompt positions): about 36
+    supervised lookups per row instead of one answer, the associative-recall signal the needle tasks give
+    once per prompt.
+
 Every answer token is a copy of exactly one haystack token: ``meta["answer_sources"][i]`` is its prompt
 position. ``depth`` (``niah_single``, ``niah_multikey``) pins the queried needle at that fraction of
 the filler (0 = right after BOS, 1 = right before the question) instead of a uniform draw.
@@ -91,6 +101,7 @@ Metadata (``Example.meta``)
                     (uniform on [0, 1], pooled over targets, for every task but ``local`` unless
                     ``depth`` pins it)
 ``depth``           ``target_depths[0]`` (the item of the first answer token)
+``drill_targets``   ``recall_drill`` only: int64 prompt positions of the restated value tokens (supervised)
 
 Public API
 ----------
@@ -115,7 +126,8 @@ Row ``r`` is ``prompt ⧺ answer ⧺ EOS`` right-padded with ``PAD`` to width ``
 (``max_A`` = the longest answer among the batch's tasks, from :func:`answer_length`). The task of row
 ``r`` is ``names[(seed * batch + r) % len(names)]`` (names cycle across rows and consecutive batches).
 ``loss_mask[r, i] = 1`` exactly when ``tokens[r, i + 1]`` is an answer token or the answer's ``EOS``,
-i.e. the positions ``context_len - 1 .. context_len - 1 + A`` (the first one holds ``ANSWER``), so the
+i.e. the positions ``context_len - 1 .. context_len - 1 + A`` (the first one holds ``ANSWER``), or (drill
+rows) a ``drill_targets`` token, so the
 next-token loss is ``sum_i mask[i] * -log p(tokens[i + 1] | tokens[:i + 1]) / sum(mask)`` with logits
 at positions ``[:-1]`` against targets ``[1:]`` and ``mask[:-1]``; the last column of the mask is
 always 0.
@@ -144,6 +156,7 @@ VALUE_TOKENS = range(144, 272)
 FILLER_TOKENS = range(272, 512)
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "mq_recall", "var_tracking", "local")
+DRILLS = ("recall_drill",)   # training-only: not part of the evaluated suite
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "niah_single": {"key_len": 2, "value_len": 3, "depth": None},
     "niah_multikey": {"n_needles": 4, "key_len": 2, "value_len": 3, "depth": None},
@@ -151,6 +164,7 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "mq_recall": {"n_pairs": 32, "n_queries": 8},
     "var_tracking": {"n_chains": 3, "n_hops": 3},
     "local": {"key_len": 2, "value_len": 3, "window": 200},
+    "recall_drill": {"n_pairs": 16, "n_recalls": 12, "value_len": 3},
 }
 HELDOUT_SEED = 1 << 40
 
@@ -266,6 +280,12 @@ def _resolve(name: str, params: dict) -> dict:
                              f"the {n_keys} names")
         if p["n_chains"] > len(VALUE_TOKENS):
             raise ValueError(f"{name}: n_chains={p['n_chains']} exceeds the {len(VALUE_TOKENS)} values")
+    if name == "recall_drill":
+        if p["n_pairs"] > n_keys:
+            raise ValueError(f"{name}: n_pairs={p['n_pairs']} exceeds the {n_keys} distinct first key tokens")
+        if p["n_recalls"] >= p["n_pairs"]:
+            raise ValueError(f"{name}: n_recalls={p['n_recalls']} must be < n_pairs={p['n_pairs']} (the question "
+                             "asks a pair that is not restated)")
     if name == "local" and p["window"] < p["key_len"] + p["value_len"] + 3:
         raise ValueError(f"local: window={p['window']} is shorter than the needle "
                          f"({p['key_len'] + p['value_len'] + 3} tokens)")
@@ -343,6 +363,23 @@ def _mq_items(p, context_len, rng):
     return items, question, values[asked], asked, np.arange(m), np.full(m, 3), off
 
 
+def _drill_items(p, context_len, rng):
+    """recall_drill: originals in the first half of the filler, restatements in the second half."""
+    n, m, vl = p["n_pairs"], p["n_recalls"], p["value_len"]
+    firsts = rng.permutation(len(KEY_TOKENS))[:n] + KEY_TOKENS.start
+    keys = [np.array([f] if rng.integers(0, 2) else [f, _keys(rng, 1)[0]], np.int32) for f in firsts]
+    values = _values(rng, (n, vl))
+    order = rng.permutation(n)
+    asked, recalled = int(order[0]), order[1:m + 1]
+    question = np.concatenate([[QUERY], keys[asked], [ANSWER]]).astype(np.int32)
+    items = [needle(keys[i], values[i]) for i in list(range(n)) + list(recalled)]
+    n_fill = filler_length(context_len, sum(len(x) for x in items), len(question))
+    half = n_fill // 2
+    off = np.concatenate([np.sort(rng.integers(0, half + 1, n)), np.sort(rng.integers(half, n_fill + 1, m))])
+    return items, question, values[asked], np.array([asked]), np.zeros(vl, np.int64), \
+        len(keys[asked]) + 2 + np.arange(vl), off
+
+
 def _var_items(p, context_len, rng):
     c, h = p["n_chains"], p["n_hops"]
     names = (rng.permutation(len(KEY_TOKENS))[:c * h] + KEY_TOKENS.start).reshape(c, h).astype(np.int32)
@@ -376,6 +413,8 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         parts = _mq_items(p, context_len, rng)
     elif name == "var_tracking":
         parts = _var_items(p, context_len, rng)
+    elif name == "recall_drill":
+        parts = _drill_items(p, context_len, rng)
     else:
         parts = _needle_items(name, p, context_len, rng)
     items, question, answer, targets, src_item, src_within, off = parts
@@ -394,6 +433,10 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         "target_depths": depths,
         "depth": float(depths[0]),
     }
+    if name == "recall_drill":  # every value token of a restatement: a copy from its original
+        vl, n = p["value_len"], p["n_pairs"]
+        meta["drill_targets"] = np.concatenate([starts[i] + lens[i] - 1 - vl + np.arange(vl)
+                                                for i in range(n, len(items))]).astype(np.int64)
     return Example(name, prompt, np.asarray(answer, np.int32), meta)
 
 
@@ -464,4 +507,5 @@ def example_rows(examples, width: int) -> tuple[np.ndarray, np.ndarray]:
         tokens[r, t:t + a] = ex.answer
         tokens[r, t + a] = EOS
         mask[r, t - 1:t + a] = 1.0
+        mask[r, ex.meta.get("drill_targets", np.zeros(0, np.int64)) - 1] = 1.0
     return tokens, mask

@@ -9,6 +9,7 @@ import pytest
 
 from fm_jax.config import get_config
 from train import pretrain as P
+from train import tasks as T
 
 TINY = ["--preset", "tiny", "--override", "vocab_size=512", "--tasks", "niah_single,local",
         "--curriculum", "384:dense:0.5,384:sparse:0.5", "--tokens-per-step", "768", "--eval-every", "0",
@@ -101,3 +102,10 @@ def test_task_accuracy_groups_rows_by_task():
     rows = [(jnp.asarray([1.0, 0.5]), ["niah_single", "local"]), (jnp.asarray([0.0, 1.0]), ["niah_single", "local"])]
     assert P.task_accuracy(rows) == {"acc/local": 0.75, "acc/niah_single": 0.5}
     assert P.task_accuracy([]) == {}
+
+
+def test_task_names_accept_the_training_drill():
+    assert P.task_names("recall_drill,niah_single,recall_drill") == ("recall_drill", "niah_single", "recall_drill")
+    assert P.task_names("all") == T.TASKS  # 'all' is the evaluated suite, drills are opt-in
+    with pytest.raises(ValueError, match="unknown task"):
+        P.task_names("recall_drill,nope")

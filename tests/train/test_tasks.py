@@ -281,3 +281,37 @@ def test_batch_tasks_names_each_row_of_make_batch():
     tokens, _ = T.make_batch(names, 512, 5, 4)
     for r, name in enumerate(tasks):  # the row is that task's example with the row's seed
         np.testing.assert_array_equal(tokens[r, :512], T.make_example(name, 512, 5 * 4 + r).prompt)
+
+
+def test_recall_drill_restates_needles_and_supervises_their_values():
+    assert "recall_drill" in T.DRILLS and "recall_drill" not in T.TASKS
+    for seed in range(10):
+        for context_len in (512, 2048):
+            ex = T.make_example("recall_drill", context_len, seed, n_pairs=10, n_recalls=6, value_len=2)
+            assert ex.prompt.shape == (context_len,) and reference_answer(ex.prompt) == ex.answer.tolist()
+            m, p = ex.meta, ex.prompt
+            needles = []
+            for s, n in zip(m["item_starts"], m["item_lengths"]):
+                item = p[s:s + n].tolist()
+                needles.append((tuple(item[1:item.index(T.VAL)]), tuple(item[item.index(T.VAL) + 1:-1])))
+            originals, recalls = needles[:10], needles[10:]
+            assert len(recalls) == 6 and len({k[0] for k, _ in originals}) == 10  # first key tokens differ
+            assert set(recalls) <= set(originals) and len(set(recalls)) == 6
+            assert {len(k) for k, _ in originals} <= {1, 2}
+            asked = tuple(p[m["question_start"] + 1:-1].tolist())
+            assert asked in [k for k, _ in originals] and asked not in [k for k, _ in recalls]
+            # restatements sit after every original (the second half of the filler)
+            assert m["item_starts"][10:].min() > m["item_starts"][:10].max()
+            # drill targets: exactly the restated value tokens, each equal to its original's value
+            want = [s + n - 1 - 2 + j for s, n in zip(m["item_starts"][10:], m["item_lengths"][10:]) for j in range(2)]
+            assert m["drill_targets"].tolist() == want
+            assert p[m["drill_targets"]].tolist() == [v for _, vals in recalls for v in vals]
+    # make_batch supervises the drill targets (mask at the position before each) as well as the answer
+    ex = T.make_example("recall_drill", 1024, 0)
+    tokens, mask = T.make_batch("recall_drill", 1024, 0, 1)
+    np.testing.assert_array_equal(tokens[0, :1024], ex.prompt)
+    want = np.concatenate([ex.meta["drill_targets"], np.arange(1024, 1024 + len(ex.answer) + 1)])
+    np.testing.assert_array_equal(np.flatnonzero(mask[0]) + 1, want)
+    assert mask.sum() == 12 * 3 + 3 + 1
+    with pytest.raises(ValueError, match="n_recalls"):
+        T.make_example("recall_drill", 1024, 0, n_pairs=4, n_recalls=4)
