@@ -7,8 +7,10 @@ inter 2048, d_model 4096, one shared expert, bf16), routing included, for decode
 
 Implementations (`--impls`):
   dense         every expert on every token (`moe_impl="dense"`)
-  sparse        `moe_impl="sparse"`: sort by expert + `jax.lax.ragged_dot` with XLA's default lowering
-  sparse_triton the same with `jax_ragged_dot_use_gpu_pallas_triton_lowering` (GPU; if this jax has it)
+  sparse        `moe_impl="sparse"` as the model runs it: sort by expert + `gathered_matmul` (fewer rows
+                than experts: decode) or `jax.lax.ragged_dot` (XLA's default lowering)
+  sparse_ragged the sparse dispatch with `jax.lax.ragged_dot` at every size
+  sparse_triton `sparse` with `jax_ragged_dot_use_gpu_pallas_triton_lowering` (GPU; if this jax has it)
   sparse_mgpu   the sparse dispatch with the Hopper Mosaic-GPU grouped matmul of
                 `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` in place of `ragged_dot` (GPU only)
 A variant that cannot run here (or fails: out of memory, unsupported lowering) gets a row with `error`.
@@ -28,7 +30,7 @@ from fm_jax.layers import moe_sparse
 from fm_jax.layers.ffn import ffn, init_ffn, moe_route
 from fm_jax.layers.swiglu import swiglu
 
-IMPLS = ("dense", "sparse", "sparse_triton", "sparse_mgpu")
+IMPLS = ("dense", "sparse", "sparse_ragged", "sparse_triton", "sparse_mgpu")
 _TRITON_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
 
 
@@ -54,6 +56,9 @@ def layer_fn(impl: str, c):
     if impl in ("dense", "sparse", "sparse_triton"):  # the model's own path (the lowering flag aside)
         cfg = c.replace(moe_impl="dense" if impl == "dense" else "sparse")
         fn = jax.jit(lambda p, x: ffn(p, cfg, x))
+    elif impl == "sparse_ragged":
+        cfg = c.replace(moe_impl="sparse")
+        fn = jax.jit(lambda p, x: _sparse_with(p, cfg, x, jax.lax.ragged_dot))
     elif impl == "sparse_mgpu":
         if jax.default_backend() != "gpu":
             raise RuntimeError("the Mosaic-GPU grouped matmul needs a GPU")

@@ -2,8 +2,9 @@
 
 Same function as the dense path in `fm_jax.layers.ffn` (routing from `moe_route`, SPEC §9), different cost:
 the `tokens × top_k` token-expert assignments are sorted by expert and the three expert matmuls run as
-grouped matmuls (`jax.lax.ragged_dot`: consecutive row groups, one expert's weights each) over exactly
-those rows. Shapes stay static: the capacity is always `tokens × top_k` rows, whatever the routing.
+grouped matmuls (consecutive row groups, one expert's weights each) over exactly those rows:
+`jax.lax.ragged_dot`, or at decode sizes (fewer rows than experts) `gathered_matmul`, which reads only the
+routed experts' weights. Shapes stay static: the capacity is always `tokens × top_k` rows, whatever the routing.
 
 Numerics against the dense path: `w1` / `w3` outputs in the compute dtype, SwiGLU and the routing weight in
 float32, cast to the compute dtype before `w2` (as the dense path and V4), then `w2` and the sum over a
@@ -30,6 +31,26 @@ from fm_jax.sharding import MODEL
 GroupedMatmul = Callable[..., jax.Array]  # (lhs [M, K], rhs [G, K, N], group_sizes [G], **kw) -> [M, N]
 
 
+def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_element_type=None
+                    ) -> jax.Array:
+    """`jax.lax.ragged_dot`'s contract by gathering each row's expert matrix: [M, K] x [G, K, N] -> [M, N].
+
+    Reads M matrices instead of G, so it is the decode path (few tokens, many experts): on the H100 XLA's
+    `ragged_dot` reads every expert's weights whatever the routing (V4-Flash, 1 token: 4.9 ms, the time of
+    reading all 256 experts; `benchmarks/results/moe-h100.json`). Rows past the last group are computed
+    with the last expert (`ragged_dot` leaves them undefined too; `routed_experts` zeroes them)."""
+    row = jnp.arange(lhs.shape[0], dtype=jnp.int32)
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
+    w = rhs[jnp.minimum(expert, rhs.shape[0] - 1)]                                    # [M, K, N]
+    return jnp.einsum("mk,mkn->mn", lhs, w, preferred_element_type=preferred_element_type)
+
+
+def default_grouped_matmul(n_rows: int, n_experts: int) -> GroupedMatmul:
+    """`gathered_matmul` while the token-expert rows are fewer than the experts (each expert matrix is then
+    read at most about once either way), `jax.lax.ragged_dot` beyond."""
+    return gathered_matmul if n_rows < n_experts else jax.lax.ragged_dot
+
+
 def dispatch(ids: jax.Array, n_experts: int, first_expert=0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sort token-expert assignments by expert.
 
@@ -46,13 +67,15 @@ def dispatch(ids: jax.Array, n_experts: int, first_expert=0) -> tuple[jax.Array,
 
 
 def routed_experts(experts, x: jax.Array, ids: jax.Array, weights: jax.Array, limit: float, *,
-                   first_expert=0, grouped_matmul: GroupedMatmul = jax.lax.ragged_dot) -> jax.Array:
+                   first_expert=0, grouped_matmul: GroupedMatmul | None = None) -> jax.Array:
     """sum_k weights[:, k] * expert_{ids[:, k]}(x) over the experts held in `experts`, float32.
 
     experts: {w1, w3 [E_local, d_model, inter], w2 [E_local, inter, d_model]} (global ids first_expert...);
     x: [tokens, d_model]; ids: int32 [tokens, top_k]; weights: float32 [tokens, top_k]; limit: the SwiGLU
-    clamp. Assignments to experts not held here contribute 0. Returns [tokens, d_model] float32."""
+    clamp. Assignments to experts not held here contribute 0. `grouped_matmul`: None = by the shapes
+    (`default_grouped_matmul`). Returns [tokens, d_model] float32."""
     n, k = ids.shape
+    grouped_matmul = grouped_matmul or default_grouped_matmul(n * k, experts["w1"].shape[0])
     dt = jnp.result_type(x.dtype, experts["w1"].dtype)  # the dense einsum's promotion
     w1, w3, w2 = (experts[name].astype(dt) for name in ("w1", "w3", "w2"))
     order, sizes, mine = dispatch(ids, w1.shape[0], first_expert)
