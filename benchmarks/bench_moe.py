@@ -7,8 +7,8 @@ inter 2048, d_model 4096, one shared expert, bf16), routing included, for decode
 
 Implementations (`--impls`):
   dense         every expert on every token (`moe_impl="dense"`)
-  sparse        `moe_impl="sparse"` as the model runs it: sort by expert + `gathered_matmul` (fewer rows
-                than experts: decode) or `jax.lax.ragged_dot` (XLA's default lowering)
+  sparse        `moe_impl="sparse"` as the model runs it: sort by expert + `gathered_matmul` (up to
+                n_experts // 16 token-expert rows) or `jax.lax.ragged_dot` (XLA's default lowering)
   sparse_ragged the sparse dispatch with `jax.lax.ragged_dot` at every size
   sparse_triton `sparse` with `jax_ragged_dot_use_gpu_pallas_triton_lowering` (GPU; if this jax has it)
   sparse_mgpu   the sparse dispatch with the Hopper Mosaic-GPU grouped matmul of

@@ -186,13 +186,16 @@ def test_gathered_matmul_is_ragged_dot(sizes):
 def test_default_grouped_matmul_by_shape():
     from fm_jax.layers.moe_sparse import default_grouped_matmul, gathered_matmul
     assert default_grouped_matmul(6, 256) is gathered_matmul       # one decode token of V4-Flash
-    assert default_grouped_matmul(384, 256) is jax.lax.ragged_dot   # 64 tokens: more rows than experts
+    assert default_grouped_matmul(12, 256) is gathered_matmul      # two
+    assert default_grouped_matmul(24, 256) is jax.lax.ragged_dot   # four: past the measured crossover
 
 
-@pytest.mark.parametrize("n_tokens", [1, 2])
-def test_sparse_matches_dense_at_decode_sizes(n_tokens):
-    """1-2 tokens x top-3 < 8 experts: the gathered path, exact against the dense MoE."""
-    p = make(12)
-    x, tokens = inputs(13, (n_tokens,))
-    dense, sparse = both(p, C, x, tokens)
+def test_sparse_matches_dense_at_decode_sizes():
+    """One token x top-3 over 48 experts (3 <= 48 // 16): the gathered path, exact against the dense MoE."""
+    from fm_jax.layers import moe_sparse
+    c = C.replace(n_routed_experts=48)
+    p = make(12, c)
+    x, tokens = inputs(13, (1,))
+    assert moe_sparse.default_grouped_matmul(K, 48) is moe_sparse.gathered_matmul
+    dense, sparse = both(p, c, x, tokens)
     close(sparse, dense, 1e-6)
