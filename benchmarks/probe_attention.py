@@ -61,9 +61,9 @@ def probe(params, c, length: int, n: int) -> dict:
         correct.append(int(jnp.argmax(logits[0, -1])) == int(ex.answer[0]))
         starts, lens = ex.meta["item_starts"], ex.meta["item_lengths"]
         tgt = int(ex.meta["target_items"][0])
+        r = c.csa_ratio
         for l in csa:
             comp = probs[l][0, -1, :, 2 * c.window:-1]                      # [H, n_entries] at ANSWER
-            r = c.csa_ratio
             mass = np.stack([comp[:, s // r:(s + m - 1) // r + 1].sum(-1) for s, m in zip(starts, lens)], 1)
             others = np.delete(mass, tgt, axis=1)
             per[l]["target"].append(mass[:, tgt])
@@ -71,7 +71,8 @@ def probe(params, c, length: int, n: int) -> dict:
             per[l]["target_is_max"].append(mass.argmax(1) == tgt)
     layers = {f"L{l}": {k: np.mean(np.asarray(v, np.float64), 0).round(3).tolist() for k, v in d.items()}
               for l, d in per.items()}
-    return {"first_token_correct": float(np.mean(correct)), "n_needles": 4, "layers_per_head": layers}
+    return {"first_token_correct": float(np.mean(correct)),
+            "n_needles": T.DEFAULT_PARAMS["niah_multikey"]["n_needles"], "layers_per_head": layers}
 
 
 def main(argv=None):

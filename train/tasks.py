@@ -312,6 +312,11 @@ def _values(rng, n):
     return rng.integers(VALUE_TOKENS.start, VALUE_TOKENS.stop, n).astype(np.int32)
 
 
+def _distinct(rng, tokens: range, n: int) -> np.ndarray:
+    """``n`` pairwise different tokens of ``tokens`` (int32, a seeded permutation's first ``n``)."""
+    return (rng.permutation(len(tokens))[:n] + tokens.start).astype(np.int32)
+
+
 def _offsets(rng, n_fill, n, pinned: int | None = None, depth: float | None = None) -> np.ndarray:
     """``n`` iid uniform filler offsets in ``[0, n_fill]``; item ``pinned`` at ``depth`` when given."""
     off = rng.integers(0, n_fill + 1, n)
@@ -353,8 +358,7 @@ def _needle_items(name, p, context_len, rng):
 
 def _mq_items(p, context_len, rng):
     n, m = p["n_pairs"], p["n_queries"]
-    keys = (rng.permutation(len(KEY_TOKENS))[:n] + KEY_TOKENS.start).astype(np.int32)
-    values = (rng.permutation(len(VALUE_TOKENS))[:n] + VALUE_TOKENS.start).astype(np.int32)
+    keys, values = _distinct(rng, KEY_TOKENS, n), _distinct(rng, VALUE_TOKENS, n)
     asked = rng.permutation(n)[:m]  # pairs appear in index order; `keys` is already a random permutation
     question = np.concatenate([[QUERY], keys[asked], [ANSWER]]).astype(np.int32)
     n_fill = filler_length(context_len, 5 * n, len(question))
@@ -366,7 +370,7 @@ def _mq_items(p, context_len, rng):
 def _drill_items(p, context_len, rng):
     """recall_drill: originals in the first half of the filler, restatements in the second half."""
     n, m, vl = p["n_pairs"], p["n_recalls"], p["value_len"]
-    firsts = rng.permutation(len(KEY_TOKENS))[:n] + KEY_TOKENS.start
+    firsts = _distinct(rng, KEY_TOKENS, n)
     keys = [np.array([f] if rng.integers(0, 2) else [f, _keys(rng, 1)[0]], np.int32) for f in firsts]
     values = _values(rng, (n, vl))
     order = rng.permutation(n)
@@ -382,8 +386,7 @@ def _drill_items(p, context_len, rng):
 
 def _var_items(p, context_len, rng):
     c, h = p["n_chains"], p["n_hops"]
-    names = (rng.permutation(len(KEY_TOKENS))[:c * h] + KEY_TOKENS.start).reshape(c, h).astype(np.int32)
-    lits = (rng.permutation(len(VALUE_TOKENS))[:c] + VALUE_TOKENS.start).astype(np.int32)
+    names, lits = _distinct(rng, KEY_TOKENS, c * h).reshape(c, h), _distinct(rng, VALUE_TOKENS, c)
     query = int(rng.integers(0, c))
     chain_of_slot = rng.permutation(np.repeat(np.arange(c), h))  # interleaving of the chains
     question = np.array([QUERY, VAR, names[query, -1], ANSWER], np.int32)
