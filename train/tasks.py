@@ -82,6 +82,14 @@ Training-only drill (``DRILLS``; not in ``TASKS``, never evaluated)
     :func:`make_batch` supervises them too (``meta["drill_targets"]``, their prompt positions): about 36
     supervised lookups per row instead of one answer, the associative-recall signal the needle tasks give
     once per prompt.
+``copy_drill`` (``n_pairs=4, n_recalls=3, value_len=16``)
+    ``recall_drill``'s grammar and generator with few needles and long values: after each restated
+    ``KEY k VAL``, 15 of the 16 supervised value tokens are plain copies of the token after the previous
+    occurrence of the current one, at a distance that differs row to row. It exists to get a model from
+    scratch past the plateau before it copies anything at all (an induction head): on ``recall_drill``
+    alone (a few copies per needle) neither the ``mini`` backbone nor a textbook two-layer transformer
+    left chance in 1,500 steps, while with half the rows a randomly placed repeated passage the latter
+    did by step ~550 (issue 9, ``benchmarks/results/ablate-recall-*``).
 
 Every answer token is a copy of exactly one haystack token: ``meta["answer_sources"][i]`` is its prompt
 position. ``depth`` (``niah_single``, ``niah_multikey``) pins the queried needle at that fraction of
@@ -101,7 +109,7 @@ Metadata (``Example.meta``)
                     (uniform on [0, 1], pooled over targets, for every task but ``local`` unless
                     ``depth`` pins it)
 ``depth``           ``target_depths[0]`` (the item of the first answer token)
-``drill_targets``   ``recall_drill`` only: int64 prompt positions of the restated value tokens (supervised)
+``drill_targets``   drills only: int64 prompt positions of the restated value tokens (supervised)
 
 Public API
 ----------
@@ -156,7 +164,7 @@ VALUE_TOKENS = range(144, 272)
 FILLER_TOKENS = range(272, 512)
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "mq_recall", "var_tracking", "local")
-DRILLS = ("recall_drill",)   # training-only: not part of the evaluated suite
+DRILLS = ("recall_drill", "copy_drill")   # training-only: not part of the evaluated suite
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "niah_single": {"key_len": 2, "value_len": 3, "depth": None},
     "niah_multikey": {"n_needles": 4, "key_len": 2, "value_len": 3, "depth": None},
@@ -165,6 +173,7 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "var_tracking": {"n_chains": 3, "n_hops": 3},
     "local": {"key_len": 2, "value_len": 3, "window": 200},
     "recall_drill": {"n_pairs": 16, "n_recalls": 12, "value_len": 3},
+    "copy_drill": {"n_pairs": 4, "n_recalls": 3, "value_len": 16},
 }
 HELDOUT_SEED = 1 << 40
 
@@ -280,7 +289,7 @@ def _resolve(name: str, params: dict) -> dict:
                              f"the {n_keys} names")
         if p["n_chains"] > len(VALUE_TOKENS):
             raise ValueError(f"{name}: n_chains={p['n_chains']} exceeds the {len(VALUE_TOKENS)} values")
-    if name == "recall_drill":
+    if name in DRILLS:
         if p["n_pairs"] > n_keys:
             raise ValueError(f"{name}: n_pairs={p['n_pairs']} exceeds the {n_keys} distinct first key tokens")
         if p["n_recalls"] >= p["n_pairs"]:
@@ -416,7 +425,7 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         parts = _mq_items(p, context_len, rng)
     elif name == "var_tracking":
         parts = _var_items(p, context_len, rng)
-    elif name == "recall_drill":
+    elif name in DRILLS:
         parts = _drill_items(p, context_len, rng)
     else:
         parts = _needle_items(name, p, context_len, rng)
@@ -436,7 +445,7 @@ def make_example(name: str, context_len: int, seed: int, **params) -> Example:
         "target_depths": depths,
         "depth": float(depths[0]),
     }
-    if name == "recall_drill":  # every value token of a restatement: a copy from its original
+    if name in DRILLS:  # every value token of a restatement: a copy from its original
         vl, n = p["value_len"], p["n_pairs"]
         meta["drill_targets"] = np.concatenate([starts[i] + lens[i] - 1 - vl + np.arange(vl)
                                                 for i in range(n, len(items))]).astype(np.int64)

@@ -315,3 +315,18 @@ def test_recall_drill_restates_needles_and_supervises_their_values():
     assert mask.sum() == 12 * 3 + 3 + 1
     with pytest.raises(ValueError, match="n_recalls"):
         T.make_example("recall_drill", 1024, 0, n_pairs=4, n_recalls=4)
+
+
+def test_copy_drill_is_the_recall_drill_with_long_values():
+    """copy_drill: recall_drill's generator under its own defaults (few needles, 16 values each); its rows
+    supervise every restated value token, most of them plain copies of the token after a previous one."""
+    assert "copy_drill" in T.DRILLS and "copy_drill" not in T.TASKS
+    for seed in range(5):
+        ex = T.make_example("copy_drill", 256, seed)
+        assert ex.prompt.shape == (256,) and len(ex.answer) == 16
+        assert reference_answer(ex.prompt) == ex.answer.tolist()
+        tgt = ex.meta["drill_targets"]
+        assert len(tgt) == 3 * 16
+        assert np.all((ex.prompt[tgt] >= T.VALUE_TOKENS.start) & (ex.prompt[tgt] < T.VALUE_TOKENS.stop))
+    tokens, mask = T.make_batch("copy_drill", 256, 0, 2)
+    assert mask.sum() == 2 * (3 * 16 + 16 + 1)
