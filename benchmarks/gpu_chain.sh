@@ -5,7 +5,8 @@
 # from a run's master weights, `--init-params`; e.g. a carried runs/... directory), TPS (tokens per step),
 # TASK_PARAMS (JSON, `--task-params`), NDOCS, FITSTEPS, EVAL.
 set -u
-pkill -f "^bash benchmarks/reproduce_mini.sh" ; pkill -f "^python3 -m train" ; sleep 2; rm -rf /tmp/run; mkdir -p /tmp/run
+# every step of an earlier chain, the evaluation too (a stale one holds most of the GPU memory)
+pkill -f "^bash benchmarks/reproduce_mini.sh" ; pkill -f "^python3 -m (train|serve)\." ; sleep 2; rm -rf /tmp/run; mkdir -p /tmp/run
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # curriculum (attempt 4, the first of the two runs behind checkpoints/mini; see its README): retrieval is learned densely on short prompts (128 per step at 512: off the
 # EOS plateau at step ~300, against ~1200 starting at 1K), extended to 1K and 4K, and only then does CSA attend
