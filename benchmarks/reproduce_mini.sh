@@ -6,6 +6,11 @@
 #   bash benchmarks/reproduce_mini.sh RUN_DIR            # default sizes; the shipped run: benchmarks/gpu_chain.sh
 #   SMOKE=1 bash benchmarks/reproduce_mini.sh RUN_DIR    # seconds-scale sizes (CPU), same steps
 #
+# PRE2 (train.pretrain arguments) adds a second pretraining phase that starts from the first's float32
+# master weights with a fresh optimizer (`--init-params`): a restart at a lower learning rate on longer
+# prompts moved the training accuracies where one long cosine schedule had flattened (issue 9, attempts
+# 7 -> 7b against 8). Under SMOKE any non-empty PRE2 means the smoke-sized second phase.
+#
 # Every step resumes or is skipped when its output exists, so a rerun after an interruption continues.
 # RUN_DIR/model is a model directory for `serve.shipped.load_shipped` (what checkpoints/mini holds).
 set -euo pipefail
@@ -17,7 +22,9 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUN/steps.log"; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   PRE="--steps 6 --curriculum 512:dense:0.5,512:sparse:0.5 --tokens-per-step 1024 --eval-every 0 --save-every 3"
-  PRE="$PRE --override n_layers=5 --override compress_ratios=[0,4,128,4,4] --override d_model=64"
+  SMOKE_OVR="--override n_layers=5 --override compress_ratios=[0,4,128,4,4] --override d_model=64"
+  PRE="$PRE $SMOKE_OVR"
+  [ -n "${PRE2:-}" ] && PRE2="--steps 4 --curriculum 1024:sparse:1.0 --tokens-per-step 2048 --lr 5e-4 --warmup 1 --eval-every 0 --save-every 2 $SMOKE_OVR"
   DUMP="--n-docs 6 --length 1024 --prompt-queries 2"
   FIT="--steps 20 --batch-size 4 --warmup 2 --eval-every 0 --save-every 10"
   EVAL="--lengths 1024,2048 --n 2 --sweep 0.2,0.5"
@@ -31,17 +38,23 @@ fi
 t0=$(date +%s)
 log "pretrain"
 $PY -m train.pretrain --preset mini --out "$RUN/pretrain" --no-progress $PRE
+FINAL="$RUN/pretrain"
+if [ -n "${PRE2:-}" ]; then
+  log "pretrain, phase 2"
+  $PY -m train.pretrain --preset mini --out "$RUN/pretrain2" --no-progress --init-params "$RUN/pretrain/master" $PRE2
+  FINAL="$RUN/pretrain2"
+fi
 OVR=$($PY -c "import json,sys; print(' '.join('--override '+k+'='+json.dumps(v, separators=(',', ':'))
-      for k, v in json.load(open(sys.argv[1]))['config'].items()))" "$RUN/pretrain/summary.json")
+      for k, v in json.load(open(sys.argv[1]))['config'].items()))" "$FINAL/summary.json")
 log "dump"
-$PY -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$RUN/pretrain/params" \
+$PY -m train.dump --out "$RUN/dump" --preset mini $OVR --model-params "$FINAL/params" \
   --tasks "$($PY -c "from train.tasks import TASKS; print(','.join(TASKS))")" --target-layers 4 \
   --tau 64 --no-progress $DUMP
 log "fit"
 $PY -m train.fit --data "$RUN/dump" --out "$RUN/fit" --no-progress --no-tensorboard $FIT
 log "assemble model"
 mkdir -p "$RUN/model"
-rm -rf "$RUN/model/backbone" && cp -r "$RUN/pretrain/params" "$RUN/model/backbone"
+rm -rf "$RUN/model/backbone" && cp -r "$FINAL/params" "$RUN/model/backbone"
 cp "$RUN/fit/export/indexer.safetensors" "$RUN/model/memory_indexer.safetensors"
 log "evaluate"
 $PY -m serve.evaluate_tasks --ckpt "$RUN/model" --out "$RUN/eval" $EVAL
