@@ -8,8 +8,8 @@
 #
 # PRE2 (train.pretrain arguments) adds a second pretraining phase that starts from the first's float32
 # master weights with a fresh optimizer (`--init-params`): a restart at a lower learning rate on longer
-# prompts moved the training accuracies where one long cosine schedule had flattened (issue 9, attempts
-# 7 -> 7b against 8). Under SMOKE any non-empty PRE2 means the smoke-sized second phase.
+# prompts (issue 9's attempts 7 -> 7b) as one unattended chain. Under SMOKE any non-empty PRE2 means the
+# smoke-sized second phase.
 #
 # Every step resumes or is skipped when its output exists, so a rerun after an interruption continues.
 # RUN_DIR/model is a model directory for `serve.shipped.load_shipped` (what checkpoints/mini holds).
