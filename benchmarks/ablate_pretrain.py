@@ -37,7 +37,8 @@ def read_curve(path: str) -> list[dict]:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     keep = ("step", "lm_loss", "answer_acc", "kl", "length", "stage")
-    return [{k: v for k, v in r.items() if k in keep or k.startswith("acc/")} for r in recs if "lm_loss" in r]
+    tasks = ("acc/", "acc1/")
+    return [{k: v for k, v in r.items() if k in keep or k.startswith(tasks)} for r in recs if "lm_loss" in r]
 
 
 def plot(results: dict, out_png: str) -> None:
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     for name, v in results.items():
         last = v["curve"][-1] if v["curve"] else {}
         print(name, "rc", v["returncode"], "steps", last.get("step"),
-              {k: round(x, 3) for k, x in last.items() if k.startswith("acc/") or k == "lm_loss"})
+              {k: round(x, 3) for k, x in last.items() if k.startswith(("acc/", "acc1/")) or k == "lm_loss"})
     return record
 
 

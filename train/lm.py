@@ -205,3 +205,15 @@ def lm_loss(logits, tokens, loss_mask):
     denom = jnp.maximum(jnp.sum(m), 1.0)
     hits = jnp.sum((jnp.argmax(lg, axis=-1) == tgt) * m, axis=-1)
     return jnp.sum(nll * m) / denom, jnp.sum(hits) / denom, hits / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def first_hit(logits, tokens, loss_mask):
+    """Per row [B]: 1.0 if the argmax is right at the row's first masked position, else 0.0 (-1.0 for a row
+    with no masked position). For the needle tasks that position predicts the first answer token: the
+    key -> value match itself, which the mean over the answer hides (later answer tokens continue a
+    value that, once chosen, is a copy)."""
+    lg, tgt, m = logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] > 0
+    first = jnp.argmax(m, axis=-1)                                              # first True (0 if none)
+    pred = jnp.take_along_axis(jnp.argmax(lg, axis=-1), first[:, None], axis=-1)[:, 0]
+    hit = (pred == jnp.take_along_axis(tgt, first[:, None], axis=-1)[:, 0]).astype(jnp.float32)
+    return jnp.where(jnp.any(m, axis=-1), hit, -1.0)

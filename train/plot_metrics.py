@@ -1,6 +1,6 @@
 """Plot a pretraining run's ``metrics.jsonl`` (`train.pretrain`): the LM loss and the Lightning Indexer's KL
-loss on one panel, the teacher-forced answer accuracy (overall and per task, ``acc/<task>``) on the other,
-with the curriculum's phase changes marked.
+loss on one panel, the teacher-forced answer accuracy (overall and per task, ``acc/<task>``; dashed:
+``acc1/<task>``, the first answer token) on the other, with the curriculum's phase changes marked.
 
     python -m train.plot_metrics RUN/pretrain/metrics.jsonl --out curve.png [--title "..."]
 """
@@ -33,9 +33,12 @@ def plot(recs: list[dict], out: str, title: str = "pretraining") -> str:
     ax_l.set_yscale("log")
     ax_a.plot(steps, [r["answer_acc"] for r in recs], "k-", lw=2, label="all tasks")
     for task in sorted({k for r in recs for k in r if k.startswith("acc/")}):
-        ax_a.plot(steps, [r.get(task, float("nan")) for r in recs], lw=1, label=task[4:])
+        line, = ax_a.plot(steps, [r.get(task, float("nan")) for r in recs], lw=1, label=task[4:])
+        first = "acc1/" + task[4:]   # the first answer token (the key match), dashed in the task's colour
+        if any(first in r for r in recs):
+            ax_a.plot(steps, [r.get(first, float("nan")) for r in recs], lw=1, ls="--", color=line.get_color())
     ax_a.set_ylim(0, 1.02)
-    ax_a.set_ylabel("answer accuracy (teacher-forced, + EOS)")
+    ax_a.set_ylabel("answer accuracy (teacher-forced, + EOS; dashed: 1st token)")
     for prev, cur in zip(recs, recs[1:]):      # curriculum phase changes
         if (prev.get("length"), prev.get("stage")) != (cur.get("length"), cur.get("stage")):
             for ax in (ax_l, ax_a):

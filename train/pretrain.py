@@ -14,7 +14,9 @@
   the same ``--out`` resumes from the latest one; each step's batch is a pure function of ``(seed, step)``,
   so the resumed run reproduces the uninterrupted run's metrics exactly.
 * Logs: ``OUT/metrics.jsonl`` (losses, answer accuracy overall and per task (``acc/<task>``, the training
-  rows since the previous line), per-layer indexer KL, lr, grad norm, tokens seen),
+  rows since the previous line), the accuracy of each row's first supervised token per task (``acc1/<task>``:
+  for the needle tasks the first answer token, the key -> value match itself), per-layer indexer KL, lr,
+  grad norm, tokens seen),
   ``OUT/perf.jsonl`` (timings), TensorBoard scalars, a tqdm bar; teacher-forced answer accuracy on held-out
   examples per task at ``--eval-lengths`` every ``--eval-every`` steps.
 * Export: ``OUT/params`` (`fm_jax.checkpoint.save_params`, the preset's dtypes: what inference loads),
@@ -149,7 +151,9 @@ def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float)
     kls = {f"kl/l{i}": a["kl"] for i, a in enumerate(auxes) if "kl" in a}
     kl = sum(kls.values()) / max(len(kls), 1)
     n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}
-    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "row_acc": row_acc, "kl": kl, **kls, **n_att}
+    row_first = lm.first_hit(logits, batch["tokens"], batch["loss_mask"])
+    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "row_acc": row_acc, "row_first": row_first,
+                                 "kl": kl, **kls, **n_att}
 
 
 def build_train_step(config, template, tx, kl_weight: float):
@@ -206,14 +210,16 @@ def answer_accuracy(params, config, tokens, loss_mask):
     return lm.lm_loss(logits, tokens, loss_mask)[2]
 
 
-def task_accuracy(row_accs) -> dict:
-    """{"acc/<task>": mean answer accuracy of that task's rows} over [(per-row accuracy [B], row tasks)]:
-    the training curve per task (fetched from the device once per log line)."""
+def task_accuracy(row_accs, prefix: str = "acc") -> dict:
+    """{"<prefix>/<task>": mean of that task's rows} over [(per-row value [B], row tasks)], rows with a
+    negative value (nothing supervised) left out: the training curve per task (fetched from the device
+    once per log line). prefix "acc": the answer accuracy; "acc1": the first supervised token's."""
     by_task = {}
     for acc, tasks in zip(jax.device_get([a for a, _ in row_accs]), [t for _, t in row_accs]):
         for a, name in zip(acc.tolist(), tasks):
-            by_task.setdefault(name, []).append(a)
-    return {f"acc/{name}": float(np.mean(v)) for name, v in sorted(by_task.items())}
+            if a >= 0:
+                by_task.setdefault(name, []).append(a)
+    return {f"{prefix}/{name}": float(np.mean(v)) for name, v in sorted(by_task.items())}
 
 
 def fixed_batch(names, length: int, seed: int, batch: int, params: dict | None = None):
@@ -321,6 +327,7 @@ def run(args) -> dict:
     t_run = t_last = time.perf_counter()
     n_tok_last, last_eval = 0, None
     row_accs = []   # (device [B] answer accuracy per row, row tasks) of the steps since the last log line
+    row_firsts = []  # (device [B] first-supervised-token hit per row, row tasks), likewise
 
     def save(done):
         meta = {"step": done, "tokens_seen": tokens_seen, "wall_s": wall0 + time.perf_counter() - t_run}
@@ -337,6 +344,7 @@ def run(args) -> dict:
         for s, (batch, ph, row_tasks) in pre:
             state, metrics = compiled[ph.length].result()(state, batch, jnp.asarray(ph.stage == "sparse"))
             row_accs.append((metrics.pop("row_acc"), row_tasks))
+            row_firsts.append((metrics.pop("row_first"), row_tasks))
             done = s + 1
             n_tok = ph.batch * batch["tokens"].shape[1]
             tokens_seen += n_tok
@@ -344,7 +352,8 @@ def run(args) -> dict:
             if done % args.log_every == 0 or done == args.steps:
                 mv = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 mv.update(task_accuracy(row_accs))
-                row_accs = []
+                mv.update(task_accuracy(row_firsts, "acc1"))
+                row_accs, row_firsts = [], []
                 logger.metrics({"step": done, "lr": float(sched(s)), "length": ph.length, "stage": ph.stage,
                                 "tokens_seen": tokens_seen, **mv}, prefix="train/")
                 now = time.perf_counter()

@@ -95,3 +95,20 @@ def test_kl_gradient_reaches_only_the_indexer():
             else:
                 assert norm == 0.0, (layer, name)
     assert float(jnp.sum(jnp.abs(g["embed"]))) == 0.0
+
+
+def test_first_hit_reads_each_rows_first_masked_position():
+    rng = np.random.default_rng(0)
+    b, t, v = 3, 7, 5
+    logits = jnp.asarray(rng.normal(size=(b, t, v)), jnp.float32)
+    pred = np.asarray(logits.argmax(-1))
+    tokens = rng.integers(0, v, (b, t))
+    mask = np.zeros((b, t), np.float32)
+    mask[0, 2:5] = 1          # row 0: first masked position 2 predicts tokens[0, 3]; make it right
+    tokens[0, 3] = pred[0, 2]
+    tokens[0, 4] = (pred[0, 3] + 1) % v  # a later miss does not count
+    mask[1, 4:6] = 1          # row 1: first masked position 4, wrong
+    tokens[1, 5] = (pred[1, 4] + 1) % v
+    tokens[1, 6] = pred[1, 5]
+    hit = np.asarray(lm.first_hit(logits, jnp.asarray(tokens), jnp.asarray(mask)))  # row 2: nothing masked
+    np.testing.assert_array_equal(hit, [1.0, 0.0, -1.0])

@@ -11,7 +11,7 @@ def _write(path, recs):
 
 
 def test_plots_a_run_with_phases_and_per_task_accuracy(tmp_path):
-    recs = [{"step": s, "lm_loss": 3.0 / s, "kl": 0.1, "answer_acc": s / 10, "acc/local": 1.0,
+    recs = [{"step": s, "lm_loss": 3.0 / s, "kl": 0.1, "answer_acc": s / 10, "acc/local": 1.0, "acc1/local": 0.5,
              "length": 512 if s < 5 else 1024, "stage": "dense"} for s in range(1, 9)]
     recs.insert(3, {"step": 4, "eval/loss": 1.0})           # non-training lines are skipped
     path = _write(tmp_path / "metrics.jsonl", recs[::-1])    # any order: sorted by step

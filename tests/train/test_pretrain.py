@@ -46,6 +46,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     assert float(m1["loss"]) < float(m0["loss"])
     row_acc = np.asarray(m0.pop("row_acc"))  # per row: what the per-task curves (`acc/<task>`) average
     assert row_acc.shape == (2,) and np.all((row_acc >= 0) & (row_acc <= 1))
+    row_first = np.asarray(m0.pop("row_first"))  # per row: what `acc1/<task>` averages
+    assert row_first.shape == (2,) and set(row_first.tolist()) <= {0.0, 1.0}
     assert np.all(np.isfinite([float(v) for v in m0.values()]))
     np.testing.assert_array_equal(np.asarray(state["params"]["layers"][0]["ffn"]["tid2eid"]), tid)
 
@@ -102,6 +104,8 @@ def test_task_accuracy_groups_rows_by_task():
     rows = [(jnp.asarray([1.0, 0.5]), ["niah_single", "local"]), (jnp.asarray([0.0, 1.0]), ["niah_single", "local"])]
     assert P.task_accuracy(rows) == {"acc/local": 0.75, "acc/niah_single": 0.5}
     assert P.task_accuracy([]) == {}
+    firsts = [(jnp.asarray([1.0, -1.0]), ["niah_single", "local"]), (jnp.asarray([0.0, 1.0]), ["niah_single", "local"])]
+    assert P.task_accuracy(firsts, "acc1") == {"acc1/local": 1.0, "acc1/niah_single": 0.5}  # -1: no supervised token
 
 
 def test_task_names_accept_the_training_drill():
