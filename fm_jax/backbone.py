@@ -20,6 +20,19 @@ from fm_jax.layers.rope import inv_freq_for_layer
 from pallas_kernels import indexer_scores, sparse_attention
 
 QUERY_CHUNK = 256  # uncached attention processes queries in chunks of this size to bound memory
+# ... and at most this many (query, selected entry) pairs per chunk: an HCA layer selects every visible
+# entry (8192 at 1M tokens), and the XLA path gathers [queries, entries, head_dim] (4 GB at 256 x 8192 x 512
+# in float32), which made a 1M-token prefill's working set grow with the context (issue 10)
+QUERY_CHUNK_PAIRS = QUERY_CHUNK * 512
+
+
+def query_chunk(t: int, n_selected: int) -> int:
+    """Queries per chunk for `t` queries selecting `n_selected` entries each: QUERY_CHUNK, halved until
+    chunk x n_selected <= QUERY_CHUNK_PAIRS (a power of two, at least 1)."""
+    qc = QUERY_CHUNK
+    while qc > 1 and qc * n_selected > QUERY_CHUNK_PAIRS:
+        qc //= 2
+    return min(qc, t)
 
 
 # ---------------------------------------------------------------- matmul precision
@@ -87,7 +100,7 @@ def _attend_sequence(q, kv_pool, sel, window_kv, window_len, sink, scale, impl, 
     q [B,T,H,D], kv_pool [B,N,D] (or packed fp8 rows [B,N,E] with `rope_dim`), sel [B,T,K],
     window_kv [B,T,W,D], window_len [T] -> [B,T,H,D] f32."""
     b, t = q.shape[:2]
-    qc = min(QUERY_CHUNK, t)
+    qc = query_chunk(t, sel.shape[-1])
     n_chunks = -(-t // qc)
     pad = n_chunks * qc - t
 
