@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+TASK_CURVES = ("acc/", "acc1/")  # train.pretrain's per-task answer and first-token accuracies
+
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``name=extra args`` -> (name, argv list)."""
@@ -37,8 +39,7 @@ def read_curve(path: str) -> list[dict]:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     keep = ("step", "lm_loss", "answer_acc", "kl", "length", "stage")
-    tasks = ("acc/", "acc1/")
-    return [{k: v for k, v in r.items() if k in keep or k.startswith(tasks)} for r in recs if "lm_loss" in r]
+    return [{k: v for k, v in r.items() if k in keep or k.startswith(TASK_CURVES)} for r in recs if "lm_loss" in r]
 
 
 def plot(results: dict, out_png: str) -> None:
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
     for name, v in results.items():
         last = v["curve"][-1] if v["curve"] else {}
         print(name, "rc", v["returncode"], "steps", last.get("step"),
-              {k: round(x, 3) for k, x in last.items() if k.startswith(("acc/", "acc1/")) or k == "lm_loss"})
+              {k: round(x, 3) for k, x in last.items() if k.startswith(TASK_CURVES) or k == "lm_loss"})
     return record
 
 

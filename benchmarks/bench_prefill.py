@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import run_info, v4_attention_stack, write_json
+from benchmarks.common import device_memory, run_info, v4_attention_stack, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.cache import n_visible_entries
 from fm_jax.config import KIND_CSA, KIND_WINDOW, get_config
@@ -97,14 +97,6 @@ def peak_tflops(arg: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
 
 
-def memory() -> dict:
-    try:
-        st = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
-        st = {}
-    return {k: st.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
-
-
 def run_one(spec: dict) -> dict:
     """One (preset, context, mode) run in this process."""
     from fm_jax.prefill import prefill_chunked
@@ -120,7 +112,7 @@ def run_one(spec: dict) -> dict:
     params = init_params(c, jax.random.PRNGKey(0))
     icfg = mi.config_from_model(c)
     prompt = np.random.default_rng(1).integers(0, c.vocab_size, (batch, ctx)).astype(np.int32)
-    mem0 = memory()
+    mem0 = device_memory()
     row = {"preset": spec["preset"], "context": ctx, "mode": mode, "batch": batch, "chunk": chunk,
            "capacity": capacity, "config": {"n_layers": c.n_layers, "compress_ratios": list(c.compress_ratios),
                                             "dtype": c.dtype, "max_seq_len": c.max_seq_len},
@@ -163,7 +155,7 @@ def run_one(spec: dict) -> dict:
     row["roofline_tflops"] = pk
     row["roofline_fraction"] = row["achieved_tflops"] / pk if pk else None
     row["memory_before"] = mem0
-    row["memory_after_prefill"] = memory()
+    row["memory_after_prefill"] = device_memory()
     by_full = kv_bytes(c, np.full((batch,), ctx))
     by_lsa = kv_bytes(c, np.full((batch,), ctx), reserve_cells=0, target_layers=icfg.target_layers)
     row["kv_bytes_full"] = int(by_full["full"].sum())
@@ -182,7 +174,7 @@ def run_one(spec: dict) -> dict:
         steps = (spec["decode_windows"] - 1) * spec["tau"]
         row["decode_step_ms"] = st["decode_s"] / steps * 1e3 if steps else None
         row["decode_device_kv_bytes"] = st["device_kv_bytes"]
-        row["memory_after_decode"] = memory()
+        row["memory_after_decode"] = device_memory()
     return row
 
 

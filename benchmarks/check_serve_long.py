@@ -21,16 +21,9 @@ import os
 import sys
 import time
 
-import jax
-
-from benchmarks.common import run_info, write_json
+from benchmarks.common import device_memory, run_info, write_json
 from fm_jax import cli
 from serve import generate
-
-
-def device_memory() -> dict:
-    st = jax.devices()[0].memory_stats() or {}  # None on backends without stats (CPU)
-    return {k: st.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,16 @@ def run_info() -> dict:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
+def device_memory() -> dict:
+    """Device 0's peak / current bytes in use and JAX's allocation limit (None each on backends without
+    memory stats, e.g. the CPU). `peak_bytes_in_use` is a process-lifetime maximum."""
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends that raise instead of returning None
+        st = {}
+    return {k: st.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
+
+
 def v4_attention_stack(compress_ratios=(4, 128, 4, 128), kv_dtype: str = "fp8"):
     """v4_flash attention dims (d_model 4096, 64 heads x 512, index 64 x 128, top-512, window 128) with 4
     layers, a dense FFN (so no hash-routed layers) and a small vocabulary: the attention stack the decode

@@ -35,10 +35,10 @@ def _sparse_logits(params, config, tokens):
 def probe(params, config, task: str, length: int, n: int) -> dict:
     examples = [T.make_example(task, length, T.HELDOUT_SEED + i) for i in range(n)]
     n_new = max(len(e.answer) for e in examples) + 1   # the answer and its EOS
-    res = generate(params, config, np.stack([e.prompt for e in examples]), n_new, mode="full", return_logits=True)
+    prompts = np.stack([e.prompt for e in examples])
+    res = generate(params, config, prompts, n_new, mode="full", return_logits=True)
     gen, gen_logits = np.asarray(res.tokens), np.asarray(res.logits, np.float32)
-    teacher = _sparse_logits(params, config, jnp.asarray(np.concatenate([np.stack([e.prompt for e in examples]),
-                                                                         gen], axis=1)))
+    teacher = _sparse_logits(params, config, jnp.asarray(np.concatenate([prompts, gen], axis=1)))
     p = length - 1   # the position whose logits give the first generated token
     teacher = np.asarray(teacher[:, p:p + n_new], np.float32)
     diff = np.abs(teacher - gen_logits).max(-1)                                   # [n, n_new]

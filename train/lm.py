@@ -212,8 +212,9 @@ def first_hit(logits, tokens, loss_mask):
     with no masked position). For the needle tasks that position predicts the first answer token: the
     key -> value match itself, which the mean over the answer hides (later answer tokens continue a
     value that, once chosen, is a copy)."""
-    lg, tgt, m = logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] > 0
+    m = loss_mask[:, :-1] > 0
     first = jnp.argmax(m, axis=-1)                                              # first True (0 if none)
-    pred = jnp.take_along_axis(jnp.argmax(lg, axis=-1), first[:, None], axis=-1)[:, 0]
-    hit = (pred == jnp.take_along_axis(tgt, first[:, None], axis=-1)[:, 0]).astype(jnp.float32)
+    # one row of logits per example: the argmax over the vocabulary at that position only
+    pred = jnp.argmax(jnp.take_along_axis(logits, first[:, None, None], axis=1)[:, 0], axis=-1)
+    hit = (pred == jnp.take_along_axis(tokens, first[:, None] + 1, axis=1)[:, 0]).astype(jnp.float32)
     return jnp.where(jnp.any(m, axis=-1), hit, -1.0)
