@@ -38,7 +38,7 @@ def read_curve(path: str) -> list[dict]:
         return []
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    keep = ("step", "lm_loss", "answer_acc", "kl", "length", "stage")
+    keep = ("step", "lm_loss", "prompt_loss", "answer_acc", "kl", "length", "stage")
     return [{k: v for k, v in r.items() if k in keep or k.startswith(TASK_CURVES)} for r in recs if "lm_loss" in r]
 
 
@@ -50,11 +50,12 @@ def plot(results: dict, out_png: str) -> None:
     tasks = sorted({k for v in results.values() for r in v["curve"] for k in r if k.startswith("acc/")})
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for name, v in results.items():
-            pts = [(r["step"], r[task]) for r in v["curve"] if task in r]
-            if pts:
-                ax.plot(*zip(*pts), label=name)
-        ax.set_title(task[4:])
+        for i, (name, v) in enumerate(results.items()):
+            for key, style, label in ((task, "-", name), ("acc1/" + task[4:], "--", None)):
+                pts = [(r["step"], r[key]) for r in v["curve"] if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{i}", label=label)
+        ax.set_title(f"{task[4:]} (dashed: first answer token)")
         ax.set_xlabel("step")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

@@ -57,7 +57,7 @@ from train.fit import Logger
 
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
-                   "weight_decay", "clip", "b1", "b2", "kl_weight", "seed", "tasks", "task_params", "init_params")
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "prompt_weight", "seed", "tasks", "task_params", "init_params")
 
 
 @dataclass(frozen=True)
@@ -144,26 +144,28 @@ def make_optimizer(args, total_steps: int):
     return tx, sched
 
 
-def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float):
+def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float, prompt_weight: float = 0.0):
     params = cast_like(merge(trainable, frozen), template)
     logits, auxes = lm.forward_train(params, config, batch["tokens"], stage)
     ce, acc, row_acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    prompt_ce = lm.prompt_loss(logits, batch["tokens"], batch["loss_mask"])
     kls = {f"kl/l{i}": a["kl"] for i, a in enumerate(auxes) if "kl" in a}
     kl = sum(kls.values()) / max(len(kls), 1)
     n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}
     row_first = lm.first_hit(logits, batch["tokens"], batch["loss_mask"])
-    return ce + kl_weight * kl, {"lm_loss": ce, "answer_acc": acc, "row_acc": row_acc, "row_first": row_first,
+    return ce + prompt_weight * prompt_ce + kl_weight * kl, {"lm_loss": ce, "prompt_loss": prompt_ce, "answer_acc": acc, "row_acc": row_acc, "row_first": row_first,
                                  "kl": kl, **kls, **n_att}
 
 
-def build_train_step(config, template, tx, kl_weight: float):
+def build_train_step(config, template, tx, kl_weight: float, prompt_weight: float = 0.0):
     @functools.partial(jax.jit, donate_argnames=("state",))
     def train_step(state, batch, sparse):
         """`sparse`: bool array (the stage is data, so both stages share one compilation per length)."""
         trainable, frozen = split_trainable(state["params"])
         flat, unflatten = flatten(trainable)
         (loss, metrics), grads = jax.value_and_grad(
-            lambda f: loss_fn(unflatten(f), frozen, template, config, batch, sparse, kl_weight), has_aux=True)(flat)
+            lambda f: loss_fn(unflatten(f), frozen, template, config, batch, sparse, kl_weight,
+                              prompt_weight), has_aux=True)(flat)
         updates, opt_state = tx.update(grads, state["opt_state"], flat)
         flat = optax.apply_updates(flat, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -297,7 +299,7 @@ def run(args) -> dict:
         master = load_master(args.init_params, config, master)
     tx, sched = make_optimizer(args, args.steps)
     state = init_state(master, tx)
-    step_fn = build_train_step(config, template, tx, args.kl_weight)
+    step_fn = build_train_step(config, template, tx, args.kl_weight, args.prompt_weight)
 
     mngr = ocp.CheckpointManager(os.path.join(out, "ckpt"), options=ocp.CheckpointManagerOptions(
         max_to_keep=args.keep, create=True, cleanup_tmp_directories=True))
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--b1", type=cli.unit_float, default=0.9)
     o.add_argument("--b2", type=cli.unit_float, default=0.95)
     o.add_argument("--kl-weight", type=cli.float_range(0.0), default=1.0, help="weight of the indexer KL loss")
+    o.add_argument("--prompt-weight", type=cli.float_range(0.0), default=0.0,
+                   help="weight of the next-token loss over the prompt (`lm.prompt_loss`) beside the answer's")
     o.add_argument("--seed", type=int, default=0, help="init and data")
     r = p.add_argument_group("run")
     r.add_argument("--log-every", type=cli.positive_int, default=20)
