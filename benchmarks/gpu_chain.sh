@@ -3,7 +3,7 @@
 # reproduce_mini.sh with the sizes of the shipped model, into /tmp/run. Poll with gpu_poll.sh; collect with
 # gpu_collect.sh. Env: STEPS, CURRICULUM, LR, WARMUP, TASKS (a weighted list: repeat a name), INIT (continue
 # from a run's master weights, `--init-params`; e.g. a carried runs/... directory), TPS (tokens per step),
-# TASK_PARAMS (JSON, `--task-params`), NDOCS, FITSTEPS, EVAL; STEPS2 (with CURRICULUM2, LR2, WARMUP2) adds the
+# TASK_PARAMS (JSON, `--task-params`), PROMPT_WEIGHT (`--prompt-weight`), NDOCS, FITSTEPS, EVAL; STEPS2 (with CURRICULUM2, LR2, WARMUP2) adds the
 # second pretraining phase of reproduce_mini.sh (PRE2: from the first phase's master, optimizer restarted).
 set -u
 # every step of an earlier chain, the evaluation too (a stale one holds most of the GPU memory)
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # EOS plateau at step ~300, against ~1200 starting at 1K), extended to 1K and 4K, and only then does CSA attend
 # the Lightning Indexer's top-k (a sparse stage before the model can retrieve starves it)
 # TASK_PARAMS without spaces: reproduce_mini.sh word-splits PRE
-COMMON="--tokens-per-step ${TPS:-65536} --eval-every 0 --save-every 500 --log-every 50 --no-tensorboard${TASKS:+ --tasks $TASKS}${TASK_PARAMS:+ --task-params $TASK_PARAMS}"
+COMMON="--tokens-per-step ${TPS:-65536} --eval-every 0 --save-every 500 --log-every 50 --no-tensorboard${TASKS:+ --tasks $TASKS}${TASK_PARAMS:+ --task-params $TASK_PARAMS}${PROMPT_WEIGHT:+ --prompt-weight $PROMPT_WEIGHT}"
 export PRE="--steps ${STEPS:-4400} --curriculum ${CURRICULUM:-512:dense:0.25,1024:dense:0.15,4096:dense:0.35,4096:sparse:0.25} --lr ${LR:-1.5e-3} --warmup ${WARMUP:-200} $COMMON${INIT:+ --init-params $INIT}"
 export PRE2="${STEPS2:+--steps $STEPS2 --curriculum ${CURRICULUM2:?CURRICULUM2 goes with STEPS2} --lr ${LR2:-5e-4} --warmup ${WARMUP2:-50} $COMMON}"
 # compiled executables persist across calls (gpu_collect.sh returns them; carry .jax_cache to reuse)
