@@ -27,7 +27,9 @@ def plot(recs: list[dict], out: str, title: str = "pretraining") -> str:
 
     steps = [r["step"] for r in recs]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax_l.plot(steps, [r["lm_loss"] for r in recs], label="LM loss")
+    ax_l.plot(steps, [r["lm_loss"] for r in recs], label="LM loss (answer)")
+    if any("prompt_loss" in r for r in recs):
+        ax_l.plot(steps, [r.get("prompt_loss", float("nan")) for r in recs], label="LM loss (prompt)")
     if any("kl" in r for r in recs):
         ax_l.plot(steps, [r.get("kl", float("nan")) for r in recs], label="indexer KL")
     ax_l.set_yscale("log")

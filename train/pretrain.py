@@ -4,7 +4,11 @@
   preset's dtypes (bfloat16 for ``mini``), through `train.lm` (the backbone's layers, dense masked
   attention, the Lightning Indexer's KL loss).
 * Data: `train.tasks.make_batch` (every task of the suite mixed, or ``--tasks``); the loss is next-token
-  cross-entropy on the answer tokens (and the closing EOS) only: filler and needles are random by design.
+  cross-entropy on the answer tokens (and the closing EOS), plus ``--prompt-weight`` times the same over the
+  prompt (`train.lm.prompt_loss`). The prompt's filler and needles are random, but its structure (filler
+  words, the item grammar, restated needles) grows the previous-token and copy heads a lookup is built from:
+  with weight 1 a from-scratch run learns copying and variable tracking that answer-only runs never did
+  (issue 9, ``benchmarks/results/ablate-prompt-loss-h200.json``, attempt 9).
 * Curriculum: ``--curriculum LEN:STAGE:FRACTION,...`` splits ``--steps`` into phases of one context
   length and one indexer stage each (``dense`` warm-up, then ``sparse`` top-k, `train.lm`); every phase
   keeps about ``--tokens-per-step`` tokens per batch. The stage is data, not code: one compilation per
@@ -57,7 +61,8 @@ from train.fit import Logger
 
 ANSWER_ROOM = 64  # batches are padded to context length + this, so every phase has one shape (one compile)
 TRAJECTORY_ARGS = ("preset", "override", "steps", "curriculum", "tokens_per_step", "lr", "warmup", "min_lr_ratio",
-                   "weight_decay", "clip", "b1", "b2", "kl_weight", "prompt_weight", "seed", "tasks", "task_params", "init_params")
+                   "weight_decay", "clip", "b1", "b2", "kl_weight", "prompt_weight", "seed", "tasks", "task_params",
+                   "init_params")
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,9 @@ def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float,
     kl = sum(kls.values()) / max(len(kls), 1)
     n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}
     row_first = lm.first_hit(logits, batch["tokens"], batch["loss_mask"])
-    return ce + prompt_weight * prompt_ce + kl_weight * kl, {"lm_loss": ce, "prompt_loss": prompt_ce, "answer_acc": acc, "row_acc": row_acc, "row_first": row_first,
-                                 "kl": kl, **kls, **n_att}
+    metrics = {"lm_loss": ce, "prompt_loss": prompt_ce, "answer_acc": acc, "row_acc": row_acc, "row_first": row_first,
+               "kl": kl, **kls, **n_att}
+    return ce + prompt_weight * prompt_ce + kl_weight * kl, metrics
 
 
 def build_train_step(config, template, tx, kl_weight: float, prompt_weight: float = 0.0):
@@ -421,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--b2", type=cli.unit_float, default=0.95)
     o.add_argument("--kl-weight", type=cli.float_range(0.0), default=1.0, help="weight of the indexer KL loss")
     o.add_argument("--prompt-weight", type=cli.float_range(0.0), default=0.0,
-                   help="weight of the next-token loss over the prompt (`lm.prompt_loss`) beside the answer's")
+                   help="weight of the next-token loss over the prompt (`lm.prompt_loss`) beside the answer's; 1 "
+                        "trained checkpoints/mini (0, the default, keeps earlier runs' commands reproducible)")
     o.add_argument("--seed", type=int, default=0, help="init and data")
     r = p.add_argument_group("run")
     r.add_argument("--log-every", type=cli.positive_int, default=20)

@@ -112,3 +112,23 @@ def test_first_hit_reads_each_rows_first_masked_position():
     tokens[1, 6] = pred[1, 5]
     hit = np.asarray(lm.first_hit(logits, jnp.asarray(tokens), jnp.asarray(mask)))  # row 2: nothing masked
     np.testing.assert_array_equal(hit, [1.0, 0.0, -1.0])
+
+
+def test_prompt_loss_averages_the_prompt_positions_only():
+    rng = np.random.default_rng(1)
+    b, t, v = 2, 9, 6
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    tokens = rng.integers(1, v, (b, t))
+    tokens[1, 7:] = 0                      # row 1 right-padded: positions 6, 7 predict PAD
+    mask = np.zeros((b, t), np.float32)
+    mask[:, 4:6] = 1                       # positions 4, 5 predict the answer
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [-logp[r, i, tokens[r, i + 1]] for r in range(b) for i in range(t - 1)
+            if mask[r, i] == 0 and tokens[r, i + 1] != 0]
+    got = float(lm.prompt_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+    # the answer's and the padding's logits do not enter it
+    logits[:, 4:6] += rng.normal(size=(b, 2, v)).astype(np.float32) * 5
+    logits[1, 6:] += 7.0 * rng.normal(size=(3, v)).astype(np.float32)
+    again = float(lm.prompt_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    np.testing.assert_allclose(again, got, rtol=1e-6)

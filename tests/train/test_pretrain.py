@@ -113,3 +113,16 @@ def test_task_names_accept_the_training_drill():
     assert P.task_names("all") == T.TASKS  # 'all' is the evaluated suite, drills are opt-in
     with pytest.raises(ValueError, match="unknown task"):
         P.task_names("recall_drill,nope")
+
+
+def test_prompt_weight_adds_the_prompt_loss():
+    c = get_config("tiny", vocab_size=512)
+    key = jax.random.PRNGKey(0)
+    template = P.param_template(c, key)
+    trainable, frozen = P.split_trainable(P.init_params(c.replace(dtype="float32"), key))
+    tokens, mask = P.fixed_batch(("niah_single",), 384, 0, 2)
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    loss, m = P.loss_fn(trainable, frozen, template, c, batch, "dense", 0.5, 0.25)
+    assert float(m["prompt_loss"]) > 0 and float(m["prompt_loss"]) != float(m["lm_loss"])
+    np.testing.assert_allclose(float(loss), float(m["lm_loss"] + 0.25 * m["prompt_loss"] + 0.5 * m["kl"]),
+                               rtol=1e-6)
