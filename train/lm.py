@@ -204,23 +204,25 @@ def next_token_nll(logits, tokens):
     return -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), tgt[..., None], axis=-1)[..., 0]
 
 
-def lm_loss(logits, tokens, loss_mask):
+def lm_loss(logits, tokens, loss_mask, nll=None):
     """Masked next-token cross-entropy: position i predicts tokens[i + 1] where loss_mask[i].
-    Returns (mean loss, accuracy of the argmax on the masked positions, that accuracy per row [B])."""
+    Returns (mean loss, accuracy of the argmax on the masked positions, that accuracy per row [B]).
+    `nll`: `next_token_nll(logits, tokens)` when the caller has it already (the prompt loss shares it)."""
     lg, tgt, m = logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1].astype(jnp.float32)
-    nll = next_token_nll(logits, tokens)
+    nll = next_token_nll(logits, tokens) if nll is None else nll
     denom = jnp.maximum(jnp.sum(m), 1.0)
     hits = jnp.sum((jnp.argmax(lg, axis=-1) == tgt) * m, axis=-1)
     return jnp.sum(nll * m) / denom, jnp.sum(hits) / denom, hits / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
 
 
-def prompt_loss(logits, tokens, loss_mask):
-    """Mean next-token cross-entropy over the prompt: positions whose next token is neither supervised by
-    `loss_mask` (the answer) nor padding. The answer alone gives one key -> value lookup per row; the
-    prompt's own structure (filler words, item grammar, repeated keys and restated needles) is what grows
-    the previous-token and induction heads that lookup is built from, as in ordinary LM pretraining."""
+def prompt_loss(nll, tokens, loss_mask):
+    """Mean next-token cross-entropy over the prompt, from `nll = next_token_nll(logits, tokens)` [B, T - 1]:
+    positions whose next token is neither supervised by `loss_mask` (the answer) nor padding. The answer
+    alone gives one key -> value lookup per row; the prompt's own structure (filler words, item grammar,
+    repeated keys and restated needles) is what grows the previous-token and induction heads that lookup is
+    built from, as in ordinary LM pretraining."""
     m = ((loss_mask[:, :-1] == 0) & (tokens[:, 1:] != tasks.PAD)).astype(jnp.float32)
-    return jnp.sum(next_token_nll(logits, tokens) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def first_hit(logits, tokens, loss_mask):

@@ -152,8 +152,9 @@ def make_optimizer(args, total_steps: int):
 def loss_fn(trainable, frozen, template, config, batch, stage, kl_weight: float, prompt_weight: float = 0.0):
     params = cast_like(merge(trainable, frozen), template)
     logits, auxes = lm.forward_train(params, config, batch["tokens"], stage)
-    ce, acc, row_acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"])
-    prompt_ce = lm.prompt_loss(logits, batch["tokens"], batch["loss_mask"])
+    nll = lm.next_token_nll(logits, batch["tokens"])  # one log-softmax over [B, T, V] for both losses
+    ce, acc, row_acc = lm.lm_loss(logits, batch["tokens"], batch["loss_mask"], nll)
+    prompt_ce = lm.prompt_loss(nll, batch["tokens"], batch["loss_mask"])
     kls = {f"kl/l{i}": a["kl"] for i, a in enumerate(auxes) if "kl" in a}
     kl = sum(kls.values()) / max(len(kls), 1)
     n_att = {f"attended/l{i}": a["n_attended"] for i, a in enumerate(auxes) if "n_attended" in a}

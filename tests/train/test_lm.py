@@ -125,10 +125,12 @@ def test_prompt_loss_averages_the_prompt_positions_only():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = [-logp[r, i, tokens[r, i + 1]] for r in range(b) for i in range(t - 1)
             if mask[r, i] == 0 and tokens[r, i + 1] != 0]
-    got = float(lm.prompt_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    loss = lambda lg: float(lm.prompt_loss(lm.next_token_nll(jnp.asarray(lg), jnp.asarray(tokens)),
+                                           jnp.asarray(tokens), jnp.asarray(mask)))
+    got = loss(logits)
     np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
     # the answer's and the padding's logits do not enter it
     logits[:, 4:6] += rng.normal(size=(b, 2, v)).astype(np.float32) * 5
     logits[1, 6:] += 7.0 * rng.normal(size=(3, v)).astype(np.float32)
-    again = float(lm.prompt_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+    again = loss(logits)
     np.testing.assert_allclose(again, got, rtol=1e-6)
