@@ -3,7 +3,8 @@
 Run on the device machine from the repo root:
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT/kernels.json
 
-Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep.
+Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep,
+fp8sweep (block configs of the packed fp8-row attention kernel).
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
 size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest.
 Timing: every case is jitted as a list of S independent calls over S different input sets, and also 2S;
@@ -567,6 +568,12 @@ def main():
                     best[("attention", b)] = (r["time_us"], c)
         result["sweep_best"] = {str(k): v for k, v in best.items()}
         log(f"sweep best: {best}")
+    if "fp8sweep" in sections:   # packed-row kernel block configs (alternatives, recorded under "sweep" only)
+        fcfgs = [dict(), dict(heads_per_program=32, block_k=32), dict(heads_per_program=64, block_k=32, num_warps=8),
+                 dict(heads_per_program=16, block_k=32), dict(num_warps=8)]
+        for b in ((1, 8) if args.quick else (1, 8, 32, 64)):
+            for c in fcfgs:
+                add(attention_case, b, "pallas", cfg=c, kv_dtype="fp8", to="sweep")
     result["chosen_configs"] = chosen
     save()
     if "check" in sections:

@@ -42,15 +42,6 @@ def moe_config(smoke: bool):
     return get_config("v4_flash", n_hash_layers=0)
 
 
-def _mgpu_grouped_matmul(lhs, rhs, group_sizes, preferred_element_type=None):
-    """`ragged_dot` signature over the Hopper Mosaic-GPU kernel (output in lhs's dtype; blocks tuned for
-    V4-Flash's K = 4096 / 2048). Only rows in a group are defined, as `routed_experts` requires."""
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-    out = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=64, block_n=128, block_k=64,
-                                     max_concurrent_steps=4, grid_block_n=1)
-    return out if preferred_element_type is None else out.astype(preferred_element_type)
-
-
 def layer_fn(impl: str, c):
     """(jitted fn(params, x) -> [tokens, d_model], context manager to run it in) for one implementation."""
     if impl in ("dense", "sparse", "sparse_triton"):  # the model's own path (the lowering flag aside)
@@ -63,7 +54,7 @@ def layer_fn(impl: str, c):
         if jax.default_backend() != "gpu":
             raise RuntimeError("the Mosaic-GPU grouped matmul needs a GPU")
         cfg = c.replace(moe_impl="sparse")
-        gm = _mgpu_grouped_matmul
+        gm = moe_sparse.mosaic_grouped_matmul
         fn = jax.jit(lambda p, x: _sparse_with(p, cfg, x, gm))
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")

@@ -4,7 +4,8 @@ Same function as the dense path in `fm_jax.layers.ffn` (routing from `moe_route`
 the `tokens × top_k` token-expert assignments are sorted by expert and the three expert matmuls run as
 grouped matmuls (consecutive row groups, one expert's weights each) over exactly those rows:
 `jax.lax.ragged_dot`, or for one or two decode tokens `gathered_matmul`, which reads only the routed
-experts' weights (`default_grouped_matmul`). Shapes stay static: the capacity is always `tokens × top_k`
+experts' weights, or from a few hundred rows on a Hopper GPU the Mosaic-GPU grouped matmul
+(`default_grouped_matmul`). Shapes stay static: the capacity is always `tokens × top_k`
 rows, whatever the routing.
 
 Numerics against the dense path: `w1` / `w3` outputs in the compute dtype, SwiGLU and the routing weight in
@@ -47,11 +48,50 @@ def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, pref
     return jnp.einsum("mk,mkn->mn", lhs, w, preferred_element_type=preferred_element_type)
 
 
+MOSAIC_MIN_ROWS = 256   # token-expert rows from which the Hopper kernel beats `ragged_dot` (see below)
+
+
+def _hopper() -> bool:
+    """Whether the default device is a Hopper GPU (wgmma; compute capability 9.x)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def mosaic_suits(lhs: jax.Array, rhs: jax.Array) -> bool:
+    """Whether `mosaic_grouped_matmul` takes these operands: bf16, K a multiple of 64 and N of 128 (its
+    tiles), on a Hopper GPU."""
+    k, n = rhs.shape[1], rhs.shape[2]
+    return (_hopper() and lhs.dtype == rhs.dtype == jnp.bfloat16 and k % 64 == 0 and n % 128 == 0)
+
+
+def mosaic_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_element_type=None
+                          ) -> jax.Array:
+    """`jax.lax.ragged_dot`'s contract on the Hopper Mosaic-GPU grouped matmul
+    (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`), falling back to `ragged_dot` where
+    `mosaic_suits` says no. On the GPU XLA lowers a large `ragged_dot` as a dense product over every expert
+    (an 8K-token V4-Flash prefill asked for a 96 GiB buffer on the H100); this kernel ran it in 21.9 ms
+    against the dense MoE's 163.5 ms (`moe-h100.json`, `sparse_mgpu`). Rows are padded to its 64-row tile.
+    Its output is in the operands' dtype, so with `preferred_element_type=float32` (the `w2` product) the
+    result is bf16-rounded before the cast, where `ragged_dot` accumulates to float32."""
+    if not mosaic_suits(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # GPU-only module: imported on use
+    m = lhs.shape[0]
+    x = jnp.pad(lhs, ((0, -m % 64), (0, 0)))
+    out = ragged_dot_mgpu.ragged_dot(x, rhs, group_sizes=group_sizes.astype(jnp.int32), block_m=64, block_n=128,
+                                     block_k=64, max_concurrent_steps=4, grid_block_n=1)[:m]
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
 def default_grouped_matmul(n_rows: int, n_experts: int) -> GroupedMatmul:
-    """`gathered_matmul` up to `n_experts // 16` token-expert rows, `jax.lax.ragged_dot` beyond: the
-    crossover measured on the H100 for V4-Flash (256 experts) lies between 12 rows (gathered 3.1 ms, ragged
-    4.7) and 24 (4.8 and 4.7): the gathered rows cost about 1/17 of a full `ragged_dot` each."""
-    return gathered_matmul if n_rows <= n_experts // 16 else jax.lax.ragged_dot
+    """`gathered_matmul` up to `n_experts // 16` token-expert rows; from `MOSAIC_MIN_ROWS` rows on a Hopper
+    GPU `mosaic_grouped_matmul`; `jax.lax.ragged_dot` otherwise. The gathered crossover measured on the
+    H100 for V4-Flash (256 experts) lies between 12 rows (gathered 3.1 ms, ragged 4.7) and 24 (4.8 and 4.7):
+    the gathered rows cost about 1/17 of a full `ragged_dot` each. The Mosaic kernel was slower than
+    `ragged_dot` at 48-192 rows (5.9-6.0 ms against 4.9-5.4) and faster at 384 (6.2 against 7.0)."""
+    if n_rows <= n_experts // 16:
+        return gathered_matmul
+    return mosaic_grouped_matmul if n_rows >= MOSAIC_MIN_ROWS and _hopper() else jax.lax.ragged_dot
 
 
 def dispatch(ids: jax.Array, n_experts: int, first_expert=0) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -188,6 +188,38 @@ def test_default_grouped_matmul_by_shape():
     assert default_grouped_matmul(6, 256) is gathered_matmul       # one decode token of V4-Flash
     assert default_grouped_matmul(12, 256) is gathered_matmul      # two
     assert default_grouped_matmul(24, 256) is jax.lax.ragged_dot   # four: past the measured crossover
+    if jax.default_backend() != "gpu":                              # the Hopper kernel is never chosen here
+        assert default_grouped_matmul(49152, 256) is jax.lax.ragged_dot
+
+
+def test_mosaic_grouped_matmul_falls_back_off_hopper():
+    """Off a Hopper GPU (or with float32 operands) the Mosaic entry point is `ragged_dot`, bit for bit."""
+    from fm_jax.layers.moe_sparse import mosaic_grouped_matmul, mosaic_suits
+    rng = np.random.default_rng(12)
+    lhs = jnp.asarray(rng.standard_normal((10, 64)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((3, 64, 128)), jnp.float32)
+    gs = jnp.asarray([4, 0, 6], jnp.int32)
+    assert not mosaic_suits(lhs, rhs)                                # float32 operands, whatever the device
+    np.testing.assert_array_equal(np.asarray(mosaic_grouped_matmul(lhs, rhs, gs)),
+                                  np.asarray(jax.lax.ragged_dot(lhs, rhs, gs)))
+
+
+@pytest.mark.gpu
+def test_mosaic_grouped_matmul_on_hopper():
+    """On a Hopper GPU: bf16 rows (not a multiple of the 64-row tile) against an exact per-row product."""
+    from fm_jax.layers.moe_sparse import mosaic_grouped_matmul, mosaic_suits
+    rng = np.random.default_rng(13)
+    sizes = [70, 0, 129, 100]
+    m = sum(sizes) + 5                                               # 5 rows past the last group
+    lhs = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((4, 256, 384)), jnp.bfloat16)
+    if not mosaic_suits(lhs, rhs):
+        pytest.skip("not a Hopper GPU")
+    got = np.asarray(mosaic_grouped_matmul(lhs, rhs, jnp.asarray(sizes, jnp.int32), jnp.float32))[:m - 5]
+    expert = np.repeat(np.arange(4), sizes)
+    want = np.einsum("mk,mkn->mn", np.asarray(lhs, np.float32)[:m - 5], np.asarray(rhs, np.float32)[expert])
+    # bf16 output rounding (relative 2^-8) over float32 accumulation
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
 def test_sparse_matches_dense_at_decode_sizes():
