@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import cycle_median, param_bytes, run_info, synthetic_cache, write_json
+from benchmarks.common import KV_DTYPES, cycle_median, param_bytes, run_info, synthetic_cache, write_json
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -43,11 +43,13 @@ def release_row(context: int) -> dict:
     return RELEASE[min(RELEASE, key=lambda r: abs(r - context))]
 
 
-def serving_config(smoke: bool):
+def serving_config(smoke: bool, kv_dtype: str = "fp8"):
+    """kv_dtype "fp8": V4's 584-byte entries (the preset's); "bf16": entries in the compute dtype."""
+    fp8 = kv_dtype == "fp8"
     if smoke:  # the three layer kinds at toy widths (fp8 rows need 64 nope dims + rope)
-        return get_config("tiny", n_layers=4, compress_ratios=(0, 4, 16, 4), kv_fp8=True, head_dim=72,
+        return get_config("tiny", n_layers=4, compress_ratios=(0, 4, 16, 4), kv_fp8=fp8, head_dim=72,
                           hc_mult=4, page_entries=8, max_seq_len=16384)
-    return get_config("v4_flash", ffn="dense", dense_inter_dim=2048, vocab_size=4096, n_hash_layers=0)
+    return get_config("v4_flash", ffn="dense", dense_inter_dim=2048, vocab_size=4096, n_hash_layers=0, kv_fp8=fp8)
 
 
 def plan(c, context: int, n_new: int, kmax_pages: int, target_layers, device_budget: float, host_budget: float,
@@ -105,7 +107,10 @@ def main(argv=None):
                     help="cap on the batch actually decoded (reported when it binds); default: none")
     ap.add_argument("--tau", type=int, default=64)
     ap.add_argument("--windows", type=int, default=3)
-    ap.add_argument("--plan-only", action="store_true", help="batches from the byte accounting, no decode")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="batches from the byte accounting, no decode (no weights are allocated)")
+    ap.add_argument("--kv-dtype", default="fp8", choices=KV_DTYPES,
+                    help="fp8: V4's 584-byte KV entries (the preset's); bf16: entries in the compute dtype")
     ap.add_argument("--smoke", action="store_true", help="toy widths and budgets (CPU check of the script)")
     args = ap.parse_args(argv)
     if args.windows < 3:  # window 1 compiles; a recall overlaps window k only when a window k + 1 follows
@@ -117,10 +122,12 @@ def main(argv=None):
         kmax = [release_row(ctx)["kmax_pages"] // (16 if args.smoke else 1) for ctx in contexts]
     if len(kmax) != len(contexts):
         raise SystemExit("--kmax-pages needs one value per context")
-    c = serving_config(args.smoke)
-    params = init_params(c, jax.random.PRNGKey(0))
+    c = serving_config(args.smoke, args.kv_dtype)
     icfg = mi.config_from_model(c, target_layers=(c.csa_layers[len(c.csa_layers) // 2],), rope_dtype="float32")
-    indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(1)))
+    # shapes only under --plan-only (V4-Flash's attention weights are several GB)
+    init = jax.eval_shape if args.plan_only else (lambda f, *a: f(*a))
+    params = init(lambda k: init_params(c, k), jax.random.PRNGKey(0))
+    indexer = (icfg, init(lambda k: mi.init_params(icfg, k), jax.random.PRNGKey(1)))
     weights = param_bytes(params) + param_bytes(indexer[1])
     if args.device_budget_gb is not None:
         device_budget = args.device_budget_gb * 1e9

@@ -29,3 +29,19 @@ def test_smoke_run_decodes_both_modes(tmp_path):
     assert row["lsa"]["batch"] == row["lsa_batch"] > row["full_batch"]
     assert row["lsa"]["device_kv_bytes"] <= 1e6 and row["full"]["device_kv_bytes"] <= 1e6
     assert row["lsa"]["recall_landed_s_per_cycle"] > 0 and row["throughput_ratio"] > 0
+
+
+def test_plan_only_by_kv_dtype(tmp_path):
+    """--plan-only allocates no weights and decodes nothing; fp8 entries fit more requests than bf16 ones."""
+    rows = {}
+    for kvd in ("fp8", "bf16"):
+        out = tmp_path / f"{kvd}.json"
+        main(["--smoke", "--plan-only", "--kv-dtype", kvd, "--out", str(out), "--contexts", "4096",
+              "--device-budget-gb", "0.01", "--host-budget-gb", "0.01"])
+        payload = json.loads(out.read_text())
+        assert payload["model"]["kv_fp8"] == (kvd == "fp8")
+        (rows[kvd],) = payload["rows"]
+        assert "full" not in rows[kvd] and "lsa" not in rows[kvd]
+    assert rows["fp8"]["full_device_bytes_per_request"] < rows["bf16"]["full_device_bytes_per_request"]
+    assert rows["fp8"]["full_batch"] > rows["bf16"]["full_batch"] >= 1
+    assert rows["fp8"]["lsa_batch"] > rows["bf16"]["lsa_batch"]
