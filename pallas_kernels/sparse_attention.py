@@ -71,9 +71,9 @@ def column_tiles(d: int, rope_dim: int | None) -> tuple:
 
 
 def as_words(packed: jax.Array) -> jax.Array:
-    """Packed rows uint8 [B, N, E] -> the same bytes as little-endian uint32 words [B, N, E / 4] (a bitcast: XLA
-    makes it a view). The kernel reads words, not bytes: 4x fewer, and a row's 584 bytes are 8-byte aligned,
-    so Triton can issue 8-byte vector loads along a row."""
+    """Packed rows uint8 [B, N, E] -> the same bytes as little-endian uint32 words [B, N, E / 4] (a reshape and
+    a bitcast, which XLA can apply without copying). The kernel reads words, not bytes: 4x fewer loads, and
+    since a row's 584 bytes keep every row 8-byte aligned, wider vector loads are possible along a row."""
     b, n, e = packed.shape
     return jax.lax.bitcast_convert_type(packed.reshape(b, n, e // 4, 4), jnp.uint32)
 
