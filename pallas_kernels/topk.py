@@ -1,0 +1,235 @@
+"""Pallas (Triton backend) kernels: exact top-k over the last axis by a radix select on the float bits.
+
+Same result as ``jax.lax.top_k``: values descending, equal values in index order, and where equal values
+straddle the k-th place the lower indices are kept. ``-0.0`` ranks below ``+0.0`` (``lax.top_k`` on CPU compares in
+IEEE total order; the interpret-mode tests check it). Inputs hold no NaN (masked scores are ``-inf``).
+
+Each float32 ``x`` maps to an int32 key ``s`` with the same order (``s = i ^ ((i >> 31) & 0x7FFFFFFF)``,
+``i`` the bits of ``x``). The k-th largest key ``T`` of a row is found digit by digit, most significant first,
+over three digits of 11, 11 and 10 bits. Each digit is one kernel over ``grid = (batch, programs per row)``:
+
+* every program recomputes, from the finished histograms of the earlier digits, the prefix of ``T`` found so
+  far and how many of the still-matching keys are needed (a cumulative sum over at most 2048 bins);
+* it builds the histogram of the next digit over its keys that match the prefix, without shared-memory
+  atomics: with the digit split as ``hi * 64 + lo``, ``hist[hi, lo] = onehot(hi)^T @ onehot(lo)``, a
+  ``[R, chunk] x [chunk, 64]`` tensor-core product of 0/1 bf16 values with float32 accumulation (exact: every
+  count is at most the program's key count, far below 2^24);
+* it adds its histogram to the row's global one with one vector of global atomics (only the non-zero bins).
+
+The last digit's kernel also keeps each program's histogram (``[batch, programs, 16, 64]``): its column at
+``T``'s last digit is the number of keys equal to ``T`` in each program, which places the kept ties in index
+order without another pass. A final kernel writes the ``k`` picks into ``[batch, k]`` slots: keys above ``T``
+(exactly ``k - need`` of them) at slots reserved per program by one atomic add on a per-row counter, and the
+first ``need`` keys equal to ``T`` in index order at slots ``k - need + rank``. An XLA sort of the ``[batch, k]``
+picks by (key descending, index ascending) gives ``lax.top_k``'s order.
+
+Launches per call: one zero fill of the ``[batch, 4, 32, 64]`` int32 histogram buffer, three histogram kernels,
+the select kernel and the sort.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import compat
+
+# (shift, bits) of the three digits of the int32 key, most significant first
+DIGITS = ((21, 11), (10, 11), (0, 10))
+LO_BITS = 6                 # each digit is split hi * 64 + lo: a histogram is [2^(bits - 6), 64]
+LO = 1 << LO_BITS
+HIST_ROWS = 32              # rows of the widest (11-bit) digit histogram
+COUNTER_SLAB = 3            # hist[:, 3, 0, 0]: the select kernel's per-row slot counter
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _sort_key(x):
+    """float32 -> int32 with the same order (IEEE total order: -0.0 < +0.0; no NaN expected)."""
+    i = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def _select_bin(h, need):
+    """h int32 [R, 64]: a histogram whose bin d = hi * 64 + lo counts keys of digit d; need: how many of the
+    largest counted keys are wanted (1 <= need <= total). Returns (d, need_in_d): the digit of the need-th
+    largest key and how many keys of bin d are among the wanted ones."""
+    rows = jnp.sum(h, axis=1)                                               # [R]
+    total = jnp.sum(rows)
+    incl = (jnp.cumsum(rows) - rows)[:, None] + jnp.cumsum(h, axis=1)       # keys in bins <= d
+    above = total - incl                                                    # keys in bins > d (non-increasing)
+    d = jnp.sum((above >= need).astype(jnp.int32))
+    lin = jnp.arange(h.shape[0], dtype=jnp.int32)[:, None] * LO + jnp.arange(LO, dtype=jnp.int32)[None, :]
+    return d, need - jnp.sum(jnp.where(lin > d, h, 0))
+
+
+def _prefix_state(hist_ref, b, levels: int, k: int):
+    """(prefix, need) after the first ``levels`` digits: prefix = the signed value of T >> shift_of(levels - 1),
+    need = how many keys with that prefix are among the top k."""
+    prefix, need = None, k
+    for lvl in range(levels):
+        _, bits = DIGITS[lvl]
+        h = hist_ref[b, lvl, pl.ds(0, 1 << (bits - LO_BITS)), pl.ds(0, LO)]
+        d, need = _select_bin(h, need)
+        # the top digit was biased by 2^(bits - 1) to make it non-negative (the key is signed)
+        prefix = d - (1 << (bits - 1)) if lvl == 0 else prefix * (1 << bits) + d
+    return prefix, need
+
+
+def _hist_kernel(x_ref, hist_in_ref, *out_refs, level: int, k: int, n: int, chunk: int, chunks: int,
+                 interpret: bool):
+    """Histogram of digit ``level`` over the program's keys that match the prefix of the earlier digits."""
+    hist_ref = out_refs[0]
+    b = pl.program_id(0)
+    j = pl.program_id(1)
+    shift, bits = DIGITS[level]
+    rows = 1 << (bits - LO_BITS)
+    prefix = _prefix_state(hist_in_ref, b, level, k)[0] if level else None
+    hi_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    lo_ids = jnp.arange(LO, dtype=jnp.int32)[None, :]
+    one, zero = jnp.bfloat16(1), jnp.bfloat16(0)
+
+    def body(c, acc):
+        start = (j * chunks + c) * chunk
+        offs = start + jnp.arange(chunk, dtype=jnp.int32)
+        live = offs < n
+        s = _sort_key(compat.load(x_ref.at[b, pl.ds(start, chunk)], mask=live, other=0.0))
+        if level == 0:
+            digit = (s >> shift) + (1 << (bits - 1))
+        else:
+            digit = (s >> shift) & ((1 << bits) - 1)
+            live = live & ((s >> (shift + bits)) == prefix)
+        oh_hi = jnp.where(((digit >> LO_BITS)[None, :] == hi_ids) & live[None, :], one, zero)    # [R, chunk]
+        oh_lo = jnp.where((digit & (LO - 1))[:, None] == lo_ids, one, zero)                      # [chunk, 64]
+        return acc + jax.lax.dot_general(oh_hi, oh_lo, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    counts = jax.lax.fori_loop(0, chunks, body, jnp.zeros((rows, LO), jnp.float32)).astype(jnp.int32)
+    # interpret mode has no masked atomics; on the GPU the mask skips the (many) empty bins
+    # (static indices as arrays: the interpret-mode atomic wants every index to have a shape)
+    compat.atomic_add(hist_ref, (b, jnp.int32(level), pl.ds(0, rows), pl.ds(0, LO)), counts,
+                      **({} if interpret else {"mask": counts != 0}))
+    if level == len(DIGITS) - 1:
+        out_refs[1][b, j] = counts
+
+
+def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key_ref, *, k: int, n: int,
+                   chunk: int, chunks: int, n_programs: int):
+    """Writes the program's picks: keys > T at slots from the row counter, the first ``need`` keys == T (in
+    index order over the row) at slots ``k - need + rank``. Lanes not picked are masked (slot ``k``)."""
+    b = pl.program_id(0)
+    j = pl.program_id(1)
+    prefix, need = _prefix_state(hist_in_ref, b, len(DIGITS) - 1, k)
+    _, bits = DIGITS[-1]
+    d, need = _select_bin(hist_in_ref[b, len(DIGITS) - 1, pl.ds(0, 1 << (bits - LO_BITS)), pl.ds(0, LO)], need)
+    thr = prefix * (1 << bits) + d
+    n_gt = k - need
+    # keys == T in earlier programs of the row: column d of their last-digit histograms
+    progs = jnp.arange(_next_pow2(n_programs), dtype=jnp.int32)
+    before = compat.load(part_ref.at[b, pl.ds(0, progs.shape[0]), d >> LO_BITS, d & (LO - 1)],
+                         mask=progs < j, other=0)
+    eq_before = jnp.sum(before)
+
+    def block(c):
+        start = (j * chunks + c) * chunk
+        offs = start + jnp.arange(chunk, dtype=jnp.int32)
+        live = offs < n
+        x = compat.load(x_ref.at[b, pl.ds(start, chunk)], mask=live, other=0.0)
+        s = _sort_key(x)
+        return offs, x, s, live & (s > thr), live & (s == thr)
+
+    def count(c, tot):
+        return tot + jnp.sum(block(c)[3].astype(jnp.int32))
+
+    mine = jax.lax.fori_loop(0, chunks, count, jnp.int32(0))
+    zero = jnp.int32(0)
+    base = compat.atomic_add(hist_ref, (b, jnp.int32(COUNTER_SLAB), zero, zero), mine)
+
+    def write(c, carry):
+        gt_run, eq_run = carry
+        offs, x, s, gt, eq = block(c)
+        gti, eqi = gt.astype(jnp.int32), eq.astype(jnp.int32)
+        r_gt = base + gt_run + jnp.cumsum(gti) - 1
+        r_eq = eq_before + eq_run + jnp.cumsum(eqi) - 1
+        take_eq = eq & (r_eq < need)
+        pick = gt | take_eq
+        slot = jnp.where(gt, r_gt, jnp.where(take_eq, n_gt + r_eq, k))
+        compat.store(idx_ref.at[b, slot], offs, mask=pick)
+        compat.store(val_ref.at[b, slot], x, mask=pick)
+        compat.store(key_ref.at[b, slot], ~s, mask=pick)      # ascending ~s == descending s
+        return gt_run + jnp.sum(gti), eq_run + jnp.sum(eqi)
+
+    jax.lax.fori_loop(0, chunks, write, (jnp.int32(0), jnp.int32(0)))
+
+
+def default_config(batch: int, n_entries: int) -> dict:
+    """256-entry chunks (the one-hot operands then stay small: [32, 256] and [256, 64] bf16) and about 512
+    programs per call, so that even batch 1 fills the GPU while each program's histogram atomics are amortised
+    over as many keys as the shape allows."""
+    chunk = min(256, max(16, _next_pow2(n_entries)))
+    per_row = max(1, -(-512 // max(batch, 1)))
+    chunks = max(1, min(64, _next_pow2(-(-n_entries // (chunk * per_row)))))
+    return dict(chunk=chunk, chunks_per_program=chunks, num_warps=4, num_stages=2)
+
+
+def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = None,
+                chunks_per_program: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None):
+    """Exact top-k of ``scores [batch, n_entries]`` (float32, no NaN) over the last axis.
+
+    Returns (values float32 [batch, k], indices int32 [batch, k]) exactly as ``jax.lax.top_k``; needs
+    ``1 <= k <= n_entries``."""
+    if scores.ndim != 2:
+        raise ValueError(f"topk_pallas: scores must be [batch, n_entries], got shape {scores.shape}")
+    b, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"topk_pallas: need 1 <= k <= n_entries, got k={k}, n_entries={n}")
+    cfg = default_config(b, n)
+    for name, val in (("chunk", chunk), ("chunks_per_program", chunks_per_program), ("num_warps", num_warps),
+                      ("num_stages", num_stages)):
+        if val is not None:
+            cfg[name] = val
+    ch, cpp = cfg["chunk"], cfg["chunks_per_program"]
+    if ch < 16 or ch & (ch - 1):
+        raise ValueError(f"topk_pallas: chunk must be a power of two >= 16, got {ch}")
+    n_programs = pl.cdiv(n, ch * cpp)
+    x = scores.astype(jnp.float32)
+    params = compat.triton_compiler_params(cfg["num_warps"], cfg["num_stages"])
+    hist_shape = jax.ShapeDtypeStruct((b, len(DIGITS) + 1, HIST_ROWS, LO), jnp.int32)
+    part_shape = jax.ShapeDtypeStruct((b, n_programs, 1 << (DIGITS[-1][1] - LO_BITS), LO), jnp.int32)
+    hist = jnp.zeros(hist_shape.shape, jnp.int32)     # the one zero fill: every later kernel updates in place
+    part = None
+    for level in range(len(DIGITS)):
+        last = level == len(DIGITS) - 1
+        res = pl.pallas_call(
+            functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=ch, chunks=cpp, interpret=interpret),
+            out_shape=(hist_shape, part_shape) if last else (hist_shape,),
+            grid=(b, n_programs),
+            input_output_aliases={1: 0},
+            compiler_params=params,
+            interpret=interpret,
+            name=f"topk_hist{level}",
+        )(x, hist)
+        hist = res[0]
+        part = res[1] if last else None
+    # interpret mode writes masked scatter lanes back to their slot, so they get a spare column k (sliced off);
+    # on the GPU masked lanes touch no memory
+    width = k + 1 if interpret else k
+    out_shape = (hist_shape, jax.ShapeDtypeStruct((b, width), jnp.int32),
+                 jax.ShapeDtypeStruct((b, width), jnp.float32), jax.ShapeDtypeStruct((b, width), jnp.int32))
+    _, idx, val, key = pl.pallas_call(
+        functools.partial(_select_kernel, k=k, n=n, chunk=ch, chunks=cpp, n_programs=n_programs),
+        out_shape=out_shape,
+        grid=(b, n_programs),
+        input_output_aliases={1: 0},
+        compiler_params=params,
+        interpret=interpret,
+        name="topk_select",
+    )(x, hist, part)
+    key, idx, val = key[:, :k], idx[:, :k], val[:, :k]
+    _, idx, val = jax.lax.sort((key, idx, val), dimension=1, num_keys=2, is_stable=False)
+    return val.astype(scores.dtype), idx
