@@ -1,6 +1,7 @@
 """Pallas GPU kernels for the LSA hot loops, each beside a plain-jnp reference.
 
-Model code calls :func:`indexer_scores`, :func:`topk` and :func:`sparse_attention` (the dispatch); never a kernel directly.
+Model code calls :func:`indexer_scores`, :func:`topk` and :func:`sparse_attention` (the dispatch); never a
+kernel directly.
 """
 from pallas_kernels.dispatch import indexer_scores, sparse_attention, topk
 from pallas_kernels.reference import (

@@ -1,4 +1,5 @@
-"""Plain ``jax.numpy`` versions of the LSA hot loops (scoring, top-k, attention), plus the input checks shared by every impl.
+"""Plain ``jax.numpy`` versions of the LSA hot loops (scoring, top-k, attention), plus the input checks shared
+by every impl.
 
 Two functions per op:
 

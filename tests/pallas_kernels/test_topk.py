@@ -59,7 +59,7 @@ def assert_same_topk(got, want):
     np.testing.assert_array_equal(gv.view(np.int32), wv.view(np.int32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(k, chunk, cpp):
     return jax.jit(functools.partial(topk_pallas, k=k, interpret=True, chunk=chunk, chunks_per_program=cpp))
 
