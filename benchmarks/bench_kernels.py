@@ -49,7 +49,7 @@ from pallas_kernels.reference import (
     topk_xla,
 )
 from pallas_kernels.sparse_attention import sparse_attention_pallas
-from pallas_kernels.topk import topk_pallas
+from pallas_kernels.topk import DIGIT_SETS, topk_pallas
 
 LOG = []
 
@@ -456,26 +456,28 @@ def topk_rows(seed, b, n, k):
 
 
 def run_topk_checks(cases):
-    """The compiled top-k kernel against lax.top_k: identical indices and bitwise-identical values."""
+    """The compiled top-k kernel (both digit layouts) against lax.top_k: identical indices, bitwise-identical
+    values."""
     res = []
     for b, n, k in cases:
-        name = f"topk b{b} n{n} k{k}"
-        try:
-            x = topk_rows(b * n + k, b, n, k)
-            pv, pi = jax.jit(_topk_fn("pallas", k))(x)
-            rv, ri = jax.lax.top_k(x, k)
-            same_idx = bool(np.array_equal(np.asarray(pi), np.asarray(ri)))
-            same_val = bool(np.array_equal(np.asarray(pv).view(np.int32), np.asarray(rv).view(np.int32)))
-            bad_rows = [int(r) for r in np.nonzero(np.any(np.asarray(pi) != np.asarray(ri), axis=1))[0]]
-            ok = same_idx and same_val
-            res.append(dict(case=name, kernel="topk", same_indices=same_idx, same_values=same_val,
-                            bad_rows=bad_rows[:16], ok=ok))
-            log(f"check {name}: indices {same_idx} values {same_val} bad rows {bad_rows[:16]} -> "
-                f"{'OK' if ok else 'FAIL'}")
-        except Exception as ex_:  # noqa: BLE001
-            res.append(dict(case=name, kernel="topk", ok=False, error=repr(ex_)[:2000]))
-            log(f"check {name}: ERROR {ex_!r}"[:3000])
-            traceback.print_exc()
+        x = topk_rows(b * n + k, b, n, k)
+        rv, ri = jax.lax.top_k(x, k)
+        for digits in DIGIT_SETS:
+            name = f"topk b{b} n{n} k{k} digits {'/'.join(map(str, digits))}"
+            try:
+                pv, pi = jax.jit(_topk_fn("pallas", k, dict(digits=digits)))(x)
+                same_idx = bool(np.array_equal(np.asarray(pi), np.asarray(ri)))
+                same_val = bool(np.array_equal(np.asarray(pv).view(np.int32), np.asarray(rv).view(np.int32)))
+                bad_rows = [int(r) for r in np.nonzero(np.any(np.asarray(pi) != np.asarray(ri), axis=1))[0]]
+                ok = same_idx and same_val
+                res.append(dict(case=name, kernel="topk", same_indices=same_idx, same_values=same_val,
+                                bad_rows=bad_rows[:16], ok=ok))
+                log(f"check {name}: indices {same_idx} values {same_val} bad rows {bad_rows[:16]} -> "
+                    f"{'OK' if ok else 'FAIL'}")
+            except Exception as ex_:  # noqa: BLE001
+                res.append(dict(case=name, kernel="topk", ok=False, error=repr(ex_)[:2000]))
+                log(f"check {name}: ERROR {ex_!r}"[:3000])
+                traceback.print_exc()
     return res
 
 
@@ -663,7 +665,7 @@ def main():
     if "topk" in sections:
         tk_ns, tk_bs = (8192, 65536, 262144), (1, 8, 32)
         checks = [(1, 65536, 512), (8, 65536, 512), (8, 262144, 512), (6, 20000 + 37, 512), (3, 300, 64),
-                  (32, 8192, 512)]
+                  (32, 8192, 512), (32, 262144, 512)]
         if args.tiny or args.quick:   # the CPU dry run: the kernel in interpret mode, small shapes
             tk_ns, tk_bs, checks = (2048,), (1, 8), [(6, 1000 + 37, 64)]
         result["checks"] += run_topk_checks(checks)
@@ -672,6 +674,9 @@ def main():
             for b in tk_bs:
                 add(topk_case, b, n, "pallas")
                 add(topk_case, b, n, "xla")
+                if not (args.tiny or args.quick):   # both digit layouts, to set default_config's rule
+                    for digits in DIGIT_SETS:
+                        add(topk_case, b, n, "pallas", cfg=dict(digits=digits), to="sweep")
     add_speedups(result["rows"])
     save()
     log("")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch, topk, topk_reference, topk_xla
+from pallas_kernels.topk import default_config as topk_config
 from pallas_kernels.topk import topk_pallas
 
 ROW_KINDS = ("normal", "levels", "all_neg_inf", "few_finite", "zeros_subnormals", "threshold_ties",
@@ -60,20 +61,29 @@ def assert_same_topk(got, want):
 
 
 @functools.cache
-def _kernel(k, chunk, cpp):
-    return jax.jit(functools.partial(topk_pallas, k=k, interpret=True, chunk=chunk, chunks_per_program=cpp))
+def _kernel(k, chunk, cpp, digits=(11, 11, 10)):
+    return jax.jit(functools.partial(topk_pallas, k=k, interpret=True, chunk=chunk, chunks_per_program=cpp,
+                                     digits=digits))
 
 
-@pytest.mark.parametrize("n,k,chunk,cpp", [
-    (1000, 37, 64, 2),        # ragged: 8 programs per row, the last one partly past N
-    (4097, 512, 128, 4),      # one entry into the last program
-    (20000, 512, 256, 8),     # the default chunk, 10 programs per row
-    (300, 300, 16, 4),        # k == N
-    (64, 1, 16, 1),           # k == 1
+@pytest.mark.parametrize("n,k,chunk,cpp,digits", [
+    (1000, 37, 64, 2, (11, 11, 10)),       # ragged: 8 programs per row, the last one partly past N
+    (1000, 37, 64, 2, (8, 8, 8, 8)),
+    (4097, 512, 128, 4, (8, 8, 8, 8)),     # one entry into the last program
+    (20000, 512, 256, 8, (11, 11, 10)),    # the default chunk, 10 programs per row
+    (300, 300, 16, 4, (11, 11, 10)),       # k == N
+    (64, 1, 16, 1, (8, 8, 8, 8)),          # k == 1
 ])
-def test_matches_lax_top_k(n, k, chunk, cpp):
+def test_matches_lax_top_k(n, k, chunk, cpp, digits):
     x = jnp.asarray(rows(n + k, n, k))
-    assert_same_topk(_kernel(k, chunk, cpp)(x), jax.lax.top_k(x, k))
+    assert_same_topk(_kernel(k, chunk, cpp, digits)(x), jax.lax.top_k(x, k))
+
+
+def test_default_config_digits():
+    assert topk_config(1, 65536)["digits"] == (11, 11, 10)
+    assert topk_config(8, 262144)["digits"] == (8, 8, 8, 8)
+    with pytest.raises(ValueError, match="digits"):
+        topk_pallas(jnp.ones((1, 64)), 4, interpret=True, digits=(16, 16))
 
 
 def test_reference_is_lax_top_k():
@@ -122,4 +132,5 @@ def test_dispatch_choice(monkeypatch):
 def test_compiled_kernel_on_gpu(batch, n):
     k = 512
     x = jnp.asarray(rows(n + batch, n, k, ROW_KINDS[:batch]))
-    assert_same_topk(jax.jit(functools.partial(topk_pallas, k=k))(x), jax.lax.top_k(x, k))
+    for digits in ((11, 11, 10), (8, 8, 8, 8)):
+        assert_same_topk(jax.jit(functools.partial(topk_pallas, k=k, digits=digits))(x), jax.lax.top_k(x, k))
