@@ -677,6 +677,11 @@ def main():
                 if not (args.tiny or args.quick):   # both digit layouts, to set default_config's rule
                     for digits in DIGIT_SETS:
                         add(topk_case, b, n, "pallas", cfg=dict(digits=digits), to="sweep")
+        if not (args.tiny or args.quick):           # block shapes at the target shapes
+            for b, n in ((1, 65536), (8, 65536), (8, 262144)):
+                for cfg in ([dict(chunk=128), dict(chunk=512), dict(num_warps=8), dict(num_stages=1)]
+                            + [dict(chunks_per_program=c) for c in (1, 4, 16, 64)]):
+                    add(topk_case, b, n, "pallas", cfg=cfg, to="sweep")
     add_speedups(result["rows"])
     save()
     log("")
