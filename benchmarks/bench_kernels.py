@@ -458,16 +458,16 @@ def topk_rows(seed, b, n, k):
 
 
 def run_topk_checks(cases):
-    """The compiled top-k kernel (both digit layouts) against lax.top_k: identical indices, bitwise-identical
-    values."""
+    """The compiled top-k kernel (both digit layouts; int8 one-hots) against lax.top_k: identical indices,
+    bitwise-identical values."""
     res = []
     for b, n, k in cases:
         x = topk_rows(b * n + k, b, n, k)
         rv, ri = jax.lax.top_k(x, k)
-        for digits in DIGIT_SETS:
-            name = f"topk b{b} n{n} k{k} digits {'/'.join(map(str, digits))}"
+        for cfg in [dict(digits=d) for d in DIGIT_SETS] + [dict(digits=DIGIT_SETS[1], onehot="int8")]:
+            name = f"topk b{b} n{n} k{k} digits {'/'.join(map(str, cfg['digits']))} {cfg.get('onehot', 'bf16')}"
             try:
-                pv, pi = jax.jit(_topk_fn("pallas", k, dict(digits=digits)))(x)
+                pv, pi = jax.jit(_topk_fn("pallas", k, cfg))(x)
                 same_idx = bool(np.array_equal(np.asarray(pi), np.asarray(ri)))
                 same_val = bool(np.array_equal(np.asarray(pv).view(np.int32), np.asarray(rv).view(np.int32)))
                 bad_rows = [int(r) for r in np.nonzero(np.any(np.asarray(pi) != np.asarray(ri), axis=1))[0]]
@@ -685,7 +685,8 @@ def main():
                         add(topk_case, b, n, "pallas", cfg=dict(digits=digits), to="sweep")
         if sweep:                     # block shapes at the issue's target shapes
             for b, n in ((1, 65536), (8, 65536), (8, 262144)):
-                for cfg in ([dict(chunk=128), dict(chunk=512), dict(num_warps=8), dict(num_stages=1)]
+                for cfg in ([dict(onehot="int8"), dict(chunk=128), dict(chunk=512), dict(num_warps=8),
+                             dict(num_stages=1)]
                             + [dict(chunks_per_program=c) for c in (1, 4, 16, 64)]):
                     add(topk_case, b, n, "pallas", cfg=cfg, to="sweep")
     add_speedups(result["rows"])

@@ -97,7 +97,7 @@ def _prefix_state(hist_ref, b, layout, levels: int, k: int):
 
 
 def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: int, chunk: int, chunks: int,
-                 interpret: bool):
+                 onehot: str, interpret: bool):
     """Histogram of digit ``level`` over the program's keys that match the prefix of the earlier digits."""
     hist_ref = out_refs[0]
     b = pl.program_id(0)
@@ -107,13 +107,15 @@ def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: i
     prefix = _prefix_state(hist_in_ref, b, layout, level, k)[0] if level else None
     hi_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
     lo_ids = jnp.arange(cols, dtype=jnp.int32)[None, :]
-    one, zero = jnp.bfloat16(1), jnp.bfloat16(0)
+    # one-hot operands: bf16 with float32 accumulation, or int8 with int32 (half the bytes per operand)
+    dt, acc_dt = (jnp.int8, jnp.int32) if onehot == "int8" else (jnp.bfloat16, jnp.float32)
+    one, zero = dt(1), dt(0)
 
     def add_chunk(acc, digit, live):
         oh_hi = jnp.where(((digit >> lo_bits)[None, :] == hi_ids) & live[None, :], one, zero)  # [R, chunk]
         oh_lo = jnp.where((digit & (cols - 1))[:, None] == lo_ids, one, zero)                  # [chunk, L]
         return acc + jax.lax.dot_general(oh_hi, oh_lo, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+                                         preferred_element_type=acc_dt)
 
     def body(c, acc):
         start = (j * chunks + c) * chunk
@@ -127,7 +129,7 @@ def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: i
         return jax.lax.cond(jnp.sum(live.astype(jnp.int32)) > 0, add_chunk, lambda a, *_: a,
                             acc, (s >> shift) & ((1 << bits) - 1), live)
 
-    counts = jax.lax.fori_loop(0, chunks, body, jnp.zeros((rows, cols), jnp.float32)).astype(jnp.int32)
+    counts = jax.lax.fori_loop(0, chunks, body, jnp.zeros((rows, cols), acc_dt)).astype(jnp.int32)
     # interpret mode has no masked atomics; on the GPU the mask skips the (many) empty bins.
     # (static indices as arrays: the interpret-mode atomic wants every index to have a shape)
     compat.atomic_add(hist_ref, (b, jnp.int32(level)) + _hist_view(layout, level), counts,
@@ -191,20 +193,21 @@ def default_config(batch: int, n_entries: int) -> dict:
     programs per call, so that even batch 1 fills the GPU while each program's histogram atomics are amortised
     over as many keys as the shape allows. Digits: 11/11/10 (one launch fewer) while the one-hot work is small,
     8/8/8/8 (a third of the one-hot work per key) above 2^20 keys per call."""
-    chunk = min(256, max(16, _next_pow2(n_entries)))
+    chunk = min(256, max(32, _next_pow2(n_entries)))
     per_row = max(1, -(-512 // max(batch, 1)))
     chunks = max(1, min(64, _next_pow2(-(-n_entries // (chunk * per_row)))))
     digits = DIGIT_SETS[0] if batch * n_entries <= (1 << 20) else DIGIT_SETS[1]
-    return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, num_warps=4, num_stages=2)
+    return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, onehot="bf16", num_warps=4, num_stages=2)
 
 
 def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = None,
-                chunks_per_program: int | None = None, digits: tuple | None = None, num_warps: int | None = None,
-                num_stages: int | None = None):
+                chunks_per_program: int | None = None, digits: tuple | None = None, onehot: str | None = None,
+                num_warps: int | None = None, num_stages: int | None = None):
     """Exact top-k of ``scores [batch, n_entries]`` (float32, no NaN) over the last axis.
 
     Returns (values float32 [batch, k], indices int32 [batch, k]) exactly as ``jax.lax.top_k``; needs
-    ``1 <= k <= n_entries``. ``digits``: the radix digit widths, most significant first (see DIGIT_SETS)."""
+    ``1 <= k <= n_entries``. ``digits``: the radix digit widths, most significant first (see DIGIT_SETS);
+    ``onehot``: the histogram product's operand type, "bf16" or "int8"."""
     if scores.ndim != 2:
         raise ValueError(f"topk_pallas: scores must be [batch, n_entries], got shape {scores.shape}")
     b, n = scores.shape
@@ -212,12 +215,14 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
         raise ValueError(f"topk_pallas: need 1 <= k <= n_entries, got k={k}, n_entries={n}")
     cfg = default_config(b, n)
     for name, val in (("chunk", chunk), ("chunks_per_program", chunks_per_program), ("digits", digits),
-                      ("num_warps", num_warps), ("num_stages", num_stages)):
+                      ("onehot", onehot), ("num_warps", num_warps), ("num_stages", num_stages)):
         if val is not None:
             cfg[name] = val
     ch, cpp, layout = cfg["chunk"], cfg["chunks_per_program"], _layout(tuple(cfg["digits"]))
-    if ch < 16 or ch & (ch - 1):
-        raise ValueError(f"topk_pallas: chunk must be a power of two >= 16, got {ch}")
+    if ch < 32 or ch & (ch - 1):   # 32: the int8 tensor-core product's smallest K
+        raise ValueError(f"topk_pallas: chunk must be a power of two >= 32, got {ch}")
+    if cfg["onehot"] not in ("bf16", "int8"):
+        raise ValueError(f"topk_pallas: onehot must be 'bf16' or 'int8', got {cfg['onehot']!r}")
     levels = len(layout)
     n_programs = pl.cdiv(n, ch * cpp)
     x = scores.astype(jnp.float32)
@@ -232,7 +237,7 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
         final = level == levels - 1
         res = pl.pallas_call(
             functools.partial(_hist_kernel, layout=layout, level=level, k=k, n=n, chunk=ch, chunks=cpp,
-                              interpret=interpret),
+                              onehot=cfg["onehot"], interpret=interpret),
             out_shape=(hist_shape, part_shape) if final else (hist_shape,),
             grid=(b, n_programs),
             input_output_aliases={1: 0},

@@ -61,22 +61,22 @@ def assert_same_topk(got, want):
 
 
 @functools.cache
-def _kernel(k, chunk, cpp, digits=(11, 11, 10)):
+def _kernel(k, chunk, cpp, digits=(11, 11, 10), onehot="bf16"):
     return jax.jit(functools.partial(topk_pallas, k=k, interpret=True, chunk=chunk, chunks_per_program=cpp,
-                                     digits=digits))
+                                     digits=digits, onehot=onehot))
 
 
-@pytest.mark.parametrize("n,k,chunk,cpp,digits", [
-    (1000, 37, 64, 2, (11, 11, 10)),       # ragged: 8 programs per row, the last one partly past N
-    (1000, 37, 64, 2, (8, 8, 8, 8)),
-    (4097, 512, 128, 4, (8, 8, 8, 8)),     # one entry into the last program
-    (20000, 512, 256, 8, (11, 11, 10)),    # the default chunk, 10 programs per row
-    (300, 300, 16, 4, (11, 11, 10)),       # k == N
-    (64, 1, 16, 1, (8, 8, 8, 8)),          # k == 1
+@pytest.mark.parametrize("n,k,chunk,cpp,digits,onehot", [
+    (1000, 37, 64, 2, (11, 11, 10), "bf16"),       # ragged: 8 programs per row, the last one partly past N
+    (1000, 37, 64, 2, (8, 8, 8, 8), "int8"),
+    (4097, 512, 128, 4, (8, 8, 8, 8), "bf16"),     # one entry into the last program
+    (20000, 512, 256, 8, (11, 11, 10), "int8"),    # the default chunk, 10 programs per row
+    (300, 300, 32, 4, (11, 11, 10), "bf16"),       # k == N
+    (64, 1, 32, 1, (8, 8, 8, 8), "bf16"),          # k == 1
 ])
-def test_matches_lax_top_k(n, k, chunk, cpp, digits):
+def test_matches_lax_top_k(n, k, chunk, cpp, digits, onehot):
     x = jnp.asarray(rows(n + k, n, k))
-    assert_same_topk(_kernel(k, chunk, cpp, digits)(x), jax.lax.top_k(x, k))
+    assert_same_topk(_kernel(k, chunk, cpp, digits, onehot)(x), jax.lax.top_k(x, k))
 
 
 def test_default_config_digits():
@@ -84,6 +84,8 @@ def test_default_config_digits():
     assert topk_config(8, 262144)["digits"] == (8, 8, 8, 8)
     with pytest.raises(ValueError, match="digits"):
         topk_pallas(jnp.ones((1, 64)), 4, interpret=True, digits=(16, 16))
+    with pytest.raises(ValueError, match="onehot"):
+        topk_pallas(jnp.ones((1, 64)), 4, interpret=True, onehot="fp8")
 
 
 def test_reference_is_lax_top_k():
@@ -95,7 +97,7 @@ def test_reference_is_lax_top_k():
 def test_negative_zero_ranks_below_positive_zero():
     # lax.top_k (XLA:CPU) orders in IEEE total order; the kernel's int key does the same
     x = jnp.asarray([[-0.0, 0.0, -0.0, 0.0] * 4], jnp.float32)
-    v, i = _kernel(8, 16, 1)(x)
+    v, i = _kernel(8, 32, 1)(x)
     assert np.asarray(i).tolist() == [[1, 3, 5, 7, 9, 11, 13, 15]]
     assert_same_topk((v, i), jax.lax.top_k(x, 8))
 
@@ -126,11 +128,11 @@ def test_dispatch_choice(monkeypatch):
     assert dispatch._pick("topk", "auto", False, True) == "pallas"
 
 
-@pytest.mark.parametrize("digits", [(11, 11, 10), (8, 8, 8, 8)])
-def test_lowers_to_triton_without_a_gpu(digits):
+@pytest.mark.parametrize("digits,onehot", [((11, 11, 10), "bf16"), ((8, 8, 8, 8), "int8")])
+def test_lowers_to_triton_without_a_gpu(digits, onehot):
     # the GPU path (masked atomics, no spare column) through Pallas' Triton lowering: catches primitives
     # without a Triton rule in CI (with jaxlib <= 0.10.2 Triton's own compile to PTX happens only on the GPU)
-    f = jax.jit(functools.partial(topk_pallas, k=512, digits=digits))
+    f = jax.jit(functools.partial(topk_pallas, k=512, digits=digits, onehot=onehot))
     try:
         low = f.trace(jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32)).lower(lowering_platforms=("cuda",))
     except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
@@ -145,5 +147,6 @@ def test_lowers_to_triton_without_a_gpu(digits):
 def test_compiled_kernel_on_gpu(batch, n):
     k = 512
     x = jnp.asarray(rows(n + batch, n, k, ROW_KINDS[:batch]))
-    for digits in ((11, 11, 10), (8, 8, 8, 8)):
-        assert_same_topk(jax.jit(functools.partial(topk_pallas, k=k, digits=digits))(x), jax.lax.top_k(x, k))
+    for digits, onehot in (((11, 11, 10), "bf16"), ((8, 8, 8, 8), "bf16"), ((8, 8, 8, 8), "int8")):
+        got = jax.jit(functools.partial(topk_pallas, k=k, digits=digits, onehot=onehot))(x)
+        assert_same_topk(got, jax.lax.top_k(x, k))
