@@ -5,10 +5,13 @@ power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users
 go to the XLA path under ``auto`` on every backend: on the H100 the packed-row kernel (byte-wise loads of
 the 584-byte rows) measured 0.36-0.47x the XLA path at batch 1-64 (`kernels-h100.json`, run 'c');
 ``impl="pallas"`` still runs it.
-The top-k kernel runs under ``auto`` on every GPU shape.
+The top-k kernel runs under ``auto`` on GPU calls of at most ``TOPK_MAX_ROWS`` rows (decode batches): it keeps
+up to 40 KB of histograms per row, so prefill's one row per query (``[B * T, N]``) stays on ``lax.top_k``.
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 
@@ -25,6 +28,7 @@ from pallas_kernels.sparse_attention import sparse_attention_pallas
 from pallas_kernels.topk import topk_pallas
 
 IMPLS = ("auto", "pallas", "xla")
+TOPK_MAX_ROWS = 256
 
 
 def _pow2_dim(d: int) -> bool:
@@ -76,8 +80,9 @@ def topk(scores, k: int, *, impl: str = "auto", interpret: bool = False):
     [..., k]). The Pallas kernel reads float32 (other float dtypes are cast, exactly)."""
     k = check_topk_inputs(scores, k)
     n = scores.shape[-1]
-    if k == 0 or _pick("topk", impl, interpret, True) == "xla":
+    rows = math.prod(scores.shape[:-1])
+    if k == 0 or _pick("topk", impl, interpret, rows <= TOPK_MAX_ROWS) == "xla":
         return topk_xla(scores, k)
     lead = scores.shape[:-1]
-    vals, idx = topk_pallas(scores.reshape(-1, n), k, interpret=interpret)
+    vals, idx = topk_pallas(scores.reshape(rows, n), k, interpret=interpret)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)

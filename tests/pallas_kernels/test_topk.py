@@ -126,6 +126,12 @@ def test_dispatch_choice(monkeypatch):
         assert dispatch._pick("topk", "auto", False, True) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dispatch._pick("topk", "auto", False, True) == "pallas"
+    # auto on a GPU: the kernel for decode-sized batches, lax.top_k for prefill's one row per query
+    calls = []
+    monkeypatch.setattr(dispatch, "topk_pallas", lambda x, k, **kw: calls.append(x.shape) or jax.lax.top_k(x, k))
+    topk(jnp.ones((2, 128, 64)), 4)
+    topk(jnp.ones((3, 128, 64)), 4)
+    assert calls == [(256, 64)]
 
 
 @pytest.mark.parametrize("digits,onehot", [((11, 11, 10), "bf16"), ((8, 8, 8, 8), "int8")])
