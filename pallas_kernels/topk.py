@@ -13,8 +13,9 @@ Each float32 ``x`` maps to an int32 key ``s`` with the same order (``s = i ^ ((i
   far and how many of the still-matching keys are needed (cumulative sums over at most 2048 bins);
 * it builds the histogram of the next digit over its keys that match the prefix, without shared-memory
   atomics: with the digit split as ``hi * L + lo``, ``hist[hi, lo] = onehot(hi)^T @ onehot(lo)``, an
-  ``[R, chunk] x [chunk, L]`` tensor-core product of 0/1 bf16 values with float32 accumulation (exact: every
-  count is at most the program's key count, far below 2^24); chunks with no matching key skip the product;
+  ``[R, chunk] x [chunk, L]`` tensor-core product of 0/1 values (bf16 with float32 accumulation, exact since
+  every count is at most the program's key count, far below 2^24; or int8 with int32); chunks with no matching
+  key skip the product;
 * it adds its histogram to the row's global one with one vector of global atomics (only the non-zero bins).
 
 The last digit's kernel also keeps each program's histogram (``[batch, programs, R, L]``): its column at
