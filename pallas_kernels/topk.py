@@ -9,8 +9,9 @@ Each float32 ``x`` maps to an int32 key ``s`` with the same order (``s = i ^ ((i
 (digits of 11/11/10 bits, or 8/8/8/8: see ``default_config``). Each digit is one kernel over
 ``grid = (batch, programs per row)``:
 
-* every program recomputes, from the finished histograms of the earlier digits, the prefix of ``T`` found so
-  far and how many of the still-matching keys are needed (cumulative sums over at most 2048 bins);
+* every program extends the state left by the previous kernel (the prefix of ``T`` found so far and how many
+  of the still-matching keys are needed) by the bin of the previous digit's finished histogram that holds the
+  k-th key (cumulative sums over at most 2048 bins), and program 0 of the row stores it for the next kernel;
 * it builds the histogram of the next digit over its keys that match the prefix, without shared-memory
   atomics: with the digit split as ``hi * L + lo``, ``hist[hi, lo] = onehot(hi)^T @ onehot(lo)``, an
   ``[R, chunk] x [chunk, L]`` tensor-core product of 0/1 values (bf16 with float32 accumulation, exact since
@@ -38,7 +39,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import compat
 
-HIST_ROWS, HIST_COLS = 32, 64   # every digit's histogram fits in [32, 64] (digits of 8..11 bits)
+# every digit's histogram fits in [32, 64] (digits of 8..11 bits); the slab after the digits' holds the select
+# kernel's per-row slot counter at [0, 0] and the per-digit (prefix, need) state in row 1
+HIST_ROWS, HIST_COLS = 32, 64
 DIGIT_SETS = ((11, 11, 10), (8, 8, 8, 8))   # digit widths, most significant first (they sum to 32)
 
 
@@ -85,15 +88,30 @@ def _select_bin(h, need):
     return d, need - jnp.sum(jnp.where(lin > d, h, 0))
 
 
-def _prefix_state(hist_ref, b, layout, levels: int, k: int):
-    """(prefix, need) after the first ``levels`` digits: prefix = the signed value of T >> shift_of(levels - 1),
-    need = how many keys with that prefix are among the top k."""
-    prefix, need = None, k
-    for lvl in range(levels):
-        _, bits, _ = layout[lvl]
-        d, need = _select_bin(hist_ref[(b, lvl) + _hist_view(layout, lvl)], need)
-        # the top digit was biased by 2^(bits - 1) to make it non-negative (the key is signed)
-        prefix = d - (1 << (bits - 1)) if lvl == 0 else prefix * (1 << bits) + d
+def _prefix_state(hist_in_ref, hist_ref, b, j, layout, level: int, k: int):
+    """(prefix, need) after the first ``level >= 1`` digits: prefix = the signed value of ``T >> shift`` (the shift
+    of digit ``level - 1``), need = how many keys with that prefix are among the top k.
+
+    The previous kernel stored the state after ``level - 1`` digits in the counter slab (row 1, columns
+    ``2 (level - 2)``, ``+1``); one bin selection on digit ``level - 1``'s histogram extends it, and program 0 of
+    the row stores the result for the next kernel (``hist_ref`` None: the select kernel, the last reader). So
+    each kernel waits on one histogram scan, not one per earlier digit."""
+    slab = jnp.int32(len(layout))
+    one = jnp.int32(1)
+    _, bits, _ = layout[level - 1]
+    if level == 1:
+        need = k
+    else:
+        prefix = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2))]
+        need = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2) + 1)]
+    d, need = _select_bin(hist_in_ref[(b, level - 1) + _hist_view(layout, level - 1)], need)
+    # the top digit was biased by 2^(bits - 1) to make it non-negative (the key is signed)
+    prefix = d - (1 << (bits - 1)) if level == 1 else prefix * (1 << bits) + d
+    if hist_ref is not None:
+        @pl.when(j == 0)
+        def _store():
+            hist_ref[b, slab, one, jnp.int32(2 * (level - 1))] = prefix
+            hist_ref[b, slab, one, jnp.int32(2 * (level - 1) + 1)] = need
     return prefix, need
 
 
@@ -105,7 +123,7 @@ def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: i
     j = pl.program_id(1)
     shift, bits, lo_bits = layout[level]
     rows, cols = 1 << (bits - lo_bits), 1 << lo_bits
-    prefix = _prefix_state(hist_in_ref, b, layout, level, k)[0] if level else None
+    prefix = _prefix_state(hist_in_ref, hist_ref, b, j, layout, level, k)[0] if level else None
     hi_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
     lo_ids = jnp.arange(cols, dtype=jnp.int32)[None, :]
     # one-hot operands: bf16 with float32 accumulation, or int8 with int32 (half the bytes per operand)
@@ -146,10 +164,9 @@ def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key
     b = pl.program_id(0)
     j = pl.program_id(1)
     last = len(layout) - 1
-    prefix, need = _prefix_state(hist_in_ref, b, layout, last, k)
-    _, bits, lo_bits = layout[last]
-    d, need = _select_bin(hist_in_ref[(b, last) + _hist_view(layout, last)], need)
-    thr = prefix * (1 << bits) + d
+    thr, need = _prefix_state(hist_in_ref, None, b, j, layout, last + 1, k)      # T and the ties to keep
+    d = thr & ((1 << layout[last][1]) - 1)                                       # T's last digit
+    lo_bits = layout[last][2]
     n_gt = k - need
     # keys == T in earlier programs of the row: column d of their last-digit histograms
     progs = jnp.arange(_next_pow2(n_programs), dtype=jnp.int32)
@@ -228,7 +245,7 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
     n_programs = pl.cdiv(n, ch * cpp)
     x = scores.astype(jnp.float32)
     params = compat.triton_compiler_params(cfg["num_warps"], cfg["num_stages"])
-    # one [32, 64] histogram per digit, then one holding the select kernel's per-row slot counter at [0, 0]
+    # one [32, 64] histogram per digit, then the slab of the slot counter and the per-digit state
     hist_shape = jax.ShapeDtypeStruct((b, levels + 1, HIST_ROWS, HIST_COLS), jnp.int32)
     _, bits, lo_bits = layout[-1]
     part_shape = jax.ShapeDtypeStruct((b, n_programs, 1 << (bits - lo_bits), 1 << lo_bits), jnp.int32)
