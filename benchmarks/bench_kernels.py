@@ -685,7 +685,8 @@ def main():
                         add(topk_case, b, n, "pallas", cfg=dict(digits=digits), to="sweep")
         if sweep:                     # block shapes at the target shapes
             for b, n in ((1, 65536), (8, 65536), (8, 262144)):
-                for cfg in ([dict(onehot="int8"), dict(chunk=128), dict(chunk=512), dict(num_warps=8),
+                for cfg in ([dict(onehot="int8"), dict(skip_empty=False), dict(chunk=128), dict(chunk=512),
+                             dict(num_warps=8),
                              dict(num_stages=1)]
                             + [dict(chunks_per_program=c) for c in (1, 4, 16, 64)]):
                     add(topk_case, b, n, "pallas", cfg=cfg, to="sweep")

@@ -116,7 +116,7 @@ def _prefix_state(hist_in_ref, hist_ref, b, j, layout, level: int, k: int):
 
 
 def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: int, chunk: int, chunks: int,
-                 onehot: str, interpret: bool):
+                 onehot: str, skip_empty: bool, interpret: bool):
     """Histogram of digit ``level`` over the program's keys that match the prefix of the earlier digits."""
     hist_ref = out_refs[0]
     b = pl.program_id(0)
@@ -144,6 +144,8 @@ def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: i
         if level == 0:
             return add_chunk(acc, (s >> shift) + (1 << (bits - 1)), live)
         live = live & ((s >> (shift + bits)) == prefix)
+        if not skip_empty:
+            return add_chunk(acc, (s >> shift) & ((1 << bits) - 1), live)
         # past the first digit few chunks hold a matching key (for untied data): skip the one-hot product
         return jax.lax.cond(jnp.sum(live.astype(jnp.int32)) > 0, add_chunk, lambda a, *_: a,
                             acc, (s >> shift) & ((1 << bits) - 1), live)
@@ -215,17 +217,19 @@ def default_config(batch: int, n_entries: int) -> dict:
     per_row = max(1, -(-512 // max(batch, 1)))
     chunks = max(1, min(64, _next_pow2(-(-n_entries // (chunk * per_row)))))
     digits = DIGIT_SETS[0] if batch * n_entries <= (1 << 20) else DIGIT_SETS[1]
-    return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, onehot="bf16", num_warps=4, num_stages=2)
+    return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, onehot="bf16", skip_empty=True, num_warps=4,
+                num_stages=2)
 
 
 def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = None,
                 chunks_per_program: int | None = None, digits: tuple | None = None, onehot: str | None = None,
-                num_warps: int | None = None, num_stages: int | None = None):
+                skip_empty: bool | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """Exact top-k of ``scores [batch, n_entries]`` (float32, no NaN) over the last axis.
 
     Returns (values float32 [batch, k], indices int32 [batch, k]) exactly as ``jax.lax.top_k``; needs
     ``1 <= k <= n_entries``. ``digits``: the radix digit widths, most significant first (see DIGIT_SETS);
-    ``onehot``: the histogram product's operand type, "bf16" or "int8"."""
+    ``onehot``: the histogram product's operand type, "bf16" or "int8"; ``skip_empty``: skip the product on
+    chunks without a key matching the prefix (a branch per chunk)."""
     if scores.ndim != 2:
         raise ValueError(f"topk_pallas: scores must be [batch, n_entries], got shape {scores.shape}")
     b, n = scores.shape
@@ -233,7 +237,8 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
         raise ValueError(f"topk_pallas: need 1 <= k <= n_entries, got k={k}, n_entries={n}")
     cfg = default_config(b, n)
     for name, val in (("chunk", chunk), ("chunks_per_program", chunks_per_program), ("digits", digits),
-                      ("onehot", onehot), ("num_warps", num_warps), ("num_stages", num_stages)):
+                      ("onehot", onehot), ("skip_empty", skip_empty), ("num_warps", num_warps),
+                      ("num_stages", num_stages)):
         if val is not None:
             cfg[name] = val
     ch, cpp, layout = cfg["chunk"], cfg["chunks_per_program"], _layout(tuple(cfg["digits"]))
@@ -255,7 +260,7 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
         final = level == levels - 1
         res = pl.pallas_call(
             functools.partial(_hist_kernel, layout=layout, level=level, k=k, n=n, chunk=ch, chunks=cpp,
-                              onehot=cfg["onehot"], interpret=interpret),
+                              onehot=cfg["onehot"], skip_empty=bool(cfg["skip_empty"]), interpret=interpret),
             out_shape=(hist_shape, part_shape) if final else (hist_shape,),
             grid=(b, n_programs),
             input_output_aliases={1: 0},

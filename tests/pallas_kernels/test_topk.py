@@ -61,22 +61,22 @@ def assert_same_topk(got, want):
 
 
 @functools.cache
-def _kernel(k, chunk, cpp, digits=(11, 11, 10), onehot="bf16"):
+def _kernel(k, chunk, cpp, digits=(11, 11, 10), onehot="bf16", skip_empty=True):
     return jax.jit(functools.partial(topk_pallas, k=k, interpret=True, chunk=chunk, chunks_per_program=cpp,
-                                     digits=digits, onehot=onehot))
+                                     digits=digits, onehot=onehot, skip_empty=skip_empty))
 
 
-@pytest.mark.parametrize("n,k,chunk,cpp,digits,onehot", [
-    (1000, 37, 64, 2, (11, 11, 10), "bf16"),       # ragged: 8 programs per row, the last one partly past N
-    (1000, 37, 64, 2, (8, 8, 8, 8), "int8"),
-    (4097, 512, 128, 4, (8, 8, 8, 8), "bf16"),     # one entry into the last program
-    (20000, 512, 256, 8, (11, 11, 10), "int8"),    # the default chunk, 10 programs per row
-    (300, 300, 32, 4, (11, 11, 10), "bf16"),       # k == N
-    (64, 1, 32, 1, (8, 8, 8, 8), "bf16"),          # k == 1
+@pytest.mark.parametrize("n,k,chunk,cpp,digits,onehot,skip", [
+    (1000, 37, 64, 2, (11, 11, 10), "bf16", True),       # ragged: 8 programs per row, the last one partly past N
+    (1000, 37, 64, 2, (8, 8, 8, 8), "int8", False),
+    (4097, 512, 128, 4, (8, 8, 8, 8), "bf16", True),     # one entry into the last program
+    (20000, 512, 256, 8, (11, 11, 10), "int8", True),    # the default chunk, 10 programs per row
+    (300, 300, 32, 4, (11, 11, 10), "bf16", False),      # k == N
+    (64, 1, 32, 1, (8, 8, 8, 8), "bf16", True),          # k == 1
 ])
-def test_matches_lax_top_k(n, k, chunk, cpp, digits, onehot):
+def test_matches_lax_top_k(n, k, chunk, cpp, digits, onehot, skip):
     x = jnp.asarray(rows(n + k, n, k))
-    assert_same_topk(_kernel(k, chunk, cpp, digits, onehot)(x), jax.lax.top_k(x, k))
+    assert_same_topk(_kernel(k, chunk, cpp, digits, onehot, skip)(x), jax.lax.top_k(x, k))
 
 
 def test_default_config_digits():
