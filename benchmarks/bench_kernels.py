@@ -6,7 +6,10 @@ Run on the device machine from the repo root:
 Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep,
 fp8sweep (block configs of the packed fp8-row attention kernel).
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
-size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest.
+size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest;
+``topk`` checks the exact top-k kernel against ``lax.top_k`` on awkward rows (ties, -inf, +-0) and times both at
+k=512 (rows ``kernel="topk"``, ``impl`` pallas | xla; ``--quick``: the three target shapes, no sweep; off-GPU or
+``--tiny``: a dry run in interpret mode).
 Timing: every case is jitted as a list of S independent calls over S different input sets, and also 2S;
 per-call time = (T(2S) - T(S)) / S with T the median wall time of ``block_until_ready`` over repeats. That
 cancels the host dispatch overhead and keeps the GPU busy back to back; distinct input sets keep the L2
@@ -45,8 +48,11 @@ from pallas_kernels.reference import (
     indexer_scores_xla,
     sparse_attention_reference,
     sparse_attention_xla,
+    topk_xla,
 )
 from pallas_kernels.sparse_attention import sparse_attention_pallas
+from pallas_kernels.topk import DIGIT_SETS, topk_pallas
+from pallas_kernels.topk import default_config as topk_default_config
 
 LOG = []
 
@@ -421,29 +427,79 @@ def add_speedups(rows):
         r["speedup_vs_xla_wall"] = (x["timing"]["wall_per_call_us"] / r["timing"]["wall_per_call_us"]) if x else None
 
 
-def run_topk(ns, batches, k=512):
+def _topk_fn(impl, k, cfg=None):
+    """The timed top-k call; off-GPU the kernel runs in interpret mode (harness dry runs only)."""
+    if impl == "xla":
+        return lambda x: topk_xla(x, k)
+    interpret = jax.default_backend() != "gpu"
+    return lambda x: topk_pallas(x, k, interpret=interpret, **(cfg or {}))
+
+
+def topk_rows(seed, b, n, k):
+    """float32 [b, n] scores whose rows cycle through the cases that matter for exactness: random normal, four
+    levels (ties across the k-th place), fewer than k finite (-inf elsewhere), the k-th value repeated
+    around the threshold, +-0 with subnormals, all equal."""
+    rng = np.random.default_rng(seed)
     out = []
-    for n in ns:
-        for b in batches:
-            sets = [(jax.random.normal(jax.random.PRNGKey(3000 + i), (b, n), jnp.float32),) for i in range(8)]
-            for name, fn in (("lax.top_k", lambda x: jax.lax.top_k(x, k)),
-                             ("lax.approx_max_k", lambda x: jax.lax.approx_max_k(x, k, recall_target=0.95))):
-                try:
-                    per, info = time_per_call(fn, sets)
-                    out.append(dict(op=name, batch=b, n_entries=n, k=k, time_us=per * 1e6,
-                                    wall_us=info["wall_per_call_us"]))
-                    log(f"topk {name:18s} b{b:3d} n{n:7d} k{k}: {per * 1e6:9.1f} us (wall {info['wall_per_call_us']:.1f})")
-                except Exception as e:  # noqa: BLE001
-                    out.append(dict(op=name, batch=b, n_entries=n, k=k, error=repr(e)[:500]))
-                    log(f"topk {name} b{b} n{n}: ERROR {e!r}"[:1000])
-            # recall of approx_max_k vs exact on one set
-            x = sets[0][0]
-            ex = jax.lax.top_k(x, k)[1]
-            ap = jax.lax.approx_max_k(x, k, recall_target=0.95)[1]
-            rec = float(jnp.mean(jax.vmap(lambda a, e: jnp.isin(e, a).mean())(ap, ex)))
-            out.append(dict(op="approx_max_k_recall", batch=b, n_entries=n, k=k, recall=rec))
-            del sets
-    return out
+    for r in range(b):
+        x = rng.normal(size=n).astype(np.float32)
+        kind = r % 6
+        if kind == 1:
+            x = rng.choice(np.array([-1.5, 0.25, 2.0, 3.0], np.float32), size=n)
+        elif kind == 2:
+            x = np.where(rng.uniform(size=n) < k / (2 * n), x, -np.inf)
+        elif kind == 3:
+            x = np.where(rng.uniform(size=n) < 0.2, np.sort(x)[::-1][k - 1], x)
+        elif kind == 4:
+            x = rng.choice(np.array([0.0, -0.0, 1e-45, -1e-45, 1e-39, -1.0, 1.0], np.float32), size=n)
+        elif kind == 5:
+            x[:] = 0.5
+        out.append(x.astype(np.float32))
+    return jnp.asarray(np.stack(out))
+
+
+def run_topk_checks(cases):
+    """The compiled top-k kernel (both digit layouts; int8 one-hots) against lax.top_k: identical indices,
+    bitwise-identical values."""
+    res = []
+    for b, n, k in cases:
+        x = topk_rows(b * n + k, b, n, k)
+        rv, ri = jax.lax.top_k(x, k)
+        for cfg in [dict(digits=d) for d in DIGIT_SETS] + [dict(digits=DIGIT_SETS[1], onehot="int8")]:
+            name = f"topk b{b} n{n} k{k} digits {'/'.join(map(str, cfg['digits']))} {cfg.get('onehot', 'bf16')}"
+            try:
+                pv, pi = jax.jit(_topk_fn("pallas", k, cfg))(x)
+                same_idx = bool(np.array_equal(np.asarray(pi), np.asarray(ri)))
+                same_val = bool(np.array_equal(np.asarray(pv).view(np.int32), np.asarray(rv).view(np.int32)))
+                bad_rows = [int(r) for r in np.nonzero(np.any(np.asarray(pi) != np.asarray(ri), axis=1))[0]]
+                ok = same_idx and same_val
+                res.append(dict(case=name, kernel="topk", same_indices=same_idx, same_values=same_val,
+                                bad_rows=bad_rows[:16], ok=ok))
+                log(f"check {name}: indices {same_idx} values {same_val} bad rows {bad_rows[:16]} -> "
+                    f"{'OK' if ok else 'FAIL'}")
+            except Exception as ex_:  # noqa: BLE001
+                res.append(dict(case=name, kernel="topk", ok=False, error=repr(ex_)[:2000]))
+                log(f"check {name}: ERROR {ex_!r}"[:3000])
+                traceback.print_exc()
+    return res
+
+
+def topk_case(ceil, b, n, impl, k=512, cfg=None):
+    """Exact top-k of random normal float32 [b, n] scores (k=512): the Pallas radix select or lax.top_k."""
+    bytes_ = b * n * 4 + b * k * 8
+    # few sets: each is a separate 6-7 launch graph to compile; CUPTI time is a per-call mean anyway
+    s = min(4, n_sets(bytes_ * 4)) if jax.default_backend() == "gpu" else 1
+    sets = [(jax.random.normal(jax.random.PRNGKey(3000 + i), (b, n), jnp.float32),) for i in range(2 * s)]
+    per, raw = time_per_call(_topk_fn(impl, k, cfg), sets)
+    del sets
+    gc.collect()
+    rt = roofline(bytes_, 0, ceil)
+    return dict(kernel="topk", impl=impl, heads=0, batch=b, n_entries=n, topk=k, time_us=per * 1e6,
+                gbps=bytes_ / per / 1e9, tflops=0.0, bytes=bytes_, flops=0, roofline_us=rt * 1e6,
+                roofline_fraction=rt / per, config=cfg or ("default" if impl == "pallas" else "lax.top_k"),
+                launches=sum(raw["kernels"].values()) / (2 * s * 3) if raw["device_per_call_us"] else None,
+                wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
+                timing=raw)
 
 
 def run_profile():
@@ -617,8 +673,30 @@ def main():
             traceback.print_exc()
         save()
     if "topk" in sections:
-        tk_ns = (1024, 4096) if args.tiny else (16384, 65536, 262144) if not args.quick else (65536,)
-        result["topk"] = run_topk(tk_ns, (1, 8, 32) if not args.quick else (1,))
+        shapes = [(b, n) for n in (8192, 65536, 262144) for b in (1, 8, 32)]
+        checks = [(1, 65536, 512), (8, 65536, 512), (8, 262144, 512), (6, 20000 + 37, 512), (3, 300, 64),
+                  (2, 200, 64), (32, 8192, 512), (32, 262144, 512)]     # (2, 200): one program per row
+        sweep = not args.quick
+        if args.quick:                # the issue's three target shapes
+            shapes, checks = [(1, 65536), (8, 65536), (8, 262144)], checks[:4]
+        if args.tiny or jax.default_backend() != "gpu":   # CPU dry run: the kernel in interpret mode
+            shapes, checks, sweep = [(1, 2048), (8, 2048)], [(6, 1000 + 37, 64)], False
+        result["checks"] += run_topk_checks(checks)
+        save()
+        for b, n in shapes:
+            add(topk_case, b, n, "pallas")
+            add(topk_case, b, n, "xla")
+            if sweep:                 # the other digit layout, to set default_config's rule
+                for digits in DIGIT_SETS:
+                    if digits != topk_default_config(b, n)["digits"]:
+                        add(topk_case, b, n, "pallas", cfg=dict(digits=digits), to="sweep")
+        if sweep:                     # block shapes at the issue's target shapes
+            for b, n in ((1, 65536), (8, 65536), (8, 262144)):
+                for cfg in ([dict(onehot="int8"), dict(skip_empty=False), dict(chunk=128), dict(chunk=512),
+                             dict(num_warps=8),
+                             dict(num_stages=1)]
+                            + [dict(chunks_per_program=c) for c in (1, 4, 16, 64)]):
+                    add(topk_case, b, n, "pallas", cfg=cfg, to="sweep")
     add_speedups(result["rows"])
     save()
     log("")

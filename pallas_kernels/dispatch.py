@@ -5,9 +5,13 @@ power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users
 go to the XLA path under ``auto`` on every backend: on the H100 the packed-row kernel (byte-wise loads of
 the 584-byte rows) measured 0.36-0.47x the XLA path at batch 1-64 (`kernels-h100.json`, run 'c');
 ``impl="pallas"`` still runs it.
+The top-k kernel runs under ``auto`` on GPU calls of at most ``TOPK_MAX_ROWS`` rows (decode batches): it keeps
+up to 40 KB of histograms per row, so prefill's one row per query (``[B * T, N]``) stays on ``lax.top_k``.
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 
@@ -15,12 +19,16 @@ from pallas_kernels.indexer_score import indexer_scores_pallas
 from pallas_kernels.reference import (
     check_attention_inputs,
     check_indexer_inputs,
+    check_topk_inputs,
     indexer_scores_xla,
     sparse_attention_xla,
+    topk_xla,
 )
 from pallas_kernels.sparse_attention import sparse_attention_pallas
+from pallas_kernels.topk import topk_pallas
 
 IMPLS = ("auto", "pallas", "xla")
+TOPK_MAX_ROWS = 256
 
 
 def _pow2_dim(d: int) -> bool:
@@ -29,10 +37,15 @@ def _pow2_dim(d: int) -> bool:
 
 def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None) -> str:
     """`rope_dim`: packed fp8 KV rows (XLA under "auto", see the module docstring)."""
+    return _pick(op, impl, interpret, rope_dim is None and _pow2_dim(dim))
+
+
+def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool) -> str:
+    """`kernel_fits`: the shapes suit the Pallas kernel (else "auto" takes the XLA path even on a GPU)."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and rope_dim is None and _pow2_dim(dim) else "xla"
+        return "pallas" if jax.default_backend() == "gpu" and kernel_fits else "xla"
     if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
         raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
                          "pass interpret=True to run the kernel in interpret mode, or impl='xla'")
@@ -59,3 +72,17 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
         return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)
     return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale, rope_dim=rope_dim)
+
+
+def topk(scores, k: int, *, impl: str = "auto", interpret: bool = False):
+    """Exact top-k over the last axis, identical to ``jax.lax.top_k`` (ties to the lower index) with k clipped
+    to N. scores float [..., N] (no NaN; -inf = not a candidate). Returns (values [..., k], indices int32
+    [..., k]). The Pallas kernel reads float32 (other float dtypes are cast, exactly)."""
+    k = check_topk_inputs(scores, k)
+    n = scores.shape[-1]
+    rows = math.prod(scores.shape[:-1])
+    if k == 0 or _pick("topk", impl, interpret, rows <= TOPK_MAX_ROWS) == "xla":
+        return topk_xla(scores, k)
+    lead = scores.shape[:-1]
+    vals, idx = topk_pallas(scores.reshape(rows, n), k, interpret=interpret)
+    return vals.reshape(*lead, k), idx.reshape(*lead, k)

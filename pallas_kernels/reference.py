@@ -1,4 +1,5 @@
-"""Plain ``jax.numpy`` versions of the two LSA hot loops, plus the input checks shared by every impl.
+"""Plain ``jax.numpy`` versions of the LSA hot loops (scoring, top-k, attention), plus the input checks shared
+by every impl.
 
 Two functions per op:
 
@@ -26,6 +27,11 @@ Shapes and semantics (SPEC sections 2-4):
     ``kv[b, indices[b, j]]`` for every ``j`` with ``0 <= indices[b, j] < N`` (``-1`` = padding; duplicates count
     once per occurrence). ``lse = log(exp(sink) + sum_j exp(l_j))``, ``out = sum_j exp(l_j - lse) v_j``; a row with
     nothing valid gives ``out = 0`` and ``lse = sink``.
+
+``topk(scores, k)``
+    ``scores [..., N]`` float (no NaN; non-candidates are ``-inf``). The ``min(k, N)`` largest of each row:
+    (values ``[..., k]`` descending, indices int32 ``[..., k]``), equal values in index order, ties at the k-th
+    place kept by the lowest index, ``-0.0`` below ``+0.0`` (IEEE total order): exactly ``jax.lax.top_k``.
 """
 from __future__ import annotations
 
@@ -102,6 +108,17 @@ def check_indexer_inputs(q, weights, keys, lengths, act: str = "none") -> Indexe
         raise ValueError(f"indexer_scores: lengths must have shape {' or '.join(str(list(s)) for s in ok_len)}, "
                          f"got {list(_shape(lengths))}")
     return IndexerShapes(b, m, h, d, keys.shape[1], multi, packed)
+
+
+def check_topk_inputs(scores, k) -> int:
+    """Validates the ``topk`` arguments; returns the k used, ``min(k, N)``."""
+    if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):
+        raise ValueError(f"topk: scores must be an array, got {type(scores).__name__}")
+    if scores.ndim < 1 or not _is_float(scores):
+        raise ValueError(f"topk: scores must be a float array [..., N], got {scores.dtype} {list(_shape(scores))}")
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"topk: k must be a static non-negative int, got {k!r}")
+    return min(k, scores.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,3 +301,22 @@ def sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, *, sca
         p, lse = _softmax_with_sink(scale * logits, valid, sink)
         out = jnp.einsum("bhj,bjd->bhd", p, e32, precision=HIGHEST)
     return out.astype(jnp.float32), lse.astype(jnp.float32)
+
+
+def topk_reference(scores, k: int):
+    """The definition: one sort of each row by (value descending in IEEE total order, index ascending).
+    Returns (values [..., k], indices int32 [..., k]), k clipped to N."""
+    k = check_topk_inputs(scores, k)
+    ids = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
+    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+    desc = ~(bits ^ ((bits >> 31) & 0x7FFFFFFF))     # int32 key, ascending == value descending (total order)
+    _, idx = jax.lax.sort((desc, ids), dimension=scores.ndim - 1, num_keys=2)
+    idx = idx[..., :k]
+    return jnp.take_along_axis(scores, idx, axis=-1), idx
+
+
+def topk_xla(scores, k: int):
+    """The XLA path: ``jax.lax.top_k`` with k clipped to N. Returns (values [..., k], indices int32 [..., k])."""
+    k = check_topk_inputs(scores, k)
+    vals, idx = jax.lax.top_k(scores, k)
+    return vals, idx.astype(jnp.int32)

@@ -15,6 +15,7 @@ from fm_jax.layers.hadamard import hadamard
 from fm_jax.layers.init import dense_init
 from fm_jax.layers.quant import pack_index_keys
 from fm_jax.layers.rope import apply_rope
+from pallas_kernels import topk
 
 
 def init_indexer(key, c, dtype=jnp.float32):
@@ -40,11 +41,11 @@ def pack_entry_keys(entries: jax.Array) -> jax.Array:
     return pack_index_keys(hadamard(entries))
 
 
-def select_topk(scores: jax.Array, k: int, with_values: bool = False):
+def select_topk(scores: jax.Array, k: int, with_values: bool = False, impl: str = "auto"):
     """Top-k over the last axis of masked scores (-inf = not a candidate). [..., N] -> int32 [..., k],
     -1 where fewer than k candidates exist. `with_values`: also their logits float32 [..., k], sorted
-    descending, -inf where no pick (the golden-label dump's top-p reads them)."""
-    k = min(k, scores.shape[-1])
-    vals, idx = jax.lax.top_k(scores, k)
+    descending, -inf where no pick (the golden-label dump's top-p reads them). `impl`: as
+    `pallas_kernels.topk` (every impl picks exactly what `lax.top_k` picks, ties to the lower index)."""
+    vals, idx = topk(scores, k, impl=impl)
     idx = jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return (idx, vals.astype(jnp.float32)) if with_values else idx
