@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -216,13 +220,41 @@ def ceilings(n_bytes: int, n_arrays: int, dev, reps: int) -> dict:
     return out
 
 
-def run_batch(routes, mirror, batch, m, reps, rng) -> dict:
+def probe(names: list) -> str | None:
+    """Run routes `names` on the smoke shapes in a child process: None when they work, else why not. A
+    route whose compilation aborts the process (an XLA check failure) is then left out of the main run
+    instead of ending it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        cmd = [sys.executable, "-m", "benchmarks.bench_recall", "--smoke", "--no-probe", "--routes", ",".join(names),
+               "--batches", "2", "--reps", "1", "--out", os.path.join(tmp, "p.json")]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return "probe timed out (300 s)"
+        if p.returncode:
+            return f"probe process exited {p.returncode}: {(p.stderr or p.stdout)[-600:]}"
+        return None
+
+
+def probe_routes(names: list) -> dict:
+    """{route: why it cannot run, or None} for every route but today's: all in one child, and one child per
+    route only when that one fails (before this process takes the GPU)."""
+    risky = [n for n in names if n != "numpy_threads"]
+    if not risky or probe(risky) is None:
+        return dict.fromkeys(risky)
+    return {n: probe([n]) for n in risky}
+
+
+def run_batch(row, routes, mirror, m, reps, rng, save) -> None:
+    """Fill `row` ({"batch": B}) with every route's recall and write-through figures, calling save() as
+    each route finishes."""
+    batch = row["batch"]
     n_pages = arrays(mirror)[0].shape[1]
     plans = [np.stack([rng.choice(n_pages, m, replace=False) for _ in range(batch)]) for _ in range(3)]
     want = [[as_bytes(a[np.arange(batch)[:, None], p]) for a in arrays(mirror)] for p in plans[:1]][0]
     n_bytes = sum(w.nbytes for w in want)
-    row = {"batch": batch, "recall_pages_per_request": m, "arrays": len(want), "recalled_bytes": n_bytes,
-           "routes": {}}
+    row.update({"recall_pages_per_request": m, "arrays": len(want), "recalled_bytes": n_bytes, "routes": {}})
     for name, route in list(routes.items()):
         res = row["routes"][name] = {}
         try:
@@ -236,9 +268,10 @@ def run_batch(routes, mirror, batch, m, reps, rng) -> dict:
         except Exception as e:  # noqa: BLE001 - a route the backend cannot run is recorded, not fatal
             res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(name, res, flush=True)
+        save()
     row["routes"].update(ceilings(n_bytes, len(want), jax.devices()[0], reps))
     row["write_through"] = write_through(routes, mirror, batch, reps, rng, row["routes"])
-    return row
+    save()
 
 
 def write_through(routes, mirror, batch, reps, rng, recalled) -> dict:
@@ -273,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--routes", default=",".join(ROUTES))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the child-process probe of every route (default: probed unless --smoke)")
     args = ap.parse_args(argv)
     d = dict(batches="1,2", layers=2, mirror_pages=16, recall_pages=4) if args.smoke else \
         dict(batches="1,8,16", layers=16, mirror_pages=256, recall_pages=32)
@@ -282,8 +317,12 @@ def main(argv=None) -> int:
     for name in args.routes.split(","):
         if name not in ROUTES:
             raise SystemExit(f"unknown route {name!r}: choose from {list(ROUTES)}")
+    names = args.routes.split(",")
+    probes = {} if args.smoke or args.no_probe else probe_routes(names)
+    for n, why in probes.items():
+        print("probe", n, why or "ok", flush=True)
     dev = jax.devices()[0]
-    payload = {**run_info(), "args": vars(args), "runs": []}
+    payload = {**run_info(), "args": vars(args), "probe_errors": {n: w for n, w in probes.items() if w}, "runs": []}
     batches = [int(x) for x in args.batches.split(",")]
     for kv_dtype in args.kv_dtypes.split(","):
         if kv_dtype not in KV_DTYPES:
@@ -292,7 +331,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         mirror = make_mirror(c, args.layers, max(batches), args.mirror_pages)
         routes = {}
-        for name in args.routes.split(","):
+        for name in names:
+            if probes.get(name):
+                routes[name] = _Failed(f"probe: {probes[name]}")
+                continue
             try:
                 routes[name] = ROUTES[name](mirror, dev)
             except Exception as e:  # noqa: BLE001
@@ -305,8 +347,9 @@ def main(argv=None) -> int:
         payload["runs"].append(run)
         rng = np.random.default_rng(2)
         for b in batches:
-            run["rows"].append(run_batch(routes, mirror, b, args.recall_pages, args.reps, rng))
-            write_json(args.out, payload)   # per row: a cut-short run keeps its rows
+            run["rows"].append({"batch": b})  # filled route by route and saved after each: a run cut short
+            run_batch(run["rows"][-1], routes, mirror, args.recall_pages, args.reps, rng,  # keeps what it measured
+                      lambda: write_json(args.out, payload))
         del routes, mirror
     return 0
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from benchmarks.bench_recall import ROUTES, main, random_rows
+from benchmarks.bench_recall import ROUTES, main, probe, random_rows
 
 
 def test_smoke_run_times_every_route(tmp_path):
@@ -30,3 +30,8 @@ def test_smoke_run_times_every_route(tmp_path):
 def test_random_bf16_rows_are_nan_free_with_extremes():
     x = random_rows(np.random.default_rng(0), (64, 1024), "bfloat16").astype(np.float32)
     assert not np.isnan(x).any() and np.isinf(x).any() and (x == 0).any()
+
+
+def test_a_route_that_kills_its_probe_is_reported():
+    """The child-process probe reports a failing route instead of raising (here: an unknown name)."""
+    assert "unknown route 'no_such_route'" in probe(["no_such_route"])
