@@ -14,11 +14,15 @@ Which of this and the NumPy mirror is faster is measured by `benchmarks/bench_re
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fm_jax.sharding import batch_row_groups
 
 HOST_KIND = "pinned_host"
 
@@ -98,3 +102,96 @@ def write_pages(arrays, new, rows, pages, device=None):
     put = functools.partial(jax.device_put, device=device)
     new = tuple(put(x) for x in new)
     return _write_fn(device)(tuple(arrays), new, put(src.astype(np.int32)), put(dst.astype(np.int32)))
+
+
+# ------------------------------------------------------------------------------------------ mirror
+@dataclass
+class PinnedMirror:
+    """`kv_tiers.HostMirror`'s interface over pinned_host JAX arrays. `shards`: per data shard, (its rows
+    of the batch, the device whose pinned memory holds them, {(layer, "kv" | "keys"): pinned
+    [rows, n_pages, page_entries, row]}). With `verify`, page checksums (`kv_tiers.page_checksums`) are
+    kept on the host and recall checks the recalled pages (a device -> host copy of them: opt-in)."""
+    shards: list
+    layers: tuple
+    verify: bool = False
+    sums: dict = dataclasses.field(default_factory=dict)  # (layer, "kv" | "keys") -> uint64 [B, n_pages]
+
+    @classmethod
+    def from_arrays(cls, kv: dict, keys: dict, sharding: jax.sharding.Sharding | None = None,
+                    verify: bool = False) -> PinnedMirror:
+        """kv / keys: layer -> [B, n_pages, P, row] (NumPy or device arrays); each data shard of the
+        per-request `sharding` (default: one shard on device 0) goes to its first device's pinned memory."""
+        b = next(iter(kv.values())).shape[0]
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
+        shards = [(rows, devs[0], {(l, name): to_pinned(src[l][rows], devs[0])
+                                   for l in kv for name, src in (("kv", kv), ("keys", keys))})
+                  for rows, devs in batch_row_groups(sharding, b)]
+        mirror = cls(shards, tuple(kv))
+        if verify:
+            mirror.start_verifying()
+        return mirror
+
+    @classmethod
+    def from_cache(cls, cache, config, layout, *, verify: bool = False, sharding=None) -> PinnedMirror:
+        """The full CSA buffers of a prefilled cache, device -> pinned host (no NumPy copy)."""
+        kv, keys = {}, {}
+        for l in config.csa_layers:
+            lc = cache["layers"][l]
+            b = lc["comp_kv"].shape[0]
+            kv[l] = lc["comp_kv"].reshape(b, layout.n_pages, layout.page_entries, -1)
+            keys[l] = lc["index_keys"].reshape(b, layout.n_pages, layout.page_entries, -1)
+        return cls.from_arrays(kv, keys, sharding, verify)
+
+    def to_numpy(self):
+        """A `kv_tiers.HostMirror` copy (device -> host; for checks)."""
+        from fm_jax.kv_tiers import HostMirror
+        whole = {k: np.concatenate([np.asarray(arrs[k]) for _, _, arrs in self.shards]) for k in self.shards[0][2]}
+        return HostMirror({l: whole[(l, "kv")] for l in self.layers}, {l: whole[(l, "keys")] for l in self.layers})
+
+    def start_verifying(self) -> None:
+        from fm_jax.kv_tiers import page_checksums
+        self.verify = True
+        host = self.to_numpy()
+        self.sums = {(l, name): page_checksums(src) for l, name, src in host._arrays()}
+
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for _, _, arrs in self.shards for a in arrs.values())
+
+    def _shard_of(self, rows: slice):
+        for start, dev, arrs in self.shards:
+            if start.start <= rows.start and rows.stop <= start.stop:
+                return start, dev, arrs
+        raise ValueError(f"requests {rows.start}..{rows.stop - 1} span more than one shard of the pinned mirror")
+
+    def recall_to_device(self, plan, sharding: jax.sharding.Sharding | None = None):
+        """As `HostMirror.recall_to_device`: {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
+        (default: device 0; copies may still be running). Each data shard's pages are gathered on the device
+        whose pinned memory holds its requests, then copied to the shard's other devices."""
+        from fm_jax.kv_tiers import check_pages, whole_array
+        b, m = plan.pages.shape
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
+        keys = list(self.shards[0][2])
+        parts = {k: [] for k in keys}
+        for rows, devs in batch_row_groups(sharding, b):
+            home, dev, arrs = self._shard_of(rows)
+            local = np.arange(rows.start, rows.stop) - home.start
+            got = gather_pages([arrs[k] for k in keys], local, plan.pages[rows], dev)
+            for k, x in zip(keys, got):
+                if self.verify:
+                    check_pages(np.asarray(x), self.sums[k], k, np.arange(b)[rows][:, None], plan.pages[rows])
+                parts[k].extend(x if d == dev else jax.device_put(x, d) for d in devs)
+        whole = {k: whole_array((b, m) + arrs[0].shape[2:], sharding, arrs) for k, arrs in parts.items()}
+        return {l: (whole[(l, "kv")], whole[(l, "keys")]) for l in self.layers}
+
+    def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
+        """As `HostMirror.write_through` (slots_* [B, M, P, ...], device or host arrays; pages [B, M], -1 =
+        padding): a donated in-place update of the pinned arrays, per shard on its own device."""
+        from fm_jax.kv_tiers import update_checksums
+        for i, (rows, dev, arrs) in enumerate(self.shards):
+            k = ((layer, "kv"), (layer, "keys"))
+            new = write_pages([arrs[x] for x in k], (slots_kv[rows], slots_keys[rows]),
+                              np.arange(rows.stop - rows.start), pages[rows], dev)
+            self.shards[i] = (rows, dev, {**arrs, **dict(zip(k, new))})
+        if self.verify:
+            for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
+                update_checksums(self.sums[(layer, name)], np.asarray(arr), pages)
