@@ -6,6 +6,8 @@ v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-
 
   numpy_threads      today's `kv_tiers.HostMirror.recall_to_device`: NumPy gather on host threads, each
                      array staged through pinned_host, then to the device
+  numpy_direct       the same without the pinned staging copy (NumPy -> device device_put)
+  pinned_mirror      the engine's "pinned" backend, `kv_pinned.PinnedMirror.recall_to_device` (pinned_fori)
   pinned_fori[_uN]   `kv_pinned.gather_pages`: pinned_host JAX arrays, one jitted loop of dynamic_slice
                      (pinned) -> device_put (device) -> dynamic_update_slice (unrolled N times)
   pinned_take        jit(in_shardings=pinned_host, out_shardings=device) of the fancy-index gather
@@ -15,6 +17,10 @@ v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-
                      on the device
   ceiling_pinned     one contiguous pinned_host -> device device_put of the same byte count
   ceiling_pinned_split  the same bytes as one pinned array per mirror array, one batched device_put
+
+Overlap: each timed route's recall issued right after (the engine's order) and right before a device
+program ~3x as long as the slowest recall: whether the copy lands while the program runs, or queues behind
+it (a jitted gather shares the compute stream; `recall_landed_s` of the engine measures this case).
 
 Every route's recalled bytes are checked bit for bit against the NumPy gather before it is timed (a route
 that fails or differs is recorded with its error, not timed). Write-through: one page per array and request
@@ -90,8 +96,28 @@ class NumpyThreads:
         return [a for l in out for a in out[l]]
 
     def write(self, new, pages):
-        for i, l in enumerate(self.mirror.kv):  # `new` is in `arrays` order: kv, keys per layer
-            self.mirror.write_through(l, np.asarray(new[2 * i]), np.asarray(new[2 * i + 1]), pages)
+        for i, l in enumerate(self.mirror.layers):  # `new` is in `arrays` order: kv, keys per layer
+            self.mirror.write_through(l, new[2 * i], new[2 * i + 1], pages)
+
+
+class NumpyDirect(NumpyThreads):
+    """Today's route without the pinned staging copy: NumPy -> device `jax.device_put`."""
+
+    def __init__(self, mirror, dev):
+        super().__init__(kt.HostMirror(mirror.kv, mirror.keys, pinned_staging=False), dev)
+
+
+class PinnedMirrorRoute(NumpyThreads):
+    """The engine's "pinned" backend (`kv_pinned.PinnedMirror`: the pinned_fori gather behind the
+    HostMirror interface)."""
+
+    def __init__(self, mirror, dev):
+        super().__init__(kp.PinnedMirror.from_arrays(mirror.kv, mirror.keys,
+                                                     jax.sharding.SingleDeviceSharding(dev)), dev)
+
+    def write(self, new, pages):
+        super().write(new, pages)
+        jax.block_until_ready([a for _, _, arrs in self.mirror.shards for a in arrs.values()])
 
 
 class PinnedFori:
@@ -188,7 +214,8 @@ def _bytes_of(x):
     return x.reshape(x.shape[:2] + (-1,))
 
 
-ROUTES = {"numpy_threads": NumpyThreads, "pinned_fori": PinnedFori,
+ROUTES = {"numpy_threads": NumpyThreads, "numpy_direct": NumpyDirect, "pinned_mirror": PinnedMirrorRoute,
+          "pinned_fori": PinnedFori,
           "pinned_fori_u8": functools.partial(PinnedFori, unroll=8), "pinned_take": PinnedTake,
           "pinned_compute_on": PinnedComputeOn, "page_list": PageList}
 
@@ -217,6 +244,42 @@ def ceilings(n_bytes: int, n_arrays: int, dev, reps: int) -> dict:
                      ("ceiling_numpy", lambda i: jax.device_put(host, dsh))):
         t = timed(fn, reps)
         out[name] = {"recall_s": t, "gbps": host.nbytes / t / 1e9}
+    return out
+
+
+def busy_program(dev, seconds: float):
+    """() -> a dispatched device program that runs about `seconds` (a loop of matmuls, its trip count
+    calibrated once), to see whether a recall issued beside it lands before it ends (overlap) or after."""
+    x = jax.device_put(jnp.full((1024, 1024), 1.0 / 1024, jnp.float32), dev)
+    loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x))
+    k = jax.device_put(np.int32(8), dev)
+    t = timed(lambda i: loop(x, k), 3, warmup=1)
+    k = jax.device_put(np.int32(max(1, round(8 * seconds / t))), dev)
+    return lambda: loop(x, k)
+
+
+def overlap(route, pages, busy, reps: int) -> dict:
+    """Times (s, from dispatching `busy`) of a recall issued right after a busy device program (the engine's
+    order: window, then next window's recall) and right before it. "after": lands before the program ends
+    iff the copy runs beside compute; "before": the program ends late iff it waits behind the recall."""
+    out = {}
+    for order in ("after", "before"):
+        rows = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if order == "after":
+                c = busy()
+                got = route.recall(pages)
+            else:
+                got = route.recall(pages)
+                c = busy()
+            issued = time.perf_counter() - t0
+            jax.block_until_ready(got)
+            landed = time.perf_counter() - t0
+            jax.block_until_ready(c)
+            rows.append((issued, landed, time.perf_counter() - t0))
+        issued, landed, done = np.median(np.asarray(rows), axis=0)
+        out[order] = {"issued_s": float(issued), "landed_s": float(landed), "busy_done_s": float(done)}
     return out
 
 
@@ -270,6 +333,14 @@ def run_batch(row, routes, mirror, m, reps, rng, save) -> None:
         print(name, res, flush=True)
         save()
     row["routes"].update(ceilings(n_bytes, len(want), jax.devices()[0], reps))
+    timed_routes = [n for n in routes if "recall_s" in row["routes"][n]]
+    if timed_routes:  # a program ~3x the slowest recall (at least 50 ms), timed alone first
+        busy = busy_program(jax.devices()[0], max(0.05, 3 * max(row["routes"][n]["recall_s"] for n in timed_routes)))
+        row["busy_alone_s"] = timed(lambda i: busy(), 3, warmup=1)
+        for n in timed_routes:
+            row["routes"][n]["overlap"] = overlap(routes[n], plans[1], busy, max(1, reps // 2))
+            print(n, "overlap", row["routes"][n]["overlap"], flush=True)
+        save()
     row["write_through"] = write_through(routes, mirror, batch, reps, rng, row["routes"])
     save()
 

@@ -94,11 +94,12 @@ def host_memory_kind() -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
-def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None, staged: bool = True) -> jax.Array:
     """Host array -> `sharding` (default: the default device), staged through pinned host memory where
-    available. A multi-device sharding sends every device only its own slice (sliced on the host)."""
+    available (and `staged`). A multi-device sharding sends every device only its own slice (sliced on the
+    host)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
-    kind = host_memory_kind()
+    kind = host_memory_kind() if staged else None
     if kind is None:
         return jax.device_put(x, sharding)
     return jax.device_put(jax.device_put(x, sharding.with_memory_kind(kind)), sharding)
@@ -295,6 +296,7 @@ class HostMirror:
     keys: dict     # layer -> np.ndarray
     verify: bool = False
     sums: dict = dataclasses.field(default_factory=dict)  # (layer, "kv" | "keys") -> uint64 [B, n_pages]
+    pinned_staging: bool = True  # recall through a pinned_host copy (`to_device`); False: NumPy -> device
 
     @classmethod
     def from_cache(cls, cache, config, layout: TierLayout, *, verify: bool = False, backend: str = "numpy",
@@ -333,6 +335,10 @@ class HostMirror:
         self.verify = True
         self.sums = {(l, name): page_checksums(src) for l, name, src in self._arrays()}
 
+    @property
+    def layers(self) -> tuple:
+        return tuple(self.kv)
+
     def _arrays(self):
         return [(l, name, src) for l in self.kv for name, src in (("kv", self.kv[l]), ("keys", self.keys[l]))]
 
@@ -346,7 +352,7 @@ class HostMirror:
         host = _gather(src, bidx, pages)
         if self.verify:
             check_pages(host, self.sums[(layer, name)], (layer, name), bidx, pages)
-        return [to_device(host, jax.sharding.SingleDeviceSharding(d)) for d in devices]
+        return [to_device(host, jax.sharding.SingleDeviceSharding(d), self.pinned_staging) for d in devices]
 
     def recall_to_device(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None):
         """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array and
