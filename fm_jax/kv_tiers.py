@@ -5,13 +5,17 @@ holds `n_slots` pages per request for every CSA layer (attention KV and index ke
 `page_slot [B, n_pages]` / `slot_page [B, n_slots]` (the `tier` of the decode cache) map between them
 inside the jitted step. The host mirror holds every page of every CSA layer.
 
-Host memory: the mirror is a set of NumPy arrays (mutable, so write-through is an in-place copy).
-Recall gathers the missing pages on the host and moves them with `jax.device_put` through a
-`pinned_host` staging copy when the backend has that memory kind (CPU and CUDA backends do, checked
-once in `host_memory_kind`), otherwise straight from NumPy; one thread per (layer, kv | keys) array and
-data shard, because a single thread's gather copy is far slower than PCIe (measured on the H100 host:
-86-110 ms per 290 MB cycle serial, 28-30 ms threaded). On a mesh each data shard's requests are gathered
-apart and copied only to the devices of that shard (`HostMirror.recall_to_device(plan, sharding)`).
+Host memory, two backends (`HostMirror.from_cache(..., backend=)`, the engine's `LSAConfig.host_mirror`):
+- "numpy" (the default): the mirror is a set of NumPy arrays (mutable, so write-through is an in-place
+  copy). Recall gathers the missing pages on the host and moves them with `jax.device_put` through a
+  `pinned_host` staging copy when the backend has that memory kind (CPU and CUDA backends do, checked once in
+  `host_memory_kind`), otherwise straight from NumPy; one thread per (layer, kv | keys) array and data shard,
+  because a single thread's gather copy is far slower than PCIe (measured on the H100 host: 86-110 ms per
+  290 MB cycle serial, 28-30 ms threaded). On a mesh each data shard's requests are gathered apart and copied
+  only to the devices of that shard (`HostMirror.recall_to_device(plan, sharding)`).
+- "pinned": JAX arrays in `pinned_host` memory (`kv_pinned.PinnedMirror`, same interface): recall is a
+  jitted program reading the pinned arrays and writing device arrays (no host thread copies a byte),
+  write-through a donated jitted in-place update. `benchmarks/bench_recall.py` times both to landing.
 
 Bookkeeping (which page sits in which slot, LRU order) lives on the host in `ReserveState`; it is
 updated only at cycle boundaries, never inside the jitted window.
@@ -90,11 +94,12 @@ def host_memory_kind() -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
-def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None, staged: bool = True) -> jax.Array:
     """Host array -> `sharding` (default: the default device), staged through pinned host memory where
-    available. A multi-device sharding sends every device only its own slice (sliced on the host)."""
+    available (and `staged`). A multi-device sharding sends every device only its own slice (sliced on the
+    host)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
-    kind = host_memory_kind()
+    kind = host_memory_kind() if staged else None
     if kind is None:
         return jax.device_put(x, sharding)
     return jax.device_put(jax.device_put(x, sharding.with_memory_kind(kind)), sharding)
@@ -236,6 +241,9 @@ def device_tables(state: ReserveState, layout: TierLayout):
 
 
 # ------------------------------------------------------------------------------------------ mirror
+MIRROR_BACKENDS = ("numpy", "pinned")
+
+
 class PageChecksumError(RuntimeError):
     """A page read from the host mirror does not match the checksum stored when it was written."""
 
@@ -247,6 +255,30 @@ def page_checksums(pages: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(pages).view(np.uint8).reshape(pages.shape[0], pages.shape[1], page_nbytes)
     words = flat.view(np.uint32) if flat.shape[-1] % 4 == 0 else flat
     return np.add.reduce(words, axis=-1, dtype=np.uint64)
+
+
+def check_pages(host: np.ndarray, sums: np.ndarray, key, bidx: np.ndarray, pages: np.ndarray) -> None:
+    """Raise PageChecksumError unless the recalled pages host [b, M, ...] (requests bidx [b, 1] of the
+    batch, pages [b, M]) match their stored checksums `sums` [B, n_pages]; key = (layer, "kv" | "keys")."""
+    bad = np.argwhere(page_checksums(host) != sums[bidx, pages])
+    if bad.size:
+        b, j = (int(x) for x in bad[0])
+        raise PageChecksumError(f"CSA layer {key[0]} {key[1]}: page {int(pages[b, j])} of request "
+                                f"{int(bidx[b, 0])} does not match its checksum on recall ({len(bad)} bad "
+                                "page(s)): the host mirror or the host copy is corrupted")
+
+
+def update_checksums(sums: np.ndarray, new: np.ndarray, pages: np.ndarray) -> None:
+    """sums [B, n_pages] of the pages [B, M] (-1 = padding) rewritten with new [B, M, ...]."""
+    for b in range(pages.shape[0]):
+        ok = pages[b] >= 0
+        sums[b, pages[b, ok]] = page_checksums(new[b:b + 1, ok])[0]
+
+
+def whole_array(shape: tuple, sharding: jax.sharding.Sharding, arrs: list) -> jax.Array:
+    """One array of `shape` with `sharding` from its per-device pieces (every data shard's, in device order
+    within a shard)."""
+    return arrs[0] if len(arrs) == 1 else jax.make_array_from_single_device_arrays(shape, sharding, arrs)
 
 
 def _gather(src: np.ndarray, bidx: np.ndarray, pages: np.ndarray) -> np.ndarray:
@@ -264,10 +296,20 @@ class HostMirror:
     keys: dict     # layer -> np.ndarray
     verify: bool = False
     sums: dict = dataclasses.field(default_factory=dict)  # (layer, "kv" | "keys") -> uint64 [B, n_pages]
+    pinned_staging: bool = True  # recall through a pinned_host copy (`to_device`); False: NumPy -> device
 
     @classmethod
-    def from_cache(cls, cache, config, layout: TierLayout, *, verify: bool = False) -> HostMirror:
-        """Copy the full (entry-indexed) CSA buffers of a prefilled cache to the host."""
+    def from_cache(cls, cache, config, layout: TierLayout, *, verify: bool = False, backend: str = "numpy",
+                   sharding: jax.sharding.Sharding | None = None):
+        """Copy the full (entry-indexed) CSA buffers of a prefilled cache to the host. backend "numpy": this
+        class; "pinned": a `kv_pinned.PinnedMirror` (same interface) of pinned_host JAX arrays, each data shard
+        of the per-request `sharding` in the pinned memory of its first device (`sharding` is unused by
+        "numpy", whose recall splits per shard at transfer time)."""
+        if backend == "pinned":
+            from fm_jax.kv_pinned import PinnedMirror  # it imports this module
+            return PinnedMirror.from_cache(cache, config, layout, verify=verify, sharding=sharding)
+        if backend != "numpy":
+            raise ValueError(f"backend must be one of {MIRROR_BACKENDS}, got {backend!r}")
         kv, keys = {}, {}
         for l in config.csa_layers:
             lc = cache["layers"][l]
@@ -279,10 +321,23 @@ class HostMirror:
             mirror.start_verifying()
         return mirror
 
+    def to_backend(self, backend: str, sharding: jax.sharding.Sharding | None = None):
+        """This mirror with `backend`'s arrays (see `from_cache`): itself for "numpy"."""
+        if backend == "pinned":
+            from fm_jax.kv_pinned import PinnedMirror
+            return PinnedMirror.from_arrays(self.kv, self.keys, sharding, self.verify)
+        if backend != "numpy":
+            raise ValueError(f"backend must be one of {MIRROR_BACKENDS}, got {backend!r}")
+        return self
+
     def start_verifying(self) -> None:
         """Checksum every page now; recall checks them from here on (and writes keep them current)."""
         self.verify = True
         self.sums = {(l, name): page_checksums(src) for l, name, src in self._arrays()}
+
+    @property
+    def layers(self) -> tuple:
+        return tuple(self.kv)
 
     def _arrays(self):
         return [(l, name, src) for l in self.kv for name, src in (("kv", self.kv[l]), ("keys", self.keys[l]))]
@@ -296,13 +351,8 @@ class HostMirror:
         bidx = np.arange(src.shape[0])[rows][:, None]
         host = _gather(src, bidx, pages)
         if self.verify:
-            bad = np.argwhere(page_checksums(host) != self.sums[(layer, name)][bidx, pages])
-            if bad.size:
-                b, j = (int(x) for x in bad[0])
-                raise PageChecksumError(f"CSA layer {layer} {name}: page {int(pages[b, j])} of request "
-                                        f"{int(bidx[b, 0])} does not match its checksum on recall ({len(bad)} bad "
-                                        "page(s)): the host mirror or the host copy is corrupted")
-        return [to_device(host, jax.sharding.SingleDeviceSharding(d)) for d in devices]
+            check_pages(host, self.sums[(layer, name)], (layer, name), bidx, pages)
+        return [to_device(host, jax.sharding.SingleDeviceSharding(d), self.pinned_staging) for d in devices]
 
     def recall_to_device(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None):
         """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array and
@@ -320,20 +370,20 @@ class HostMirror:
         shards = {}  # (layer, name) -> (full shape, per-device arrays of every shard)
         for (l, name, src, _, _), arrs in zip(jobs, parts):
             shards.setdefault((l, name), ((b, m) + src.shape[2:], []))[1].extend(arrs)
-        whole = {k: arrs[0] if len(arrs) == 1 else jax.make_array_from_single_device_arrays(shape, sharding, arrs)
-                 for k, (shape, arrs) in shards.items()}
+        whole = {k: whole_array(shape, sharding, arrs) for k, (shape, arrs) in shards.items()}
         return {l: (whole[(l, "kv")], whole[(l, "keys")]) for l in self.kv}
 
-    def write_through(self, layer: int, slots_kv: np.ndarray, slots_keys: np.ndarray, pages: np.ndarray):
-        """Store reserve pages read back from the device. slots_*: [B, M, P, ...]; pages: [B, M]
-        (page < 0 = padding, skipped)."""
+    def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
+        """Store reserve pages read back from the device. slots_*: [B, M, P, ...] (device arrays are copied
+        to the host); pages: [B, M] (page < 0 = padding, skipped)."""
+        slots_kv, slots_keys = np.asarray(slots_kv), np.asarray(slots_keys)
         for b in range(pages.shape[0]):
             ok = pages[b] >= 0
             self.kv[layer][b, pages[b, ok]] = slots_kv[b, ok]
             self.keys[layer][b, pages[b, ok]] = slots_keys[b, ok]
-            if self.verify:
-                for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
-                    self.sums[(layer, name)][b, pages[b, ok]] = page_checksums(arr[b:b + 1, ok])[0]
+        if self.verify:
+            for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
+                update_checksums(self.sums[(layer, name)], arr, pages)
 
 
 def page_bytes(config) -> int:

@@ -56,6 +56,8 @@ class LSAConfig:
     sink_pages: int = 0            # first pages always resident (inside kmax_pages)
     stale_by_one: bool = True      # choose window n+1's pages at boundary n (transfer overlaps compute)
     verify_recall: bool = False    # checksum recalled pages (opt-in: ~3% of a window on CPU, see README)
+    host_mirror: str = "numpy"     # the host mirror's arrays: "numpy" or "pinned" (pinned_host JAX arrays,
+                                   # recalled by a jitted gather: `kv_pinned`); see benchmarks/bench_recall.py
     seed: int = 0                  # for mode="random"
 
     def __post_init__(self):
@@ -67,6 +69,8 @@ class LSAConfig:
                 raise ValueError(f"LSAConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
         if self.page_entries is not None and (not isinstance(self.page_entries, int) or self.page_entries <= 0):
             raise ValueError(f"LSAConfig.page_entries must be a positive int, got {self.page_entries!r}")
+        if self.host_mirror not in kt.MIRROR_BACKENDS:
+            raise ValueError(f"LSAConfig.host_mirror must be one of {kt.MIRROR_BACKENDS}, got {self.host_mirror!r}")
 
     @classmethod
     def at_budget(cls, config, length: int, budget: float, tail_fraction: float = 0.25, tau: int = 64,
@@ -402,11 +406,12 @@ class _Cycle:
                                      recency_tail_pages=lsa.recency_tail_pages, sink_pages=lsa.sink_pages,
                                      tau=lsa.tau)
         if mirror is None:
-            self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall)
-        else:  # streamed during a chunked prefill
-            self.mirror = mirror
+            self.mirror = kt.HostMirror.from_cache(cache, config, self.layout, verify=lsa.verify_recall,
+                                                   backend=lsa.host_mirror, sharding=self.rows)
+        else:  # streamed during a chunked prefill (NumPy)
+            self.mirror = mirror.to_backend(lsa.host_mirror, self.rows)
             if lsa.verify_recall:
-                mirror.start_verifying()
+                self.mirror.start_verifying()
         # Target layers' index keys stay whole on the device: the Memory Indexer scores all of them.
         self.full_keys = {} if icfg is None else {
             l: cache["layers"][l]["index_keys"].reshape(b, self.layout.n_pages, self.layout.page_entries, -1)
@@ -563,7 +568,7 @@ class _Cycle:
         layers = {l: (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]) for l in self.c.csa_layers}
         read = _read_slots(layers, self._put(np.maximum(slots, 0).astype(np.int32)), self.layout.page_entries)
         for l, (kv, keys) in read.items():
-            self.mirror.write_through(l, np.asarray(kv), np.asarray(keys), pages)
+            self.mirror.write_through(l, kv, keys, pages)  # device arrays: each backend moves them its own way
             if l in self.full_keys:
                 self.full_keys[l] = _update_full_keys(self.full_keys[l], keys, self._put(pages.astype(np.int32)),
                                                       self.mesh)

@@ -1,6 +1,7 @@
 """Host-mirror faults (issue 14 item 5): with `verify`, a page corrupted in the host mirror (a flipped
 bit) or by a short host copy is detected on recall instead of being decoded."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,3 +124,111 @@ def test_engine_with_verify_reports_a_corrupted_page(monkeypatch):
     with pytest.raises(kt.PageChecksumError):
         generate(params, c, prompt, 65, mode="lsa", indexer=indexer, lsa=lsa)
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------ pinned backend
+def _bf16_extremes(rng, shape):
+    """Random bf16 bit patterns (infinities, subnormals, -0 included), NaN patterns made infinite."""
+    bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
+    bits[(bits & 0x7F80) == 0x7F80] &= 0xFF80
+    return bits.view(jnp.bfloat16)
+
+
+def _mirrors(kv_dtype, sharding=None, verify=False):
+    """The same random mirror as NumPy and pinned backends: kv bf16 (extreme values) or fp8 bytes."""
+    c = get_config("tiny")
+    layout = kt.make_layout(c, MAX_LEN, kmax_pages=6, recency_tail_pages=1, sink_pages=0, tau=16)
+    rng = np.random.default_rng(7)
+    shape = (B, layout.n_pages, layout.page_entries)
+    kv = {l: _bf16_extremes(rng, shape + (c.head_dim,)) if kv_dtype == "bf16" else
+          rng.integers(0, 256, shape + (c.head_dim + 8,), dtype=np.uint8) for l in c.csa_layers}
+    keys = {l: rng.integers(0, 256, shape + (c.index_key_bytes,), dtype=np.uint8) for l in c.csa_layers}
+    ref = kt.HostMirror(kv, keys)
+    if verify:
+        ref.start_verifying()
+    return c, layout, ref, kt.HostMirror({l: a.copy() for l, a in kv.items()},
+                                         {l: a.copy() for l, a in keys.items()}, verify).to_backend("pinned", sharding)
+
+
+def _same_bytes(a, b):
+    return np.array_equal(np.ascontiguousarray(np.asarray(a)).view(np.uint8),
+                          np.ascontiguousarray(np.asarray(b)).view(np.uint8))
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_pinned_mirror_round_trips_and_recalls_bit_for_bit(kv_dtype):
+    c, layout, ref, pinned = _mirrors(kv_dtype)
+    assert all(a.sharding.memory_kind == "pinned_host" for _, _, arrs in pinned.shards for a in arrs.values())
+    assert pinned.nbytes() == ref.nbytes()
+    back = pinned.to_numpy()  # host -> pinned_host -> host
+    for l in c.csa_layers:
+        assert back.kv[l].dtype == ref.kv[l].dtype and _same_bytes(back.kv[l], ref.kv[l])
+        assert _same_bytes(back.keys[l], ref.keys[l])
+    plan = _plan(layout, [[0, 3, 5, 7], [1, 2, 7, 0]])
+    want, got = ref.recall_to_device(plan), pinned.recall_to_device(plan)
+    for l in c.csa_layers:
+        for w, g in zip(want[l], got[l]):
+            assert g.sharding.memory_kind == "device" and g.dtype == w.dtype and _same_bytes(g, w)
+
+
+def test_pinned_write_through_then_recall_matches_numpy():
+    c, layout, ref, pinned = _mirrors("bf16")
+    rng = np.random.default_rng(3)
+    l = c.csa_layers[-1]
+    new_kv = jax.device_put(_bf16_extremes(rng, (B, 2, layout.page_entries, c.head_dim)))
+    new_keys = jax.device_put(rng.integers(0, 256, (B, 2, layout.page_entries, c.index_key_bytes), dtype=np.uint8))
+    pages = np.array([[4, -1], [6, 2]])
+    for m in (ref, pinned):
+        m.write_through(l, new_kv, new_keys, pages)
+    plan = _plan(layout, [[4, 2, 6], [6, 2, 4]])
+    want, got = ref.recall_to_device(plan), pinned.recall_to_device(plan)
+    assert _same_bytes(got[l][0], want[l][0]) and _same_bytes(got[l][1], want[l][1])
+    assert _same_bytes(np.asarray(got[l][0])[1, :2], np.asarray(new_kv)[1])  # pages 6, 2 of request 1
+
+
+def test_pinned_recall_lands_each_data_shard_on_its_devices():
+    mesh = make_mesh(2, 4)
+    rows = batch_sharding(mesh, (B,))
+    c, layout, ref, pinned = _mirrors("fp8", rows, verify=True)
+    assert [dev.id for _, dev, _ in pinned.shards] == [mesh.devices[0, 0].id, mesh.devices[1, 0].id]
+    plan = _plan(layout, [[0, 3, 5], [1, 2, 7]])
+    want, got = ref.recall_to_device(plan, rows), pinned.recall_to_device(plan, rows)
+    for l in c.csa_layers:
+        for w, g in zip(want[l], got[l]):
+            assert g.sharding.is_equivalent_to(rows, g.ndim) and _same_bytes(g, w)
+            for shard in g.addressable_shards:
+                b = next(i for i, row in enumerate(mesh.devices) if shard.device in list(row))
+                assert shard.index[0] == slice(b, b + 1)
+    l = c.csa_layers[0]
+    pinned.sums[(l, "kv")][1, 7] ^= 1  # a stored checksum that no longer matches the page
+    with pytest.raises(kt.PageChecksumError, match=f"CSA layer {l} kv: page 7 of request 1"):
+        pinned.recall_to_device(plan, rows)
+
+
+def test_from_cache_pinned_backend_equals_numpy():
+    c, layout, ref = _mirror(verify=False)
+    layers = [{} for _ in range(c.n_layers)]
+    for l in c.csa_layers:
+        layers[l] = {"comp_kv": jax.device_put(ref.kv[l].reshape(B, -1, c.head_dim)),
+                     "index_keys": jax.device_put(ref.keys[l].reshape(B, -1, c.index_key_bytes))}
+    pinned = kt.HostMirror.from_cache({"layers": layers}, c, layout, backend="pinned").to_numpy()
+    for l in c.csa_layers:
+        assert _same_bytes(pinned.kv[l], ref.kv[l]) and _same_bytes(pinned.keys[l], ref.keys[l])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kt.HostMirror.from_cache({"layers": layers}, c, layout, backend="cupy")
+
+
+def test_engine_tokens_do_not_depend_on_the_mirror_backend():
+    c = get_config("tiny")
+    params = init_params(c, jax.random.PRNGKey(0))
+    icfg = mi.config_from_model(c)
+    indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(3)))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 300), 0, c.vocab_size)
+    out = {}
+    for backend in kt.MIRROR_BACKENDS:
+        lsa = LSAConfig(tau=8, kmax_pages=4, recency_tail_pages=1, sink_pages=1, host_mirror=backend,
+                        verify_recall=True)
+        res = generate(params, c, prompt, 41, mode="lsa", indexer=indexer, lsa=lsa)
+        assert res.stats["recalled_bytes"] > 0
+        out[backend] = res.tokens
+    np.testing.assert_array_equal(out["pinned"], out["numpy"])
