@@ -239,7 +239,8 @@ def _combine(acc, m, l, sink):
     return out, mx + jnp.log(denom)
 
 
-def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mode: str = "bf16") -> dict:
+def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mode: str = "bf16",
+                   packed: bool = False) -> dict:
     """Block sizes used when the caller gives none, from the H100 sweeps (CUPTI kernel time, see
     benchmarks/NOTES_kernels.md). 16 heads x 64 entries per block, 4 warps (32 entries for f32 / wide heads).
     Batch > 8: 2 splits merged in-kernel (2.1-2.2x XLA at batch 32 and 64; a 64-head program was slower).
@@ -247,7 +248,9 @@ def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mod
     (132 SMs) and the partials are merged by the XLA epilogue: the in-kernel merge reads the partials
     one split after another in the last program, which cost more than the epilogue at 4-5 splits."""
     hp = max(16, _next_pow2(heads))
-    bh, bk = 16, (64 if mode == "bf16" and dim <= 512 else 32)
+    # packed fp8 rows: 32 entries per block (H200 sweep, kernels-h200-fp8-sweep.json: 27.4 / 42.6 us at batch
+    # 1 / 8 against 37.1 / 58.1 with 64)
+    bh, bk = 16, (64 if mode == "bf16" and dim <= 512 and not packed else 32)
     n_blocks = -(-window // bk) + -(-topk // bk)
     hblocks = -(-hp // bh)
     if batch > 8:
@@ -288,7 +291,7 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
         mode = "bf16"
     else:
         mode = "split"
-    cfg = default_config(b, h, info.topk, info.window, d, mode)
+    cfg = default_config(b, h, info.topk, info.window, d, mode, info.kv_packed or info.window_packed)
     for key, val in (("heads_per_program", heads_per_program), ("block_k", block_k), ("n_splits", n_splits),
                      ("num_warps", num_warps), ("num_stages", num_stages), ("fused_combine", fused_combine)):
         if val is not None:

@@ -26,6 +26,10 @@ order without another pass. A final kernel writes the ``k`` picks into ``[batch,
 first ``need`` keys equal to ``T`` in index order at slots ``k - need + rank``. An XLA sort of the ``[batch, k]``
 picks by (key descending, index ascending) gives ``lax.top_k``'s order.
 
+Status: exact against ``lax.top_k`` in interpret mode (CPU tests), but on the H200 (jax 0.11.2) the compiled
+kernel fails every on-device check and N = 256K hits an illegal address (`kernels-h200-topk-quick.json`), so
+the dispatch never picks it under ``impl="auto"``.
+
 Launches per call: one zero fill of the ``[batch, digits + 1, 32, 64]`` int32 histogram buffer, one histogram
 kernel per digit (3 or 4), the select kernel and the sort: 6 or 7.
 """

@@ -126,11 +126,13 @@ def test_dispatch_choice(monkeypatch):
         assert dispatch._pick("topk", "auto", False, True) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dispatch._pick("topk", "auto", False, True) == "pallas"
-    # auto on a GPU: the kernel for decode-sized batches, lax.top_k for prefill's one row per query
+    # auto on a GPU: lax.top_k until the compiled kernel passes its GPU checks (dispatch module doc);
+    # impl="pallas" runs the kernel, with the leading dims flattened into rows
     calls = []
     monkeypatch.setattr(dispatch, "topk_pallas", lambda x, k, **kw: calls.append(x.shape) or jax.lax.top_k(x, k))
     topk(jnp.ones((2, 128, 64)), 4)
-    topk(jnp.ones((3, 128, 64)), 4)
+    assert calls == []
+    topk(jnp.ones((2, 128, 64)), 4, impl="pallas")
     assert calls == [(256, 64)]
 
 
@@ -148,6 +150,9 @@ def test_lowers_to_triton_without_a_gpu(digits, onehot):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="on the H200 (jax 0.11.2) the compiled kernel differs from lax.top_k in "
+                   "every check and N = 256K hits an illegal address (kernels-h200-topk-quick.json); "
+                   "interpret mode matches; remove this mark when it passes")
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("n", [65536, 262144])
 def test_compiled_kernel_on_gpu(batch, n):
