@@ -45,7 +45,9 @@ def select_topk(scores: jax.Array, k: int, with_values: bool = False, impl: str 
     """Top-k over the last axis of masked scores (-inf = not a candidate). [..., N] -> int32 [..., k],
     -1 where fewer than k candidates exist. `with_values`: also their logits float32 [..., k], sorted
     descending, -inf where no pick (the golden-label dump's top-p reads them). `impl`: as
-    `pallas_kernels.topk` (every impl picks exactly what `lax.top_k` picks, ties to the lower index)."""
+    `pallas_kernels.topk`. The model calls it with the default "auto", which is `lax.top_k` on every backend:
+    the model's kernel `impl` is not passed on, because the compiled top-k kernel fails its GPU checks
+    (`pallas_kernels.dispatch`), so `impl="pallas"` for scoring and attention must not select it."""
     vals, idx = topk(scores, k, impl=impl)
     idx = jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return (idx, vals.astype(jnp.float32)) if with_values else idx
