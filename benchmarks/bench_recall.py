@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -404,7 +405,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-dtypes", default="fp8,bf16")
     ap.add_argument("--routes", default=",".join(ROUTES))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=170.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="start no batch and no kv dtype after this many seconds (the probes included)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     ap.add_argument("--no-probe", action="store_true",
@@ -458,6 +459,7 @@ def main(argv=None) -> int:
             run["rows"].append({"batch": b})  # filled route by route and saved after each: a run cut short
             run_batch(run["rows"][-1], routes, mirror, args.recall_pages, args.reps, rng,  # keeps what it measured
                       lambda: write_json(args.out, payload))
+            run["rows"][-1]["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del routes, mirror, shared
     return 0
 

@@ -183,6 +183,10 @@ class PinnedMirror:
                 return start, dev, arrs
         raise ValueError(f"requests {rows.start}..{rows.stop - 1} span more than one shard of the pinned mirror")
 
+    def compile_recall(self, plan, sharding: jax.sharding.Sharding | None = None) -> None:
+        """Run one recall of `plan`'s shape (its gather is compiled per shape), its result dropped."""
+        jax.block_until_ready(self.recall_to_device(plan, sharding))
+
     def recall_to_device(self, plan, sharding: jax.sharding.Sharding | None = None):
         """As `HostMirror.recall_to_device`: {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
         (default: device 0; copies may still be running). Each data shard's pages are gathered on the device

@@ -354,6 +354,9 @@ class HostMirror:
             check_pages(host, self.sums[(layer, name)], (layer, name), bidx, pages)
         return [to_device(host, jax.sharding.SingleDeviceSharding(d), self.pinned_staging) for d in devices]
 
+    def compile_recall(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None) -> None:
+        """Compile what a recall of `plan`'s shape runs: nothing here (NumPy gather + device_put)."""
+
     def recall_to_device(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None):
         """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array and
         every data shard of `sharding` (a per-request sharding, e.g. `sharding.batch_sharding`; default

@@ -447,6 +447,7 @@ class _Cycle:
                       for l in self.c.csa_layers}
             plan = kt.RecallPlan(np.full((b, m), self.layout.n_slots, np.int64), np.zeros((b, m), np.int64), 0)
             cache = self._apply(cache, plan, staged, None)
+            self.mirror.compile_recall(plan, self.rows)  # the "pinned" mirror's gather is a jitted program
         return cache
 
     def _put(self, x) -> jax.Array:
