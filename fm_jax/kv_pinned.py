@@ -8,9 +8,12 @@ program per shard that reads the pinned arrays and writes device arrays: a loop 
 (`jax.device_put` inside jit, XLA's MoveToDevice) and a `dynamic_update_slice` into the device result, so no
 host thread copies a byte (on a GPU the copy is XLA's, from pinned memory). The other devices of a shard get
 a device-to-device copy. Write-through is a jitted `dynamic_update_slice` into the donated pinned array of
-the page moved to the host inside the program (MoveToHost), so the mirror is updated in place.
+the page moved to the host inside the program (MoveToHost), so the mirror is updated in place. Float rows
+are held as their bits (`as_bits`) and bitcast back on the device.
 
-Which of this and the NumPy mirror is faster is measured by `benchmarks/bench_recall.py`.
+Being programs, recall and write-through run in order with the decode windows on the device's compute
+stream: a recall issued while a window runs lands after it (the NumPy mirror's `device_put` copies need not
+wait). Which mirror is faster, and which overlaps compute, is measured by `benchmarks/bench_recall.py`.
 """
 from __future__ import annotations
 
@@ -105,9 +108,8 @@ def _write_fn(device):
 def write_pages(arrays, new, rows, pages, device=None):
     """Store new [b, m, P, row] (device or host arrays; floats stored as their bits, `as_bits`, when the
     array holds bits) at pages [b, m] (-1 = padding, skipped) of the mirror rows `rows` [b] of the pinned
-    `arrays` (donated: use the returned arrays). The count of pages
-    is padded to a power of two with repeats of the first page (rewriting a page with the same bytes), so
-    few distinct shapes are compiled."""
+    `arrays` (donated: use the returned arrays). The count of pages is padded to a power of two with
+    repeats of the first page (rewriting a page with the same bytes), so few distinct shapes are compiled."""
     device = jax.devices()[0] if device is None else device
     pages = np.asarray(pages)
     src = np.argwhere(pages >= 0)
