@@ -17,10 +17,13 @@ v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-
                      on the device
   ceiling_pinned     one contiguous pinned_host -> device device_put of the same byte count
   ceiling_pinned_split  the same bytes as one pinned array per mirror array, one batched device_put
+  ceiling_numpy      one contiguous NumPy -> device device_put
 
-Overlap: each timed route's recall (and each ceiling's copy) issued right after (the engine's order) and right before a device
-program ~3x as long as today's recall (50-300 ms): whether the copy lands while the program runs, or queues behind
-it (a jitted gather shares the compute stream; `recall_landed_s` of the engine measures this case).
+Overlap: each timed route's recall (and each ceiling's copy) issued right after (the engine's order) and
+right before a device program ~3x as long as today's recall (50-300 ms): whether the copy lands while the
+program runs, or queues behind it (a jitted gather shares the compute stream). The engine's
+`recall_landed_s` is the "after" case: at batch 1 it reads about one window (issue 11), which this tells
+apart: a copy that really waits for the window, or one that lands early and is seen late.
 
 Every route's recalled bytes are checked bit for bit against the NumPy gather before it is timed (a route
 that fails or differs is recorded with its error, not timed). Write-through: one page per array and request
@@ -283,9 +286,11 @@ def busy_program(dev, seconds: float):
     calibrated once), to see whether a recall issued beside it lands before it ends (overlap) or after."""
     x = jax.device_put(jnp.full((1024, 1024), 1.0 / 1024, jnp.float32), dev)
     loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x))
-    k = jax.device_put(np.int32(8), dev)
-    t = timed(lambda i: loop(x, k), 3, warmup=1)
-    k = jax.device_put(np.int32(max(1, round(8 * seconds / t))), dev)
+    n = 8
+    for _ in range(2):  # twice: the first estimate includes the dispatch overhead of a short loop
+        k = jax.device_put(np.int32(n), dev)
+        n = max(1, round(n * seconds / timed(lambda i, k=k: loop(x, k), 3, warmup=1)))
+    k = jax.device_put(np.int32(n), dev)
     return lambda: loop(x, k)
 
 
