@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import resource
 import subprocess
@@ -95,9 +96,8 @@ def mirror_recall(mirror, pages) -> list:
 
 
 def mirror_write(mirror, new, pages) -> None:
-    """`write_through` of every layer; `new` is in `arrays` order (kv, keys per layer)."""
-    for i, l in enumerate(mirror.layers):
-        mirror.write_through(l, new[2 * i], new[2 * i + 1], pages)
+    """`write_layers` (as the engine writes a window's pages); `new` is in `arrays` order (kv, keys per layer)."""
+    mirror.write_layers({l: (new[2 * i], new[2 * i + 1]) for i, l in enumerate(mirror.layers)}, pages)
 
 
 class NumpyThreads:
@@ -136,7 +136,8 @@ class PinnedFori:
         return self.shared["pinned"]
 
     def recall(self, pages):
-        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, self.unroll, self.dtypes))
+        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, self.unroll, self.dtypes,
+                                    method="fori"))
 
     def write(self, new, pages):
         self.shared["pinned"] = list(kp.write_pages(self.arrays, new, np.arange(len(pages)), pages, self.dev))
@@ -163,20 +164,14 @@ class PinnedMirrorRoute(PinnedFori):
 
 
 class PinnedTake(PinnedFori):
-    """One jitted fancy-index gather reading pinned_host arrays, written to device memory."""
+    """`kv_pinned.gather_pages(method="take")`: one jitted gather of whole pages reading the pinned_host
+    arrays (and indices), written to device memory; the pinned mirror's recall."""
 
-    def __init__(self, mirror, dev, shared):
-        super().__init__(mirror, dev, shared)
-        dsh, hsh = jax.sharding.SingleDeviceSharding(dev), kp.host_sharding(dev)
-        self.fn = jax.jit(lambda arrs, idx: [kp.from_bits(a.reshape((-1,) + a.shape[2:])[idx], t)
-                                             for a, t in zip(arrs, self.dtypes)],
-                          in_shardings=([hsh] * len(self.arrays), hsh), out_shardings=dsh)
+    def recall(self, pages):
+        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, dtypes=self.dtypes))
 
     def _flat(self, pages):
         return np.arange(len(pages))[:, None] * self.arrays[0].shape[1] + pages
-
-    def recall(self, pages):  # the indices in pinned_host too: jax requires one memory space per op
-        return self.fn(self.arrays, kp.to_pinned(self._flat(pages).astype(np.int32), self.dev))
 
 
 class PinnedComputeOn(PinnedTake):
@@ -187,12 +182,23 @@ class PinnedComputeOn(PinnedTake):
         PinnedFori.__init__(self, mirror, dev, shared)
         dsh = jax.sharding.SingleDeviceSharding(dev)
 
+        def gather(arrs, idx):
+            return [a.reshape((-1,) + a.shape[2:])[idx] for a in arrs]
+        if "out_memory_spaces" in inspect.signature(compute_on).parameters:  # jax >= 0.11: a function transform
+            host_gather = compute_on(gather, compute_type="device_host",
+                                     out_memory_spaces=[jax.memory.Space.Host] * len(self.arrays))
+        else:  # jax 0.10: a context manager
+            def host_gather(arrs, idx):
+                with compute_on("device_host"):
+                    return gather(arrs, idx)
+
         @jax.jit
         def fn(arrs, idx):
-            with compute_on("device_host"):
-                got = [a.reshape((-1,) + a.shape[2:])[idx] for a in arrs]
-            return [kp.from_bits(x, t) for x, t in zip(jax.device_put(got, dsh), self.dtypes)]
+            return [kp.from_bits(x, t) for x, t in zip(jax.device_put(host_gather(arrs, idx), dsh), self.dtypes)]
         self.fn = fn
+
+    def recall(self, pages):
+        return self.fn(self.arrays, kp.to_pinned(self._flat(pages).astype(np.int32), self.dev))
 
 
 class PageList:
@@ -282,16 +288,26 @@ def ceilings(n_bytes: int, n_arrays: int, dev) -> dict:
 
 
 def busy_program(dev, seconds: float):
-    """() -> a dispatched device program that runs about `seconds` (a loop of matmuls, its trip count
-    calibrated once), to see whether a recall issued beside it lands before it ends (overlap) or after."""
+    """() -> a dispatched device program that runs about `seconds` (a loop of matmuls with a static trip
+    count, like the decode window's scan: a loop whose count is data makes XLA:GPU read the condition back
+    every iteration, and the dispatching thread then waits the whole program out), to see whether a recall
+    issued beside it lands before it ends (overlap) or after."""
     x = jax.device_put(jnp.full((1024, 1024), 1.0 / 1024, jnp.float32), dev)
-    loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x))
+    loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x), static_argnums=1)
     n = 8
     for _ in range(2):  # twice: the first estimate includes the dispatch overhead of a short loop
-        k = jax.device_put(np.int32(n), dev)
-        n = max(1, round(n * seconds / timed(lambda i, k=k: loop(x, k), 3, warmup=1)))
-    k = jax.device_put(np.int32(n), dev)
-    return lambda: loop(x, k)
+        n = max(1, round(n * seconds / timed(lambda i, n=n: loop(x, n), 3, warmup=1)))
+    loop(x, n).block_until_ready()  # compiled
+    return lambda: loop(x, n)
+
+
+def dispatch_s(busy) -> float:
+    """Seconds until the call returns (not the program): about the program's length if dispatch blocks."""
+    t0 = time.perf_counter()
+    c = busy()
+    t = time.perf_counter() - t0
+    c.block_until_ready()
+    return t
 
 
 def overlap(route, pages, busy, reps: int) -> dict:
@@ -381,6 +397,7 @@ def run_batch(row, routes, mirror, m, reps, rng, save) -> None:
         ref = row["routes"]["numpy_threads" if "numpy_threads" in timed_routes else timed_routes[0]]["recall_s"]
         busy = busy_program(jax.devices()[0], min(0.3, max(0.05, 3 * ref)))
         row["busy_alone_s"] = timed(lambda i: busy(), 3, warmup=1)
+        row["busy_dispatch_s"] = dispatch_s(busy)
         for n in [n for n in timed_routes if row["routes"][n]["recall_s"] < 1.0]:
             row["routes"][n]["overlap"] = overlap(routes[n], plans[1], busy, min(2, reps))
             print(n, "overlap", row["routes"][n]["overlap"], flush=True)

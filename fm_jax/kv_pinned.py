@@ -76,15 +76,37 @@ def _gather_fn(device, unroll: int):
     return jax.jit(gather, out_shardings=dev, static_argnums=3)
 
 
-def gather_pages(arrays, rows, pages, device=None, unroll: int = 1, dtypes=None):
+@functools.cache
+def _take_fn(device, n: int, dtypes: tuple):
+    dev, host = jax.sharding.SingleDeviceSharding(device), host_sharding(device)
+
+    def take(arrays, idx):
+        """arrays: tuple of pinned [B, n_pages, P, row]; idx int32 [b, M] (pinned too: XLA wants one memory
+        space per op) into the flattened [B * n_pages] pages -> tuple of device arrays [b, M, P, row]."""
+        return tuple(from_bits(a.reshape((-1,) + a.shape[2:])[idx], t) for a, t in zip(arrays, dtypes))
+    return jax.jit(take, in_shardings=((host,) * n, host), out_shardings=dev)
+
+
+GATHERS = ("take", "fori")
+
+
+def gather_pages(arrays, rows, pages, device=None, unroll: int = 1, dtypes=None, method: str = "take"):
     """Recall on `device` (default: device 0, whose pinned memory holds `arrays`): tuple of pinned
     [B, n_pages, P, row] arrays, rows [b], pages [b, M] (NumPy ints) -> tuple of device [b, M, P, row]
-    (the copies may still be running), bitcast to `dtypes` (default: the arrays' own)."""
+    (the copies may still be running), bitcast to `dtypes` (default: the arrays' own). `method` "take": one
+    jitted gather of whole pages reading the pinned arrays, written to device memory (on the H200 11-21 GB/s,
+    against 1-14 for the NumPy mirror: benchmarks/results/recall-h200.json); "fori": a loop of per-page
+    dynamic slices moved to the device (5-8 GB/s there), `unroll` times unrolled."""
     device = jax.devices()[0] if device is None else device
-    put = functools.partial(jax.device_put, device=device)
     dtypes = tuple(jnp.dtype(a.dtype) for a in arrays) if dtypes is None else tuple(map(jnp.dtype, dtypes))
-    return _gather_fn(device, unroll)(tuple(arrays), put(np.asarray(rows, np.int32)),
-                                      put(np.asarray(pages, np.int32)), dtypes)
+    rows, pages = np.asarray(rows, np.int64), np.asarray(pages, np.int64)
+    if method == "take":
+        idx = (rows[:, None] * arrays[0].shape[1] + pages).astype(np.int32)
+        return _take_fn(device, len(arrays), dtypes)(tuple(arrays), to_pinned(idx, device))
+    if method != "fori":
+        raise ValueError(f"method must be one of {GATHERS}, got {method!r}")
+    put = functools.partial(jax.device_put, device=device)
+    return _gather_fn(device, unroll)(tuple(arrays), put(rows.astype(np.int32)), put(pages.astype(np.int32)), dtypes)
 
 
 @functools.cache
@@ -213,12 +235,17 @@ class PinnedMirror:
     def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
         """As `HostMirror.write_through` (slots_* [B, M, P, ...], device or host arrays; pages [B, M], -1 =
         padding): a donated in-place update of the pinned arrays, per shard on its own device."""
+        self.write_layers({layer: (slots_kv, slots_keys)}, pages)
+
+    def write_layers(self, new: dict, pages: np.ndarray):
+        """`write_through` of every layer of new {layer: (slots_kv, slots_keys)} in one program per shard."""
         from fm_jax.kv_tiers import update_checksums
+        keys = [(l, name) for l in new for name in ("kv", "keys")]
+        vals = [x for pair in new.values() for x in pair]
         for i, (rows, dev, arrs) in enumerate(self.shards):
-            k = ((layer, "kv"), (layer, "keys"))
-            new = write_pages([arrs[x] for x in k], (slots_kv[rows], slots_keys[rows]),
-                              np.arange(rows.stop - rows.start), pages[rows], dev)
-            self.shards[i] = (rows, dev, {**arrs, **dict(zip(k, new))})
+            out = write_pages([arrs[k] for k in keys], [x[rows] for x in vals], np.arange(rows.stop - rows.start),
+                              pages[rows], dev)
+            self.shards[i] = (rows, dev, {**arrs, **dict(zip(keys, out))})
         if self.verify:
-            for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
-                update_checksums(self.sums[(layer, name)], np.asarray(arr), pages)
+            for k, x in zip(keys, vals):
+                update_checksums(self.sums[k], np.asarray(x), pages)
