@@ -7,10 +7,11 @@ v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-
   numpy_threads      today's `kv_tiers.HostMirror.recall_to_device`: NumPy gather on host threads, each
                      array staged through pinned_host, then to the device
   numpy_direct       the same without the pinned staging copy (NumPy -> device device_put)
-  pinned_mirror      the engine's "pinned" backend, `kv_pinned.PinnedMirror.recall_to_device` (pinned_fori)
-  pinned_fori[_uN]   `kv_pinned.gather_pages`: pinned_host JAX arrays, one jitted loop of dynamic_slice
-                     (pinned) -> device_put (device) -> dynamic_update_slice (unrolled N times)
-  pinned_take        jit(in_shardings=pinned_host, out_shardings=device) of the fancy-index gather
+  pinned_mirror      the engine's "pinned" backend, `kv_pinned.PinnedMirror.recall_to_device` (pinned_take)
+  pinned_fori[_uN]   `kv_pinned.gather_pages(method="fori")`: pinned_host JAX arrays, one jitted loop of
+                     dynamic_slice (pinned) -> device_put (device) -> dynamic_update_slice (unrolled N times)
+  pinned_take        `kv_pinned.gather_pages(method="take")`: jit(in_shardings=pinned_host,
+                     out_shardings=device) of the fancy-index gather of whole pages (indices pinned too)
   pinned_compute_on  the gather under compute_on('device_host'), then device_put to the device
   page_list          one pinned_host array per (request, page) with every array's bytes of that page
                      (sglang-jax's host pool), one batched jax.device_put of the recalled pages, unpacked
@@ -32,6 +33,9 @@ jitted dynamic_update_slice of `kv_pinned.write_pages`; page_list: pack on the d
 pinned_host), then read back bit for bit.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 -m benchmarks.bench_recall --out benchmarks/results/recall-h200.json
+
+(run from the repository root: the probes start `python -m benchmarks.bench_recall` children; about 3 minutes
+on the H200, `--budget-s` stops starting batches after 150 s.)
 """
 from __future__ import annotations
 
