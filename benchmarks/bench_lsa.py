@@ -25,6 +25,7 @@ from benchmarks.common import (
     v4_attention_stack,
     write_json,
 )
+from fm_jax import kv_tiers as kt
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.model import init_params
@@ -41,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--kmax-pages", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--host-mirror", default="numpy", choices=kt.MIRROR_BACKENDS,
+                    help="the host mirror's arrays (LSAConfig.host_mirror; benchmarks/bench_recall.py compares them)")
     ap.add_argument("--kv-dtype", default="fp8", choices=KV_DTYPES,
                     help="attention KV entries: fp8 (V4's 584-byte rows, the preset's) or bf16 (1024 bytes)")
     args = ap.parse_args(argv)
@@ -54,7 +57,8 @@ def main(argv=None):
     params = init_params(c, jax.random.PRNGKey(0))
     icfg = mi.config_from_model(c, target_layers=(1,), rope_dtype="float32")
     indexer = (icfg, mi.init_params(icfg, jax.random.PRNGKey(1)))
-    lsa = LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=2, sink_pages=1)
+    lsa = LSAConfig(tau=args.tau, kmax_pages=args.kmax_pages, recency_tail_pages=2, sink_pages=1,
+                    host_mirror=args.host_mirror)
     h2d = h2d_bandwidth(64 << 20 if args.smoke else 1 << 30)
     print("h2d", h2d, flush=True)
     rows = []
@@ -100,7 +104,7 @@ def _payload(c, icfg, lsa, h2d, rows) -> dict:
     return {**run_info(), "h2d_ceiling_gbps": {k: v / 1e9 for k, v in h2d.items() if "error" not in k},
             "lsa": {"tau": lsa.tau, "kmax_pages": lsa.kmax_pages, "page_entries": c.page_entries,
                     "tail_pages": lsa.recency_tail_pages, "sink_pages": lsa.sink_pages,
-                    "stale_by_one": lsa.stale_by_one},
+                    "stale_by_one": lsa.stale_by_one, "host_mirror": lsa.host_mirror},
             "model": {"n_layers": c.n_layers, "compress_ratios": c.compress_ratios, "kv_fp8": c.kv_fp8,
                       "target_layers": icfg.target_layers}, "rows": rows}
 

@@ -7,20 +7,24 @@ v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-
   numpy_threads      today's `kv_tiers.HostMirror.recall_to_device`: NumPy gather on host threads, each
                      array staged through pinned_host, then to the device
   numpy_direct       the same without the pinned staging copy (NumPy -> device device_put)
-  pinned_mirror      the engine's "pinned" backend, `kv_pinned.PinnedMirror.recall_to_device` (pinned_fori)
-  pinned_fori[_uN]   `kv_pinned.gather_pages`: pinned_host JAX arrays, one jitted loop of dynamic_slice
-                     (pinned) -> device_put (device) -> dynamic_update_slice (unrolled N times)
-  pinned_take        jit(in_shardings=pinned_host, out_shardings=device) of the fancy-index gather
+  pinned_mirror      the engine's "pinned" backend, `kv_pinned.PinnedMirror.recall_to_device` (pinned_take)
+  pinned_fori[_uN]   `kv_pinned.gather_pages(method="fori")`: pinned_host JAX arrays, one jitted loop of
+                     dynamic_slice (pinned) -> device_put (device) -> dynamic_update_slice (unrolled N times)
+  pinned_take        `kv_pinned.gather_pages(method="take")`: jit(in_shardings=pinned_host,
+                     out_shardings=device) of the fancy-index gather of whole pages (indices pinned too)
   pinned_compute_on  the gather under compute_on('device_host'), then device_put to the device
   page_list          one pinned_host array per (request, page) with every array's bytes of that page
                      (sglang-jax's host pool), one batched jax.device_put of the recalled pages, unpacked
                      on the device
   ceiling_pinned     one contiguous pinned_host -> device device_put of the same byte count
   ceiling_pinned_split  the same bytes as one pinned array per mirror array, one batched device_put
+  ceiling_numpy      one contiguous NumPy -> device device_put
 
-Overlap: each timed route's recall issued right after (the engine's order) and right before a device
-program ~3x as long as today's recall (50-300 ms): whether the copy lands while the program runs, or queues behind
-it (a jitted gather shares the compute stream; `recall_landed_s` of the engine measures this case).
+Overlap: each timed route's recall (and each ceiling's copy) issued right after (the engine's order) and
+right before a device program ~3x as long as today's recall (50-300 ms): whether the copy lands while the
+program runs, or queues behind it (a jitted gather shares the compute stream). The engine's
+`recall_landed_s` is the "after" case: at batch 1 it reads about one window (issue 11), which this tells
+apart: a copy that really waits for the window, or one that lands early and is seen late.
 
 Every route's recalled bytes are checked bit for bit against the NumPy gather before it is timed (a route
 that fails or differs is recorded with its error, not timed). Write-through: one page per array and request
@@ -29,12 +33,17 @@ jitted dynamic_update_slice of `kv_pinned.write_pages`; page_list: pack on the d
 pinned_host), then read back bit for bit.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 -m benchmarks.bench_recall --out benchmarks/results/recall-h200.json
+
+(run from the repository root: the probes start `python -m benchmarks.bench_recall` children; about 3 minutes
+on the H200, `--budget-s` stops starting batches after 150 s.)
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -91,9 +100,8 @@ def mirror_recall(mirror, pages) -> list:
 
 
 def mirror_write(mirror, new, pages) -> None:
-    """`write_through` of every layer; `new` is in `arrays` order (kv, keys per layer)."""
-    for i, l in enumerate(mirror.layers):
-        mirror.write_through(l, new[2 * i], new[2 * i + 1], pages)
+    """`write_layers` (as the engine writes a window's pages); `new` is in `arrays` order (kv, keys per layer)."""
+    mirror.write_layers({l: (new[2 * i], new[2 * i + 1]) for i, l in enumerate(mirror.layers)}, pages)
 
 
 class NumpyThreads:
@@ -132,7 +140,8 @@ class PinnedFori:
         return self.shared["pinned"]
 
     def recall(self, pages):
-        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, self.unroll, self.dtypes))
+        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, self.unroll, self.dtypes,
+                                    method="fori"))
 
     def write(self, new, pages):
         self.shared["pinned"] = list(kp.write_pages(self.arrays, new, np.arange(len(pages)), pages, self.dev))
@@ -159,20 +168,14 @@ class PinnedMirrorRoute(PinnedFori):
 
 
 class PinnedTake(PinnedFori):
-    """One jitted fancy-index gather reading pinned_host arrays, written to device memory."""
+    """`kv_pinned.gather_pages(method="take")`: one jitted gather of whole pages reading the pinned_host
+    arrays (and indices), written to device memory; the pinned mirror's recall."""
 
-    def __init__(self, mirror, dev, shared):
-        super().__init__(mirror, dev, shared)
-        dsh, hsh = jax.sharding.SingleDeviceSharding(dev), kp.host_sharding(dev)
-        self.fn = jax.jit(lambda arrs, idx: [kp.from_bits(a.reshape((-1,) + a.shape[2:])[idx], t)
-                                             for a, t in zip(arrs, self.dtypes)],
-                          in_shardings=([hsh] * len(self.arrays), hsh), out_shardings=dsh)
+    def recall(self, pages):
+        return list(kp.gather_pages(self.arrays, np.arange(len(pages)), pages, self.dev, dtypes=self.dtypes))
 
     def _flat(self, pages):
         return np.arange(len(pages))[:, None] * self.arrays[0].shape[1] + pages
-
-    def recall(self, pages):  # the indices in pinned_host too: jax requires one memory space per op
-        return self.fn(self.arrays, kp.to_pinned(self._flat(pages).astype(np.int32), self.dev))
 
 
 class PinnedComputeOn(PinnedTake):
@@ -183,12 +186,23 @@ class PinnedComputeOn(PinnedTake):
         PinnedFori.__init__(self, mirror, dev, shared)
         dsh = jax.sharding.SingleDeviceSharding(dev)
 
+        def gather(arrs, idx):
+            return [a.reshape((-1,) + a.shape[2:])[idx] for a in arrs]
+        if "out_memory_spaces" in inspect.signature(compute_on).parameters:  # jax >= 0.11: a function transform
+            host_gather = compute_on(gather, compute_type="device_host",
+                                     out_memory_spaces=[jax.memory.Space.Host] * len(self.arrays))
+        else:  # jax 0.10: a context manager
+            def host_gather(arrs, idx):
+                with compute_on("device_host"):
+                    return gather(arrs, idx)
+
         @jax.jit
         def fn(arrs, idx):
-            with compute_on("device_host"):
-                got = [a.reshape((-1,) + a.shape[2:])[idx] for a in arrs]
-            return [kp.from_bits(x, t) for x, t in zip(jax.device_put(got, dsh), self.dtypes)]
+            return [kp.from_bits(x, t) for x, t in zip(jax.device_put(host_gather(arrs, idx), dsh), self.dtypes)]
         self.fn = fn
+
+    def recall(self, pages):
+        return self.fn(self.arrays, kp.to_pinned(self._flat(pages).astype(np.int32), self.dev))
 
 
 class PageList:
@@ -256,29 +270,48 @@ def timed(fn, reps: int, warmup: int = 2) -> float:
     return float(np.median(ts))
 
 
-def ceilings(n_bytes: int, n_arrays: int, dev, reps: int) -> dict:
+class Ceiling:
+    """A contiguous copy of the recall's byte count (no gather): `recall` ignores the pages."""
+
+    def __init__(self, copy):
+        self.copy = copy
+
+    def recall(self, pages):
+        return self.copy()
+
+
+def ceilings(n_bytes: int, n_arrays: int, dev) -> dict:
+    """{name: Ceiling}: one pinned_host array, one per mirror array (batched), and NumPy, to the device."""
     dsh = jax.sharding.SingleDeviceSharding(dev)
     host = np.frombuffer(np.random.default_rng(1).bytes(n_bytes - n_bytes % n_arrays), np.uint8)
     one = kp.to_pinned(host, dev)
     split = jax.device_put(list(host.reshape(n_arrays, -1)), [kp.host_sharding(dev)] * n_arrays)
-    out = {}
-    for name, fn in (("ceiling_pinned", lambda i: jax.device_put(one, dsh)),
-                     ("ceiling_pinned_split", lambda i: jax.device_put(split, [dsh] * n_arrays)),
-                     ("ceiling_numpy", lambda i: jax.device_put(host, dsh))):
-        t = timed(fn, reps)
-        out[name] = {"recall_s": t, "gbps": host.nbytes / t / 1e9}
-    return out
+    return {"ceiling_pinned": Ceiling(lambda: jax.device_put(one, dsh)),
+            "ceiling_pinned_split": Ceiling(lambda: jax.device_put(split, [dsh] * n_arrays)),
+            "ceiling_numpy": Ceiling(lambda: jax.device_put(host, dsh))}
 
 
 def busy_program(dev, seconds: float):
-    """() -> a dispatched device program that runs about `seconds` (a loop of matmuls, its trip count
-    calibrated once), to see whether a recall issued beside it lands before it ends (overlap) or after."""
+    """() -> a dispatched device program that runs about `seconds` (a loop of matmuls with a static trip
+    count, like the decode window's scan: a loop whose count is data makes XLA:GPU read the condition back
+    every iteration, and the dispatching thread then waits the whole program out), to see whether a recall
+    issued beside it lands before it ends (overlap) or after."""
     x = jax.device_put(jnp.full((1024, 1024), 1.0 / 1024, jnp.float32), dev)
-    loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x))
-    k = jax.device_put(np.int32(8), dev)
-    t = timed(lambda i: loop(x, k), 3, warmup=1)
-    k = jax.device_put(np.int32(max(1, round(8 * seconds / t))), dev)
-    return lambda: loop(x, k)
+    loop = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ x, x), static_argnums=1)
+    n = 8
+    for _ in range(2):  # twice: the first estimate includes the dispatch overhead of a short loop
+        n = max(1, round(n * seconds / timed(lambda i, n=n: loop(x, n), 3, warmup=1)))
+    loop(x, n).block_until_ready()  # compiled
+    return lambda: loop(x, n)
+
+
+def dispatch_s(busy) -> float:
+    """Seconds until the call returns (not the program): about the program's length if dispatch blocks."""
+    t0 = time.perf_counter()
+    c = busy()
+    t = time.perf_counter() - t0
+    c.block_until_ready()
+    return t
 
 
 def overlap(route, pages, busy, reps: int) -> dict:
@@ -359,17 +392,22 @@ def run_batch(row, routes, mirror, m, reps, rng, save) -> None:
             res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(name, res, flush=True)
         save()
-    row["routes"].update(ceilings(n_bytes, len(want), jax.devices()[0], reps))
+    routes = {**routes, **ceilings(n_bytes - n_bytes % len(want), len(want), jax.devices()[0])}
+    for name in [n for n in routes if n.startswith("ceiling")]:
+        t = timed(lambda i, r=routes[name]: r.recall(None), reps)
+        row["routes"][name] = {"recall_s": t, "gbps": (n_bytes - n_bytes % len(want)) / t / 1e9}
     timed_routes = [n for n in routes if "recall_s" in row["routes"][n]]
     if timed_routes:  # a program ~3x today's recall (50-300 ms: the run stays short), timed alone first
         ref = row["routes"]["numpy_threads" if "numpy_threads" in timed_routes else timed_routes[0]]["recall_s"]
         busy = busy_program(jax.devices()[0], min(0.3, max(0.05, 3 * ref)))
         row["busy_alone_s"] = timed(lambda i: busy(), 3, warmup=1)
+        row["busy_dispatch_s"] = dispatch_s(busy)
         for n in [n for n in timed_routes if row["routes"][n]["recall_s"] < 1.0]:
             row["routes"][n]["overlap"] = overlap(routes[n], plans[1], busy, min(2, reps))
             print(n, "overlap", row["routes"][n]["overlap"], flush=True)
         save()
-    row["write_through"] = write_through(routes, mirror, batch, reps, rng, row["routes"])
+    row["write_through"] = write_through({n: r for n, r in routes.items() if not isinstance(r, Ceiling)}, mirror,
+                                         batch, reps, rng, row["routes"])
     save()
 
 
@@ -404,7 +442,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-dtypes", default="fp8,bf16")
     ap.add_argument("--routes", default=",".join(ROUTES))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=170.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="start no batch and no kv dtype after this many seconds (the probes included)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     ap.add_argument("--no-probe", action="store_true",
@@ -458,6 +496,7 @@ def main(argv=None) -> int:
             run["rows"].append({"batch": b})  # filled route by route and saved after each: a run cut short
             run_batch(run["rows"][-1], routes, mirror, args.recall_pages, args.reps, rng,  # keeps what it measured
                       lambda: write_json(args.out, payload))
+            run["rows"][-1]["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del routes, mirror, shared
     return 0
 

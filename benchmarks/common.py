@@ -176,7 +176,9 @@ def step_bytes_full(config, params, batch: int, context: int) -> int:
 
 
 def write_json(path: str, payload: dict) -> None:
+    """Write `payload` to `path` whole or not at all (a run killed mid-write keeps the previous file)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
     print("wrote", path)

@@ -8,9 +8,12 @@ program per shard that reads the pinned arrays and writes device arrays: a loop 
 (`jax.device_put` inside jit, XLA's MoveToDevice) and a `dynamic_update_slice` into the device result, so no
 host thread copies a byte (on a GPU the copy is XLA's, from pinned memory). The other devices of a shard get
 a device-to-device copy. Write-through is a jitted `dynamic_update_slice` into the donated pinned array of
-the page moved to the host inside the program (MoveToHost), so the mirror is updated in place.
+the page moved to the host inside the program (MoveToHost), so the mirror is updated in place. Float rows
+are held as their bits (`as_bits`) and bitcast back on the device.
 
-Which of this and the NumPy mirror is faster is measured by `benchmarks/bench_recall.py`.
+Being programs, recall and write-through run in order with the decode windows on the device's compute
+stream: a recall issued while a window runs lands after it (the NumPy mirror's `device_put` copies need not
+wait). Which mirror is faster, and which overlaps compute, is measured by `benchmarks/bench_recall.py`.
 """
 from __future__ import annotations
 
@@ -73,15 +76,37 @@ def _gather_fn(device, unroll: int):
     return jax.jit(gather, out_shardings=dev, static_argnums=3)
 
 
-def gather_pages(arrays, rows, pages, device=None, unroll: int = 1, dtypes=None):
+@functools.cache
+def _take_fn(device, n: int, dtypes: tuple):
+    dev, host = jax.sharding.SingleDeviceSharding(device), host_sharding(device)
+
+    def take(arrays, idx):
+        """arrays: tuple of pinned [B, n_pages, P, row]; idx int32 [b, M] (pinned too: XLA wants one memory
+        space per op) into the flattened [B * n_pages] pages -> tuple of device arrays [b, M, P, row]."""
+        return tuple(from_bits(a.reshape((-1,) + a.shape[2:])[idx], t) for a, t in zip(arrays, dtypes))
+    return jax.jit(take, in_shardings=((host,) * n, host), out_shardings=dev)
+
+
+GATHERS = ("take", "fori")
+
+
+def gather_pages(arrays, rows, pages, device=None, unroll: int = 1, dtypes=None, method: str = "take"):
     """Recall on `device` (default: device 0, whose pinned memory holds `arrays`): tuple of pinned
     [B, n_pages, P, row] arrays, rows [b], pages [b, M] (NumPy ints) -> tuple of device [b, M, P, row]
-    (the copies may still be running), bitcast to `dtypes` (default: the arrays' own)."""
+    (the copies may still be running), bitcast to `dtypes` (default: the arrays' own). `method` "take": one
+    jitted gather of whole pages reading the pinned arrays, written to device memory (on the H200 11-21 GB/s,
+    against 1-14 for the NumPy mirror: benchmarks/results/recall-h200.json); "fori": a loop of per-page
+    dynamic slices moved to the device (5-8 GB/s there), `unroll` times unrolled."""
     device = jax.devices()[0] if device is None else device
-    put = functools.partial(jax.device_put, device=device)
     dtypes = tuple(jnp.dtype(a.dtype) for a in arrays) if dtypes is None else tuple(map(jnp.dtype, dtypes))
-    return _gather_fn(device, unroll)(tuple(arrays), put(np.asarray(rows, np.int32)),
-                                      put(np.asarray(pages, np.int32)), dtypes)
+    rows, pages = np.asarray(rows, np.int64), np.asarray(pages, np.int64)
+    if method == "take":
+        idx = (rows[:, None] * arrays[0].shape[1] + pages).astype(np.int32)
+        return _take_fn(device, len(arrays), dtypes)(tuple(arrays), to_pinned(idx, device))
+    if method != "fori":
+        raise ValueError(f"method must be one of {GATHERS}, got {method!r}")
+    put = functools.partial(jax.device_put, device=device)
+    return _gather_fn(device, unroll)(tuple(arrays), put(rows.astype(np.int32)), put(pages.astype(np.int32)), dtypes)
 
 
 @functools.cache
@@ -105,9 +130,8 @@ def _write_fn(device):
 def write_pages(arrays, new, rows, pages, device=None):
     """Store new [b, m, P, row] (device or host arrays; floats stored as their bits, `as_bits`, when the
     array holds bits) at pages [b, m] (-1 = padding, skipped) of the mirror rows `rows` [b] of the pinned
-    `arrays` (donated: use the returned arrays). The count of pages
-    is padded to a power of two with repeats of the first page (rewriting a page with the same bytes), so
-    few distinct shapes are compiled."""
+    `arrays` (donated: use the returned arrays). The count of pages is padded to a power of two with
+    repeats of the first page (rewriting a page with the same bytes), so few distinct shapes are compiled."""
     device = jax.devices()[0] if device is None else device
     pages = np.asarray(pages)
     src = np.argwhere(pages >= 0)
@@ -183,6 +207,10 @@ class PinnedMirror:
                 return start, dev, arrs
         raise ValueError(f"requests {rows.start}..{rows.stop - 1} span more than one shard of the pinned mirror")
 
+    def compile_recall(self, plan, sharding: jax.sharding.Sharding | None = None) -> None:
+        """Run one recall of `plan`'s shape (its gather is compiled per shape), its result dropped."""
+        jax.block_until_ready(self.recall_to_device(plan, sharding))
+
     def recall_to_device(self, plan, sharding: jax.sharding.Sharding | None = None):
         """As `HostMirror.recall_to_device`: {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
         (default: device 0; copies may still be running). Each data shard's pages are gathered on the device
@@ -207,12 +235,17 @@ class PinnedMirror:
     def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
         """As `HostMirror.write_through` (slots_* [B, M, P, ...], device or host arrays; pages [B, M], -1 =
         padding): a donated in-place update of the pinned arrays, per shard on its own device."""
+        self.write_layers({layer: (slots_kv, slots_keys)}, pages)
+
+    def write_layers(self, new: dict, pages: np.ndarray):
+        """`write_through` of every layer of new {layer: (slots_kv, slots_keys)} in one program per shard."""
         from fm_jax.kv_tiers import update_checksums
+        keys = [(l, name) for l in new for name in ("kv", "keys")]
+        vals = [x for pair in new.values() for x in pair]
         for i, (rows, dev, arrs) in enumerate(self.shards):
-            k = ((layer, "kv"), (layer, "keys"))
-            new = write_pages([arrs[x] for x in k], (slots_kv[rows], slots_keys[rows]),
-                              np.arange(rows.stop - rows.start), pages[rows], dev)
-            self.shards[i] = (rows, dev, {**arrs, **dict(zip(k, new))})
+            out = write_pages([arrs[k] for k in keys], [x[rows] for x in vals], np.arange(rows.stop - rows.start),
+                              pages[rows], dev)
+            self.shards[i] = (rows, dev, {**arrs, **dict(zip(keys, out))})
         if self.verify:
-            for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
-                update_checksums(self.sums[(layer, name)], np.asarray(arr), pages)
+            for k, x in zip(keys, vals):
+                update_checksums(self.sums[k], np.asarray(x), pages)

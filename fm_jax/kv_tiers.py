@@ -94,12 +94,11 @@ def host_memory_kind() -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
-def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None, staged: bool = True) -> jax.Array:
+def to_device(x: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
     """Host array -> `sharding` (default: the default device), staged through pinned host memory where
-    available (and `staged`). A multi-device sharding sends every device only its own slice (sliced on the
-    host)."""
+    available. A multi-device sharding sends every device only its own slice (sliced on the host)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
-    kind = host_memory_kind() if staged else None
+    kind = host_memory_kind()
     if kind is None:
         return jax.device_put(x, sharding)
     return jax.device_put(jax.device_put(x, sharding.with_memory_kind(kind)), sharding)
@@ -352,7 +351,11 @@ class HostMirror:
         host = _gather(src, bidx, pages)
         if self.verify:
             check_pages(host, self.sums[(layer, name)], (layer, name), bidx, pages)
-        return [to_device(host, jax.sharding.SingleDeviceSharding(d), self.pinned_staging) for d in devices]
+        put = to_device if self.pinned_staging else jax.device_put
+        return [put(host, jax.sharding.SingleDeviceSharding(d)) for d in devices]
+
+    def compile_recall(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None) -> None:
+        """Compile what a recall of `plan`'s shape runs: nothing here (NumPy gather + device_put)."""
 
     def recall_to_device(self, plan: RecallPlan, sharding: jax.sharding.Sharding | None = None):
         """`gather` (+ checksum check with `verify`) + `to_device` for every (layer, kv | keys) array and
@@ -384,6 +387,11 @@ class HostMirror:
         if self.verify:
             for name, arr in (("kv", slots_kv), ("keys", slots_keys)):
                 update_checksums(self.sums[(layer, name)], arr, pages)
+
+    def write_layers(self, new: dict, pages: np.ndarray):
+        """`write_through` of every layer of new {layer: (slots_kv, slots_keys)}."""
+        for l, (kv, keys) in new.items():
+            self.write_through(l, kv, keys, pages)
 
 
 def page_bytes(config) -> int:

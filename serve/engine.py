@@ -447,6 +447,7 @@ class _Cycle:
                       for l in self.c.csa_layers}
             plan = kt.RecallPlan(np.full((b, m), self.layout.n_slots, np.int64), np.zeros((b, m), np.int64), 0)
             cache = self._apply(cache, plan, staged, None)
+            self.mirror.compile_recall(plan, self.rows)  # the "pinned" mirror's gather is a jitted program
         return cache
 
     def _put(self, x) -> jax.Array:
@@ -567,8 +568,8 @@ class _Cycle:
             raise AssertionError("a page written during the window is not resident")
         layers = {l: (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]) for l in self.c.csa_layers}
         read = _read_slots(layers, self._put(np.maximum(slots, 0).astype(np.int32)), self.layout.page_entries)
-        for l, (kv, keys) in read.items():
-            self.mirror.write_through(l, kv, keys, pages)  # device arrays: each backend moves them its own way
+        self.mirror.write_layers(read, pages)  # device arrays: each backend moves them its own way
+        for l, (_, keys) in read.items():
             if l in self.full_keys:
                 self.full_keys[l] = _update_full_keys(self.full_keys[l], keys, self._put(pages.astype(np.int32)),
                                                       self.mesh)

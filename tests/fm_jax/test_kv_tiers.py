@@ -232,3 +232,19 @@ def test_engine_tokens_do_not_depend_on_the_mirror_backend():
         assert res.stats["recalled_bytes"] > 0
         out[backend] = res.tokens
     np.testing.assert_array_equal(out["pinned"], out["numpy"])
+
+
+def test_pinned_gathers_agree_and_unknown_method_fails():
+    from fm_jax import kv_pinned as kp
+    c, layout, ref, pinned = _mirrors("bf16")
+    _, dev, arrs = pinned.shards[0]
+    keys = list(arrs)
+    pages = np.array([[3, 0, 7], [5, 5, 1]])
+    dtypes = [pinned.dtypes[k] for k in keys]
+    take = kp.gather_pages([arrs[k] for k in keys], np.arange(B), pages, dev, dtypes=dtypes)
+    fori = kp.gather_pages([arrs[k] for k in keys], np.arange(B), pages, dev, dtypes=dtypes, method="fori", unroll=2)
+    for k, t, f in zip(keys, take, fori):
+        src = (ref.kv if k[1] == "kv" else ref.keys)[k[0]]
+        assert _same_bytes(t, f) and _same_bytes(t, src[np.arange(B)[:, None], pages])
+    with pytest.raises(ValueError, match="method must be one of"):
+        kp.gather_pages([arrs[k] for k in keys], np.arange(B), pages, dev, method="loop")
