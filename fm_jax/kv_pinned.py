@@ -3,11 +3,12 @@ via `jax.device_put` memory kinds"): the alternative to `kv_tiers.HostMirror`'s 
 
 Each (CSA layer, kv | keys) array [B, n_pages, page_entries, row] lives in the pinned host memory of one
 device per data shard (the first device of the shard, `sharding.batch_row_groups`). Recall is one jitted
-program per shard that reads the pinned arrays and writes device arrays: a loop over the recalled
-(request, page) pairs whose body is a `dynamic_slice` of the pinned array moved to the device
-(`jax.device_put` inside jit, XLA's MoveToDevice) and a `dynamic_update_slice` into the device result, so no
-host thread copies a byte (on a GPU the copy is XLA's, from pinned memory). The other devices of a shard get
-a device-to-device copy. Write-through is a jitted `dynamic_update_slice` into the donated pinned array of
+program per shard that reads the pinned arrays and writes device arrays, so no host thread copies a byte:
+by default ("take") one gather of whole pages with the arrays and the page indices in pinned memory and the
+result on the device (XLA's host offloader may run the gather itself on the host: it warns so on the GPU; it
+measured fastest there all the same, see `gather_pages`); or ("fori") a loop over the recalled (request,
+page) pairs of a `dynamic_slice` moved to the device (`jax.device_put` inside jit) and a
+`dynamic_update_slice` into the device result. The other devices of a shard get a device-to-device copy. Write-through is a jitted `dynamic_update_slice` into the donated pinned array of
 the page moved to the host inside the program (MoveToHost), so the mirror is updated in place. Float rows
 are held as their bits (`as_bits`) and bitcast back on the device.
 
