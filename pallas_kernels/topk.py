@@ -202,8 +202,10 @@ def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key
         r_gt = base + gt_run + jnp.cumsum(gti) - 1
         r_eq = eq_before + eq_run + jnp.cumsum(eqi) - 1
         take_eq = eq & (r_eq < need)
-        pick = gt | take_eq
         slot = jnp.where(gt, r_gt, jnp.where(take_eq, n_gt + r_eq, k))
+        # slot < k holds whenever T is right; the guard keeps a wrong T (as on the H200, module doc) from
+        # storing past the [batch, k] outputs into other buffers
+        pick = (gt | take_eq) & (slot < k)
         compat.store(idx_ref.at[b, slot], offs, mask=pick)
         compat.store(val_ref.at[b, slot], x, mask=pick)
         compat.store(key_ref.at[b, slot], ~s, mask=pick)      # ascending ~s == descending s
