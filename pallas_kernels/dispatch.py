@@ -6,9 +6,10 @@ where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still r
 * packed fp8 KV rows: the packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads
   (`kernels-h100.json`, run 'c') and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200
   (`kernels-h200-fp8.json`);
-* top-k: the compiled top-k kernel's results differ from ``lax.top_k`` on the H200 (every on-device check of
-  `kernels-h200-topk-quick.json` fails, and N = 256K hits an illegal address), although interpret mode matches
-  it exactly; it stays opt-in until those checks pass.
+* top-k: the compiled top-k kernel's first version failed every on-device check on the H200
+  (`kernels-h200-topk-quick.json`: Pallas lowered its int32 vector atomics as float adds), and the fixed one
+  has not run on a GPU yet; it stays opt-in until ``pytest -m gpu tests/pallas_kernels/test_topk.py`` and the
+  checks of ``bench_kernels.py --sections topk`` pass.
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations

@@ -26,11 +26,17 @@ order without another pass. A final kernel writes the ``k`` picks into ``[batch,
 first ``need`` keys equal to ``T`` in index order at slots ``k - need + rank``. An XLA sort of the ``[batch, k]``
 picks by (key descending, index ascending) gives ``lax.top_k``'s order.
 
-Status: exact against ``lax.top_k`` in interpret mode (CPU tests), but on the H200 (jax 0.11.2) the compiled
-kernel fails every on-device check and N = 256K hits an illegal address (`kernels-h200-topk-quick.json`), so
-the dispatch never picks it under ``impl="auto"``.
+The histogram buffer is float32 although it only holds integers: Pallas' Triton lowering (jax 0.10.2 and
+0.11.2) emits ``tt.atomic_rmw fadd`` for a *vector* atomic add of int32 values (its integer check looks at the
+element type of scalars only; a scalar int32 atomic gets ``add``), which on the GPU added the counts' bits as
+floats. Every value stored there is exact in float32: counts and the slot counter below 2^24, ``need <= k``, and
+the prefixes have at most 24 bits (3 x 8 or 2 x 11 digits before the last).
 
-Launches per call: one zero fill of the ``[batch, digits + 1, 32, 64]`` int32 histogram buffer, one histogram
+Status: exact against ``lax.top_k`` in interpret mode (CPU tests). The version with an int32 buffer failed every
+on-device check on the H200 (jax 0.11.2; `kernels-h200-topk-quick.json`, `probe-topk-h200.json`): the fadd
+above. This float32 version has not run on a GPU yet, so the dispatch does not pick it under ``impl="auto"``.
+
+Launches per call: one zero fill of the ``[batch, digits + 1, 32, 64]`` float32 histogram buffer, one histogram
 kernel per digit (3 or 4), the select kernel and the sort: 6 or 7.
 """
 from __future__ import annotations
@@ -106,16 +112,16 @@ def _prefix_state(hist_in_ref, hist_ref, b, j, layout, level: int, k: int):
     if level == 1:
         need = k
     else:
-        prefix = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2))]
-        need = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2) + 1)]
-    d, need = _select_bin(hist_in_ref[(b, level - 1) + _hist_view(layout, level - 1)], need)
+        prefix = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2))].astype(jnp.int32)
+        need = hist_in_ref[b, slab, one, jnp.int32(2 * (level - 2) + 1)].astype(jnp.int32)
+    d, need = _select_bin(hist_in_ref[(b, level - 1) + _hist_view(layout, level - 1)].astype(jnp.int32), need)
     # the top digit was biased by 2^(bits - 1) to make it non-negative (the key is signed)
     prefix = d - (1 << (bits - 1)) if level == 1 else prefix * (1 << bits) + d
     if hist_ref is not None:
         @pl.when(j == 0)
         def _store():
-            hist_ref[b, slab, one, jnp.int32(2 * (level - 1))] = prefix
-            hist_ref[b, slab, one, jnp.int32(2 * (level - 1) + 1)] = need
+            hist_ref[b, slab, one, jnp.int32(2 * (level - 1))] = prefix.astype(jnp.float32)
+            hist_ref[b, slab, one, jnp.int32(2 * (level - 1) + 1)] = need.astype(jnp.float32)
     return prefix, need
 
 
@@ -154,13 +160,14 @@ def _hist_kernel(x_ref, hist_in_ref, *out_refs, layout, level: int, k: int, n: i
         return jax.lax.cond(jnp.sum(live.astype(jnp.int32)) > 0, add_chunk, lambda a, *_: a,
                             acc, (s >> shift) & ((1 << bits) - 1), live)
 
-    counts = jax.lax.fori_loop(0, chunks, body, jnp.zeros((rows, cols), acc_dt)).astype(jnp.int32)
-    # interpret mode has no masked atomics; on the GPU the mask skips the (many) empty bins.
+    counts = jax.lax.fori_loop(0, chunks, body, jnp.zeros((rows, cols), acc_dt))
+    # float32 atomics (module doc: an int32 vector atomic is lowered as a float add). Interpret mode has no
+    # masked atomics; on the GPU the mask skips the (many) empty bins.
     # (static indices as arrays: the interpret-mode atomic wants every index to have a shape)
-    compat.atomic_add(hist_ref, (b, jnp.int32(level)) + _hist_view(layout, level), counts,
+    compat.atomic_add(hist_ref, (b, jnp.int32(level)) + _hist_view(layout, level), counts.astype(jnp.float32),
                       **({} if interpret else {"mask": counts != 0}))
     if level == len(layout) - 1:
-        out_refs[1][b, j] = counts
+        out_refs[1][b, j] = counts.astype(jnp.int32)
 
 
 def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key_ref, *, layout, k: int, n: int,
@@ -193,7 +200,9 @@ def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key
 
     mine = jax.lax.fori_loop(0, chunks, count, jnp.int32(0))
     zero = jnp.int32(0)
-    base = compat.atomic_add(hist_ref, (b, jnp.int32(last + 1), zero, zero), mine)     # the row's slot counter
+    # the row's slot counter (a float32 cell of the histogram buffer: exact below 2^24)
+    base = compat.atomic_add(hist_ref, (b, jnp.int32(last + 1), zero, zero), mine.astype(jnp.float32))
+    base = base.astype(jnp.int32)
 
     def write(c, carry):
         gt_run, eq_run = carry
@@ -257,10 +266,10 @@ def topk_pallas(scores, k: int, *, interpret: bool = False, chunk: int | None = 
     x = scores.astype(jnp.float32)
     params = compat.triton_compiler_params(cfg["num_warps"], cfg["num_stages"])
     # one [32, 64] histogram per digit, then the slab of the slot counter and the per-digit state
-    hist_shape = jax.ShapeDtypeStruct((b, levels + 1, HIST_ROWS, HIST_COLS), jnp.int32)
+    hist_shape = jax.ShapeDtypeStruct((b, levels + 1, HIST_ROWS, HIST_COLS), jnp.float32)
     _, bits, lo_bits = layout[-1]
     part_shape = jax.ShapeDtypeStruct((b, n_programs, 1 << (bits - lo_bits), 1 << lo_bits), jnp.int32)
-    hist = jnp.zeros(hist_shape.shape, jnp.int32)     # the one zero fill: every later kernel updates in place
+    hist = jnp.zeros(hist_shape.shape, jnp.float32)     # the one zero fill: every later kernel updates in place
     part = None
     for level in range(levels):
         final = level == levels - 1

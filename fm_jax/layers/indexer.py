@@ -46,7 +46,7 @@ def select_topk(scores: jax.Array, k: int, with_values: bool = False, impl: str 
     -1 where fewer than k candidates exist. `with_values`: also their logits float32 [..., k], sorted
     descending, -inf where no pick (the golden-label dump's top-p reads them). `impl`: as
     `pallas_kernels.topk`. The model calls it with the default "auto", which is `lax.top_k` on every backend:
-    the model's kernel `impl` is not passed on, because the compiled top-k kernel fails its GPU checks
+    the model's kernel `impl` is not passed on, because the compiled top-k kernel has not passed its GPU checks
     (`pallas_kernels.dispatch`), so `impl="pallas"` for scoring and attention must not select it."""
     vals, idx = topk(scores, k, impl=impl)
     idx = jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)

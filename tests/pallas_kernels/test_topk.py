@@ -6,6 +6,7 @@ Every call packs eight kinds of rows into one batch (random, few levels with tie
 appear at small N.
 """
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -149,10 +150,26 @@ def test_lowers_to_triton_without_a_gpu(digits, onehot):
     assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == len(digits) + 1
 
 
+def test_no_integer_vector_atomics_in_the_triton_ir(monkeypatch, capsys):
+    # Pallas' Triton lowering emits `tt.atomic_rmw fadd` for a vector atomic add of int32 values (its integer
+    # check sees scalars only), which broke the int32-histogram version on the H200: every atomic add of the
+    # kernel must be a float add on float32 memory or an integer add
+    from jax.experimental import pallas as pl
+    topk_mod = importlib.import_module("pallas_kernels.topk")
+    monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))   # prints the TTIR
+    f = jax.jit(functools.partial(topk_mod.topk_pallas, k=512))
+    try:
+        f.trace(jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32)).lower(lowering_platforms=("cuda",))
+    except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
+        pytest.skip(f"no cross-platform lowering in this jax: {e}")
+    atomics = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
+    assert len(atomics) == 4                     # three histogram digits + the slot counter
+    for line in atomics:
+        kind, ptr_type = line.split("tt.atomic_rmw ")[1].split(",")[0], line.split(": (")[1].split(",")[0]
+        assert (kind == "fadd" and "ptr<f32>" in ptr_type) or (kind == "add" and "ptr<i32>" in ptr_type), line
+
+
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="on the H200 (jax 0.11.2) the compiled kernel differs from lax.top_k in "
-                   "every check and N = 256K hits an illegal address (kernels-h200-topk-quick.json); "
-                   "interpret mode matches; remove this mark when it passes")
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("n", [65536, 262144])
 def test_compiled_kernel_on_gpu(batch, n):
