@@ -8,9 +8,10 @@ by default ("take") one gather of whole pages with the arrays and the page indic
 result on the device (XLA's host offloader may run the gather itself on the host: it warns so on the GPU; it
 measured fastest there all the same, see `gather_pages`); or ("fori") a loop over the recalled (request,
 page) pairs of a `dynamic_slice` moved to the device (`jax.device_put` inside jit) and a
-`dynamic_update_slice` into the device result. The other devices of a shard get a device-to-device copy. Write-through is a jitted `dynamic_update_slice` into the donated pinned array of
-the page moved to the host inside the program (MoveToHost), so the mirror is updated in place. Float rows
-are held as their bits (`as_bits`) and bitcast back on the device.
+`dynamic_update_slice` into the device result. The other devices of a shard get a device-to-device copy.
+Write-through is a jitted `dynamic_update_slice` into the donated pinned array of the page moved to the host
+inside the program (MoveToHost), so the mirror is updated in place. Float rows are held as their bits
+(`as_bits`) and bitcast back on the device.
 
 Being programs, recall and write-through run in order with the decode windows on the device's compute
 stream: a recall issued while a window runs lands after it (the NumPy mirror's `device_put` copies need not
