@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import itertools
 import os
 import resource
 import subprocess
@@ -53,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import KV_DTYPES, run_info, v4_attention_stack, write_json
+from benchmarks.common import KV_DTYPES, median_time, run_info, v4_attention_stack, write_json
 from fm_jax import kv_pinned as kp
 from fm_jax import kv_tiers as kt
 from fm_jax.cache import kv_row
@@ -259,15 +260,9 @@ ROUTES = {"numpy_threads": NumpyThreads, "numpy_direct": NumpyDirect, "pinned_mi
 
 # ------------------------------------------------------------------------------------------ timing
 def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds of fn() to the landing of its result (block_until_ready)."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(i))
-    ts = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    """Median seconds of fn(i) to the landing of its result (block_until_ready); i counts the calls."""
+    calls = itertools.count()
+    return median_time(lambda: jax.block_until_ready(fn(next(calls))), warmup=warmup, reps=reps)
 
 
 class Ceiling:
