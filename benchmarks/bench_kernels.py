@@ -6,7 +6,8 @@ Run on the device machine from the repo root:
 Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep,
 fp8sweep (block configs of the packed fp8-row attention kernel).
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
-size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest;
+size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest,
+with ``lax.top_k`` and with the top-k kernel (``ModelConfig.topk_impl``);
 ``topk`` checks the exact top-k kernel against ``lax.top_k`` on awkward rows (ties, -inf, +-0) and times both at
 k=512 (rows ``kernel="topk"``, ``impl`` pallas | xla; ``--quick``: the three target shapes, no sweep; off-GPU or
 ``--tiny``: a dry run in interpret mode).
@@ -374,41 +375,51 @@ def _time_of(agg, keys):
     return sum(v for k, v in agg.items() if any(s in k.lower() for s in keys))
 
 
-def topk_step_share(cases=((1, 32768), (1, 131072), (8, 32768), (8, 131072))):
+def topk_step_share(cases=((1, 32768), (1, 131072), (8, 32768), (8, 131072)), topk_impls=("xla", "pallas")):
     """GPU time of one decode step (V4-Flash attention dims, 4 layers CSA/HCA/CSA/HCA, dense FFN, cache
-    donated) split into top-k (sort / cub kernels), Pallas scoring, Pallas attention and the rest."""
+    donated) split into top-k (sort / cub / radix-select kernels), Pallas scoring, Pallas attention and the rest,
+    once per Lightning Indexer top-k (`ModelConfig.topk_impl`): the step's breakdown before and after the
+    top-k kernel. A top-k that fails to run is a row with its error."""
     from benchmarks.common import synthetic_cache, v4_attention_stack
     from fm_jax import backbone
     from fm_jax.model import init_params
-    c = v4_attention_stack()
-    params = init_params(c, jax.random.PRNGKey(0))
-    step = jax.jit(lambda p, cache, tok: backbone.run_step(p, c, cache, tok)[:2], donate_argnums=(1,))
+    base = v4_attention_stack()
+    params = init_params(base, jax.random.PRNGKey(0))
     out = []
-    for b, ctx in cases:
-        state = {"cache": synthetic_cache(c, b, ctx, ctx + 64)[0]}
-        tok = jnp.arange(b, dtype=jnp.int32) + 7
+    for topk_impl in topk_impls:
+        c = base.replace(topk_impl=topk_impl)
+        step = jax.jit(lambda p, cache, tok, c=c: backbone.run_step(p, c, cache, tok)[:2], donate_argnums=(1,))
+        for b, ctx in cases:
+            state = {"cache": synthetic_cache(c, b, ctx, ctx + 64)[0]}
+            tok = jnp.arange(b, dtype=jnp.int32) + 7
 
-        def run(state=state, tok=tok):   # the cache is donated: thread it through every call
-            logits, state["cache"] = step(params, state["cache"], tok)
-            jax.block_until_ready(logits)
+            def run(state=state, tok=tok, step=step):   # the cache is donated: thread it through every call
+                logits, state["cache"] = step(params, state["cache"], tok)
+                jax.block_until_ready(logits)
 
-        run()
-        run()
-        reps = 3
-        kernels, _ = traced_kernels(run, reps)
-        agg = {k: ns / 1e3 / reps for k, (_, ns) in kernels.items()}
-        total = sum(agg.values())
-        part = functools.partial(_time_of, agg)
-        row = dict(batch=b, context=ctx, step_gpu_us=total, topk_us=part(("sort", "cub", "topk", "top_k")),
-                   indexer_scores_us=part(("indexer_scores",)), sparse_attention_us=part(("sparse_attention",)),
-                   largest={k: v for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:10]})
-        row["topk_fraction"] = row["topk_us"] / total if total else None   # None: no GPU trace (CPU)
-        out.append(row)
-        log(f"step b{b} ctx {ctx}: {total:7.0f} us GPU, top-k {row['topk_us']:6.1f} us "
-            f"({row['topk_fraction'] or 0:.1%}), scoring {row['indexer_scores_us']:.1f} us, "
-            f"attention {row['sparse_attention_us']:.1f} us")
-        del state
-        gc.collect()
+            row = dict(batch=b, context=ctx, topk_impl=topk_impl)
+            try:
+                run()
+                run()
+                reps = 3
+                kernels, _ = traced_kernels(run, reps)
+            except Exception as ex_:  # noqa: BLE001 - a failing top-k is a result here
+                out.append({**row, "error": repr(ex_)[:1000]})
+                log(f"step b{b} ctx {ctx} topk {topk_impl}: failed: {ex_!r:.200}")
+                continue
+            agg = {k: ns / 1e3 / reps for k, (_, ns) in kernels.items()}
+            total = sum(agg.values())
+            part = functools.partial(_time_of, agg)
+            row.update(step_gpu_us=total, topk_us=part(("sort", "cub", "topk", "top_k")),
+                       indexer_scores_us=part(("indexer_scores",)), sparse_attention_us=part(("sparse_attention",)),
+                       largest={k: v for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:10]})
+            row["topk_fraction"] = row["topk_us"] / total if total else None   # None: no GPU trace (CPU)
+            out.append(row)
+            log(f"step b{b} ctx {ctx} topk {topk_impl}: {total:7.0f} us GPU, top-k {row['topk_us']:6.1f} us "
+                f"({row['topk_fraction'] or 0:.1%}), scoring {row['indexer_scores_us']:.1f} us, "
+                f"attention {row['sparse_attention_us']:.1f} us")
+            del state
+            gc.collect()
     return out
 
 

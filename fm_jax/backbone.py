@@ -154,7 +154,7 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
             q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
             scores = indexer_scores(q_i, w_i, keys, jnp.broadcast_to(n_vis, (b, t)).astype(jnp.int32),
                                     act="none", impl=impl)
-            sel, sel_logits = select_topk(scores, c.index_topk, with_values=True)   # not `impl`: see select_topk
+            sel, sel_logits = select_topk(scores, c.index_topk, with_values=True, impl=c.topk_impl)
         else:
             sel = jnp.broadcast_to(jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1), (b, t, n))
     o = _attend_sequence(q, pool, sel.astype(jnp.int32), window_kv, window_len, p["sink"],
@@ -275,7 +275,7 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
                                         act="none", impl=impl)
                 held = tier["cell_entry"]
                 scores = jnp.where((held >= 0) & (held < n_vis[:, None]), scores, -jnp.inf)
-            sel = select_topk(scores, c.index_topk)   # not `impl`: see select_topk
+            sel = select_topk(scores, c.index_topk, impl=c.topk_impl)
         else:
             ids = jnp.arange(pool.shape[1])
             sel = jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1).astype(jnp.int32)

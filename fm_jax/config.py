@@ -59,6 +59,10 @@ class ModelConfig:
     # "dense" = every expert on every token, unrouted ones weighted 0; "sparse" = each expert on its routed
     # tokens only (sort by expert + grouped matmul, expert parallel over the mesh axis `model`)
     moe_impl: Literal["dense", "sparse"] = "dense"
+    # the Lightning Indexer's top-k (`pallas_kernels.dispatch.topk`): "auto" = the dispatch's choice (today
+    # `lax.top_k` on every backend), "pallas" = the radix-select kernel (GPU), "xla" = `lax.top_k`. A knob of
+    # its own, not the scoring/attention `impl`, so the kernel is opted into on its own (same picks either way)
+    topk_impl: Literal["auto", "pallas", "xla"] = "auto"
     # MoE routing (SPEC §9): routed weights = renormalised sqrt(softplus) scores x routed_scaling_factor
     # (V4's 1.5 in every preset); layers l < n_hash_layers route by token id (tid2eid) instead of top-k
     routed_scaling_factor: float = 1.5
@@ -207,6 +211,8 @@ def _validate(c: ModelConfig) -> None:
         bad("dense_inter_dim", "must be positive when ffn='dense'")
     if c.moe_impl not in ("dense", "sparse"):
         bad("moe_impl", "must be 'dense' or 'sparse'")
+    if c.topk_impl not in ("auto", "pallas", "xla"):
+        bad("topk_impl", "must be 'auto', 'pallas' or 'xla'")
     if c.dtype not in ("float32", "bfloat16"):
         bad("dtype", "must be 'float32' or 'bfloat16'")
     if c.matmul_precision not in (None, "highest", "tensorfloat32", "default"):

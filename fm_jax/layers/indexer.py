@@ -45,9 +45,8 @@ def select_topk(scores: jax.Array, k: int, with_values: bool = False, impl: str 
     """Top-k over the last axis of masked scores (-inf = not a candidate). [..., N] -> int32 [..., k],
     -1 where fewer than k candidates exist. `with_values`: also their logits float32 [..., k], sorted
     descending, -inf where no pick (the golden-label dump's top-p reads them). `impl`: as
-    `pallas_kernels.topk`. The model calls it with the default "auto", which is `lax.top_k` on every backend:
-    the model's kernel `impl` is not passed on, because the compiled top-k kernel has not passed its GPU checks
-    (`pallas_kernels.dispatch`), so `impl="pallas"` for scoring and attention must not select it."""
+    `pallas_kernels.dispatch.topk`; the model passes its config's `topk_impl`, not the scoring/attention `impl`,
+    so the top-k kernel is opted into on its own."""
     vals, idx = topk(scores, k, impl=impl)
     idx = jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return (idx, vals.astype(jnp.float32)) if with_values else idx

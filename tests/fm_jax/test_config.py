@@ -100,6 +100,7 @@ INVALID += [("hc_eps", -1e-6, {}), ("routed_scaling_factor", 0.0, {}), ("swiglu_
             ("n_hash_layers", -1, {"ffn": "moe"}), ("n_hash_layers", 5, {"ffn": "moe"}), ("n_hash_layers", 1, {})]
 # how the routed experts are computed (layers/ffn.py)
 INVALID += [("moe_impl", "gather", {"ffn": "moe"}), ("moe_impl", "Sparse", {})]
+INVALID += [("topk_impl", "triton", {}), ("topk_impl", "Pallas", {})]
 
 
 def test_list_compress_ratios_become_a_hashable_tuple():

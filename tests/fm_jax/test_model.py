@@ -200,3 +200,39 @@ def test_positions_past_rope_table(small_model):
     cache = {**cache, "lengths": jnp.asarray([32], jnp.int32)}
     with pytest.raises(ValueError, match=re.escape("max_seq_len=32")):
         model.decode_step(params, short, cache, jnp.asarray([1], jnp.int32))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error that proves the route")
+def test_topk_impl_reaches_the_indexer_top_k(small_model):
+    """`topk_impl` is the Lightning Indexer's top-k knob: "pallas" must reach `dispatch.topk` in both the
+    sequence and the decode paths (off the GPU that is the dispatch's clear error), "xla" equals "auto"."""
+    c, params = small_model
+    toks = jnp.asarray(np.random.default_rng(3).integers(0, c.vocab_size, (2, 24)), jnp.int32)
+    k = c.replace(topk_impl="pallas")
+    with pytest.raises(ValueError, match=re.escape("topk(impl='pallas') needs a GPU")):
+        model.forward(params, k, toks)
+    cache = init_cache(c, 2, 32)
+    with pytest.raises(ValueError, match=re.escape("topk(impl='pallas') needs a GPU")):
+        model.decode_step(params, k, cache, toks[:, 0])
+    np.testing.assert_array_equal(np.asarray(model.forward(params, c.replace(topk_impl="xla"), toks)),
+                                  np.asarray(model.forward(params, c, toks)))
+
+
+@pytest.mark.gpu
+def test_topk_kernel_gives_the_same_decode_as_lax_top_k(small_model):
+    """On a GPU the radix-select kernel picks exactly `lax.top_k`'s entries, so prefill + decode logits match
+    bit for bit. Context past `index_topk` compressed entries, so the top-k really selects."""
+    c, params = small_model
+    t = 4 * c.csa_ratio * c.index_topk + 16
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, c.vocab_size, (2, t)), jnp.int32)
+    out = {}
+    for impl in ("xla", "pallas"):
+        ci = c.replace(topk_impl=impl)
+        logits, cache = model.prefill(params, ci, toks, t + 8)
+        steps = [np.asarray(logits)]
+        for i in range(4):
+            lg, cache = model.decode_step(params, ci, cache, toks[:, i])
+            steps.append(np.asarray(lg))
+        out[impl] = steps
+    for a, b in zip(out["xla"], out["pallas"]):
+        np.testing.assert_array_equal(a, b)
