@@ -9,7 +9,8 @@ where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still r
 * top-k: the compiled top-k kernel's first version failed every on-device check on the H200
   (`kernels-h200-topk-quick.json`: Pallas lowered its int32 vector atomics as float adds), and the fixed one
   has not run on a GPU yet; it stays opt-in until ``pytest -m gpu tests/pallas_kernels/test_topk.py`` and the
-  checks of ``bench_kernels.py --sections topk`` pass.
+  checks of ``bench_kernels.py --sections topk`` pass. The model opts in with ``ModelConfig(topk_impl="pallas")``
+  (its Lightning Indexer calls ``topk`` with that knob, not with the scoring / attention ``impl``).
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations
