@@ -37,7 +37,9 @@ from fm_jax.config import ModelConfig
 FORMAT = "fm_jax.params/1"
 CONFIG_FILE = "fm_config.json"
 PARAMS_DIR = "params"
-_IGNORED_FIELDS = ("name",)  # not part of the model (dataclass field with compare=False)
+# not part of the model: `name` (dataclass field with compare=False) and `topk_impl` (which top-k computes the
+# same picks; checkpoints saved before it existed do not store it)
+_IGNORED_FIELDS = ("name", "topk_impl")
 
 
 def _ocp():

@@ -95,6 +95,20 @@ def test_preset_name_is_not_part_of_the_model(saved):
     assert tree_bytes_equal(params, ck.restore_params(path, renamed))
 
 
+def test_topk_impl_is_not_part_of_the_model(saved, tmp_path):
+    """The top-k implementation picks the same entries: a checkpoint restores under any, including one saved
+    before the field existed (the shipped checkpoint's config has no `topk_impl`)."""
+    c, params, path = saved["float32"]
+    assert tree_bytes_equal(params, ck.restore_params(path, c.replace(topk_impl="xla")))
+    old = tmp_path / "old"
+    ck.save_params(old, params, c.replace(topk_impl="pallas"))
+    meta = json.loads((old / ck.CONFIG_FILE).read_text())
+    del meta["config"]["topk_impl"]
+    (old / ck.CONFIG_FILE).write_text(json.dumps(meta))
+    assert ck.load_config(old).topk_impl == "auto"
+    assert tree_bytes_equal(params, ck.restore_params(old, c))
+
+
 def test_sharded_save_and_restore(saved, tmp_path):
     c, params, _ = saved["bfloat16"]
     # saved from a (1, 4) mesh: params split over "model" (a (2, 4) save works the same, but orbax's
