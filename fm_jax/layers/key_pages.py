@@ -12,15 +12,23 @@ empty (all-zero) page holds zero keys with scale 0, which dequantise to zeros as
 `rows_to_pages` / `pages_to_rows` are the generic reorder (rows of `row_bytes` split at `split` bytes
 into a data and a tail part); `kv_fp8.to_page_blocks` uses them for the attention KV's release order.
 Everything here is reshapes, slices, concatenations and bitcasts: XLA fuses them into their consumer.
+`rows_to_pages`, `pages_to_rows`, `block_index_keys` and `unblock_index_keys` also take NumPy arrays and
+then return NumPy arrays (the training data reader converts dumps on the host, without per-shape compiles).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fm_jax.layers.quant import FP8_DTYPE
 
 SCALE_BYTES = 4   # one float32 scale per index key
+
+
+def _xp(x):
+    """The array module of x: NumPy for NumPy arrays (host-side readers), else jax.numpy."""
+    return np if isinstance(x, np.ndarray) else jnp
 
 
 def _check_uint8(name: str, x, rank_min: int):
@@ -43,7 +51,7 @@ def rows_to_pages(rows: jax.Array, page_entries: int, split: int) -> jax.Array:
                          f"0 < split={split} < E, got {list(rows.shape)}")
     pages = rows.reshape(*rows.shape[:-2], n // page_entries, page_entries, e)
     flat = lambda x: x.reshape(*x.shape[:-2], -1)
-    return jnp.concatenate([flat(pages[..., :split]), flat(pages[..., split:])], axis=-1)
+    return _xp(rows).concatenate([flat(pages[..., :split]), flat(pages[..., split:])], axis=-1)
 
 
 def pages_to_rows(pages: jax.Array, page_entries: int, split: int, row: int) -> jax.Array:
@@ -54,7 +62,7 @@ def pages_to_rows(pages: jax.Array, page_entries: int, split: int, row: int) -> 
     lead = pages.shape[:-1]
     data = pages[..., :page_entries * split].reshape(*lead, page_entries, split)
     tail = pages[..., page_entries * split:].reshape(*lead, page_entries, row - split)
-    return jnp.concatenate([data, tail], axis=-1).reshape(*lead[:-1], lead[-1] * page_entries, row)
+    return _xp(pages).concatenate([data, tail], axis=-1).reshape(*lead[:-1], lead[-1] * page_entries, row)
 
 
 # ------------------------------------------------------------------------------------------ index keys
@@ -79,7 +87,7 @@ def block_index_keys(rows: jax.Array, page_entries: int) -> jax.Array:
     n = rows.shape[-2]
     pad = n_pages_for(n, page_entries) * page_entries - n
     if pad:
-        rows = jnp.pad(rows, [(0, 0)] * (rows.ndim - 2) + [(0, pad), (0, 0)])
+        rows = _xp(rows).pad(rows, [(0, 0)] * (rows.ndim - 2) + [(0, pad), (0, 0)])
     return rows_to_pages(rows, page_entries, d)
 
 
