@@ -1,7 +1,8 @@
 """Recall routes from the host mirror to the device (issue 11 item 5), timed to landing.
 
-A mirror of `--layers` CSA layers (kv and index-key arrays [B, n_pages, page_entries, row] each, the
-v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16 values, 132-byte keys) and a recall of
+A mirror of `--layers` CSA layers (kv arrays [B, n_pages, page_entries, row] and page-blocked index keys
+[B, n_pages, page_entries * 132], the v4_flash page geometry: 64 entries of 584-byte fp8 rows or 512 bf16
+values, 132-byte keys) and a recall of
 `--recall-pages` random pages per request from every array, per batch. Routes:
 
   numpy_threads      today's `kv_tiers.HostMirror.recall_to_device`: NumPy gather on host threads, each
@@ -79,7 +80,7 @@ def make_mirror(config, layers: int, batch: int, n_pages: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     p = config.page_entries
     kv = {l: random_rows(rng, (batch, n_pages, p, width), dtype) for l in range(layers)}
-    keys = {l: random_rows(rng, (batch, n_pages, p, config.index_key_bytes), np.uint8) for l in range(layers)}
+    keys = {l: random_rows(rng, (batch, n_pages, config.index_page_bytes), np.uint8) for l in range(layers)}
     return kt.HostMirror(kv, keys)
 
 

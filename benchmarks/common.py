@@ -14,6 +14,7 @@ import numpy as np
 
 from fm_jax.cache import store_kv
 from fm_jax.config import KIND_CSA, KIND_WINDOW, get_config
+from fm_jax.layers.key_pages import block_index_keys
 from fm_jax.layers.quant import pack_index_keys
 
 
@@ -107,7 +108,7 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
         return jax.jit(functools.partial(store_kv, config))(
             jax.random.normal(k, (n_rows, n, config.head_dim), jnp.float32))
 
-    def index_keys(k, n):
+    def index_keys(k, n):   # packed rows [n_rows, n, D + 4] (page-blocked below, as the cache stores them)
         return jax.jit(pack_index_keys)(jax.random.normal(k, (n_rows, n, config.index_head_dim), jnp.float32))
 
     def rand_like(k, tree):
@@ -125,17 +126,19 @@ def synthetic_cache(config, batch: int, context: int, max_len: int, seed: int = 
             kv = jnp.where(valid, rows(ks[1], n), jnp.zeros((), kv_zeros(config, 1, 0).dtype))
             new["comp_state"] = rand_like(ks[2], shapes["comp_state"])
             if kind == KIND_CSA:
-                keys = jnp.where(valid, index_keys(ks[3], n), jnp.zeros((), jnp.uint8))
+                keys = block_index_keys(jnp.where(valid, index_keys(ks[3], n), jnp.zeros((), jnp.uint8)),
+                                        config.page_entries)
                 new["index_state"] = rand_like(ks[4], shapes["index_state"])
                 if tiered:
                     p = config.page_entries
-                    for store, rows_ in ((mirror_kv, kv), (mirror_keys, keys)):
-                        host = np.empty((batch, n // p, p, rows_.shape[-1]), np.dtype(rows_.dtype))
-                        host[...] = np.asarray(rows_).reshape(n_rows, n // p, p, -1)  # broadcasts when n_rows = 1
+                    # one page: kv rows [P, row], page-blocked keys [P * (D + 4)]
+                    for store, rows_, page in ((mirror_kv, kv, (p, kv.shape[-1])), (mirror_keys, keys, keys.shape[2:])):
+                        host = np.empty((batch, n // p) + page, np.dtype(rows_.dtype))
+                        host[...] = np.asarray(rows_).reshape(n_rows, n // p, *page)  # broadcasts when n_rows = 1
                         store[l] = host
                     new["comp_kv"] = kv_zeros(config, batch, 0)
                     new["index_keys"] = tiled(keys) if l in target_layers else \
-                        jnp.zeros((batch, 0, config.index_key_bytes), jnp.uint8)
+                        jnp.zeros((batch, 0, config.index_page_bytes), jnp.uint8)
                 else:
                     new["comp_kv"], new["index_keys"] = tiled(kv), tiled(keys)
             else:

@@ -15,6 +15,7 @@ from fm_jax.layers.attention import output_projection, project_kv, project_q
 from fm_jax.layers.ffn import ffn
 from fm_jax.layers.hyper import hc_head, hc_post, hc_pre
 from fm_jax.layers.indexer import index_query, pack_entry_keys, select_topk
+from fm_jax.layers.key_pages import block_index_keys, write_index_keys
 from fm_jax.layers.norm import rms_norm
 from fm_jax.layers.rope import inv_freq_for_layer
 from pallas_kernels import indexer_scores, sparse_attention
@@ -127,7 +128,8 @@ def attention_sequence(p, c, layer: int, x: jax.Array, lengths, max_len, impl):
     """Causal attention of one layer over a whole sequence. x: [B, T, d_model] (normed).
 
     Returns (out [B, T, d_model], aux) with aux = {"cache": the layer's decode cache after `lengths[b]`
-    tokens (only when `max_len` is given, else None), "index_keys": packed keys [B, T // r, D + 4],
+    tokens (only when `max_len` is given, else None), "index_keys": packed keys [B, T // r, D + 4] (rows,
+    not the cache's pages: a per-sequence training output, as the dumps and the Memory Indexer read it),
     "topk": the Lightning Indexer's picks int32 [B, T, k] (-1 = none) and "topk_logits": their logits
     float32 [B, T, k] (sorted descending, -inf = none) for CSA layers, k = min(index_topk, T // r) (index_topk
     when T < r)}.
@@ -192,7 +194,7 @@ def _layer_cache_after_prefill(p, c, layer, x, kv, entries, keys, lengths, max_l
     if kind == KIND_CSA:
         if keys is None:  # fewer than r tokens: no entry exists yet
             keys = jnp.zeros((b, 0, c.index_key_bytes), jnp.uint8)
-        lc["index_keys"] = place(keys)
+        lc["index_keys"] = block_index_keys(place(keys), c.page_entries)
         lc["index_state"] = compressor.state_from_sequence(p["indexer"]["compressor"], x, lengths, r, True)
     return lc
 
@@ -266,13 +268,15 @@ def attention_step(p, c, layer: int, lc, x, positions, tier, impl):
             lc["index_state"], ientry, _, _ = compressor.decode_update(
                 p["indexer"]["compressor"], lc["index_state"], x, positions, r, True, inv,
                 c.compress_rope_position, c.norm_eps)
-            lc["index_keys"] = _write_rows(lc["index_keys"], cell, pack_entry_keys(ientry), emit)
+            lc["index_keys"] = write_index_keys(lc["index_keys"], cell, pack_entry_keys(ientry), c.page_entries,
+                                                emit)
             q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
             if tier is None:  # entry-indexed cache: visible entries are a prefix
-                scores = indexer_scores(q_i, w_i, lc["index_keys"], n_vis, act="none", impl=impl)
+                scores = indexer_scores(q_i, w_i, lc["index_keys"], n_vis, act="none", impl=impl,
+                                        page_entries=c.page_entries)
             else:
                 scores = indexer_scores(q_i, w_i, lc["index_keys"], jnp.full_like(n_vis, n_cells),
-                                        act="none", impl=impl)
+                                        act="none", impl=impl, page_entries=c.page_entries)
                 held = tier["cell_entry"]
                 scores = jnp.where((held >= 0) & (held < n_vis[:, None]), scores, -jnp.inf)
             sel = select_topk(scores, c.index_topk, impl=c.topk_impl)

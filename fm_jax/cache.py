@@ -10,7 +10,8 @@ cache = {"lengths": int32 [batch],          # tokens held per request = position
                                                                    tokens i*r .. i*r + r - 1)
               "comp_state": {"kv", "score"} [batch, coff*r, coff*head_dim]  partial window (compressor)
               # CSA layers:
-              "index_keys":  uint8 [batch, n_entries, index_head_dim + 4]   fp8 + scale layout
+              "index_keys":  uint8 [batch, n_entries // page_entries,      page-blocked fp8 + scales
+                                    page_entries * (index_head_dim + 4)]
               "index_state": {"kv", "score"} [batch, 2r, 2*index_head_dim]} ) }
 ```
 Attention KV rows (`window`, `comp_kv`) are `kv_row = head_dim` values of the compute dtype, or with
@@ -18,8 +19,12 @@ Attention KV rows (`window`, `comp_kv`) are `kv_row = head_dim` values of the co
 `store_kv` / `load_kv` convert, `round_kv` is the forward's view of the same values.
 `n_entries = entry_capacity(config, layer, max_len)`: `max_len // r`, rounded up to whole pages of
 `page_entries` for CSA layers (LSA moves CSA entries in pages, and an LSA reserve that holds every page
-then has exactly the full cache's shape). Every array keeps its shape for the whole generation, so a
-jitted `decode_step` compiles once.
+then has exactly the full cache's shape). Index keys are stored per page as the V3.2/V4 serving stacks
+do (`fm_jax.layers.key_pages`): a page is `page_entries * index_head_dim` fp8 bytes (entry i at
+i * index_head_dim) then `page_entries` float32 scales, so every entry starts 16-byte aligned (when
+page_entries % 4 == 0) and a page moves as one contiguous blob; `key_pages.write_index_keys` writes one
+entry, `indexer_scores(..., page_entries=)` reads them. Every array keeps its shape for the whole
+generation, so a jitted `decode_step` compiles once.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ def init_layer_cache(c, layer: int, batch: int, max_len: int):
     lc["comp_kv"] = kv_zeros(c, batch, n)
     lc["comp_state"] = compressor.init_state(batch, r, overlap, c.head_dim)
     if kind == KIND_CSA:
-        lc["index_keys"] = jnp.zeros((batch, n, c.index_key_bytes), jnp.uint8)
+        lc["index_keys"] = jnp.zeros((batch, n // c.page_entries, c.index_page_bytes), jnp.uint8)
         lc["index_state"] = compressor.init_state(batch, r, True, c.index_head_dim)
     return lc
 

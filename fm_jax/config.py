@@ -128,6 +128,12 @@ class ModelConfig:
         return self.index_head_dim + 4
 
     @property
+    def index_page_bytes(self) -> int:
+        """Bytes of one page of index keys in the cache's page-blocked layout (`fm_jax.layers.key_pages`):
+        page_entries * (index_head_dim + 4), the fp8 values of every entry, then every scale."""
+        return self.page_entries * self.index_key_bytes
+
+    @property
     def kv_entry_bytes(self) -> int:
         """Bytes of one stored attention-KV entry (window slot or compressed entry): the packed fp8 layout
         (584 for V4-Flash) with `kv_fp8`, else head_dim values of the compute dtype."""

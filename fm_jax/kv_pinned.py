@@ -1,8 +1,8 @@
 """The host mirror as JAX arrays in `pinned_host` memory (SPEC §5; the mission's "host-offloaded KV arrays
 via `jax.device_put` memory kinds"): the alternative to `kv_tiers.HostMirror`'s NumPy arrays.
 
-Each (CSA layer, kv | keys) array [B, n_pages, page_entries, row] lives in the pinned host memory of one
-device per data shard (the first device of the shard, `sharding.batch_row_groups`). Recall is one jitted
+Each (CSA layer, kv | keys) array [B, n_pages, *page] lives in the pinned host memory of one device per
+data shard (the first device of the shard, `sharding.batch_row_groups`). Recall is one jitted
 program per shard that reads the pinned arrays and writes device arrays, so no host thread copies a byte:
 by default ("take") one gather of whole pages with the arrays and the page indices in pinned memory and the
 result on the device (XLA's host offloader may run the gather itself on the host: it warns so on the GPU; it
@@ -12,6 +12,9 @@ page) pairs of a `dynamic_slice` moved to the device (`jax.device_put` inside ji
 Write-through is a jitted `dynamic_update_slice` into the donated pinned array of the page moved to the host
 inside the program (MoveToHost), so the mirror is updated in place. Float rows are held as their bits
 (`as_bits`) and bitcast back on the device.
+
+Shapes: `*page` is one page, [page_entries, row] for kv and [page_entries * (index_head_dim + 4)] for the
+page-blocked index keys (`fm_jax.layers.key_pages`).
 
 Being programs, recall and write-through run in order with the decode windows on the device's compute
 stream: a recall issued while a window runs lands after it (the NumPy mirror's `device_put` copies need not
@@ -61,8 +64,8 @@ def _gather_fn(device, unroll: int):
     dev = jax.sharding.SingleDeviceSharding(device)
 
     def gather(arrays, rows, pages, dtypes):
-        """arrays: tuple of pinned [B, n_pages, P, row]; rows int32 [b] (mirror rows of the requests);
-        pages int32 [b, M] -> tuple of device arrays [b, M, P, row] of `dtypes` (bitcast, same width)."""
+        """arrays: tuple of pinned [B, n_pages, *page]; rows int32 [b] (mirror rows of the requests);
+        pages int32 [b, M] -> tuple of device arrays [b, M, *page] of `dtypes` (bitcast, same width)."""
         b, m = pages.shape
         outs = tuple(jnp.zeros((b, m) + a.shape[2:], a.dtype, device=dev) for a in arrays)
 
@@ -70,8 +73,9 @@ def _gather_fn(device, unroll: int):
             r, j = i // m, i % m
             new = []
             for a, out in zip(arrays, outs):
-                page = jax.lax.dynamic_slice(a, (rows[r], pages[r, j], 0, 0), (1, 1) + a.shape[2:])
-                new.append(jax.lax.dynamic_update_slice(out, jax.device_put(page, dev), (r, j, 0, 0)))
+                rest = (0,) * (a.ndim - 2)   # kv pages [P, row], key pages [page bytes]
+                page = jax.lax.dynamic_slice(a, (rows[r], pages[r, j]) + rest, (1, 1) + a.shape[2:])
+                new.append(jax.lax.dynamic_update_slice(out, jax.device_put(page, dev), (r, j) + rest))
             return tuple(new)
         outs = jax.lax.fori_loop(0, b * m, body, outs, unroll=unroll)
         return tuple(from_bits(x, t) for x, t in zip(outs, dtypes))
@@ -83,8 +87,8 @@ def _take_fn(device, n: int, dtypes: tuple):
     dev, host = jax.sharding.SingleDeviceSharding(device), host_sharding(device)
 
     def take(arrays, idx):
-        """arrays: tuple of pinned [B, n_pages, P, row]; idx int32 [b, M] (pinned too: XLA wants one memory
-        space per op) into the flattened [B * n_pages] pages -> tuple of device arrays [b, M, P, row]."""
+        """arrays: tuple of pinned [B, n_pages, *page]; idx int32 [b, M] (pinned too: XLA wants one memory
+        space per op) into the flattened [B * n_pages] pages -> tuple of device arrays [b, M, *page]."""
         return tuple(from_bits(a.reshape((-1,) + a.shape[2:])[idx], t) for a, t in zip(arrays, dtypes))
     return jax.jit(take, in_shardings=((host,) * n, host), out_shardings=dev)
 
@@ -94,7 +98,7 @@ GATHERS = ("take", "fori")
 
 def gather_pages(arrays, rows, pages, device=None, unroll: int = 1, dtypes=None, method: str = "take"):
     """Recall on `device` (default: device 0, whose pinned memory holds `arrays`): tuple of pinned
-    [B, n_pages, P, row] arrays, rows [b], pages [b, M] (NumPy ints) -> tuple of device [b, M, P, row]
+    [B, n_pages, *page] arrays, rows [b], pages [b, M] (NumPy ints) -> tuple of device [b, M, *page]
     (the copies may still be running), bitcast to `dtypes` (default: the arrays' own). `method` "take": one
     jitted gather of whole pages reading the pinned arrays, written to device memory (on the H200 11-21 GB/s,
     against 1-14 for the NumPy mirror: benchmarks/results/recall-h200.json); "fori": a loop of per-page
@@ -116,21 +120,22 @@ def _write_fn(device):
     host = host_sharding(device)
 
     def write(arrays, new, src, dst):
-        """arrays: tuple of pinned [B, n_pages, P, row] (donated); new: tuple of [b, m, P, row];
+        """arrays: tuple of pinned [B, n_pages, *page] (donated); new: tuple of [b, m, *page];
         src int32 [n, 2] (request, index in new), dst int32 [n, 2] (mirror row, page)."""
         def body(i, arrays):
             out = []
             for a, x in zip(arrays, new):
-                page = jax.lax.dynamic_slice(x, (src[i, 0], src[i, 1], 0, 0), (1, 1) + x.shape[2:])
+                rest = (0,) * (x.ndim - 2)   # kv pages [P, row], key pages [page bytes]
+                page = jax.lax.dynamic_slice(x, (src[i, 0], src[i, 1]) + rest, (1, 1) + x.shape[2:])
                 page = page if page.dtype == a.dtype else as_bits(page)  # a mirror of bits (PinnedMirror)
-                out.append(jax.lax.dynamic_update_slice(a, jax.device_put(page, host), (dst[i, 0], dst[i, 1], 0, 0)))
+                out.append(jax.lax.dynamic_update_slice(a, jax.device_put(page, host), (dst[i, 0], dst[i, 1]) + rest))
             return tuple(out)
         return jax.lax.fori_loop(0, src.shape[0], body, arrays)
     return jax.jit(write, donate_argnums=0, out_shardings=host)
 
 
 def write_pages(arrays, new, rows, pages, device=None):
-    """Store new [b, m, P, row] (device or host arrays; floats stored as their bits, `as_bits`, when the
+    """Store new [b, m, *page] (device or host arrays; floats stored as their bits, `as_bits`, when the
     array holds bits) at pages [b, m] (-1 = padding, skipped) of the mirror rows `rows` [b] of the pinned
     `arrays` (donated: use the returned arrays). The count of pages is padded to a power of two with
     repeats of the first page (rewriting a page with the same bytes), so few distinct shapes are compiled."""
@@ -164,7 +169,7 @@ class PinnedMirror:
     @classmethod
     def from_arrays(cls, kv: dict, keys: dict, sharding: jax.sharding.Sharding | None = None,
                     verify: bool = False) -> PinnedMirror:
-        """kv / keys: layer -> [B, n_pages, P, row] (NumPy or device arrays); each data shard of the
+        """kv / keys: layer -> [B, n_pages, *page] (NumPy or device arrays); each data shard of the
         per-request `sharding` (default: one shard on device 0) goes to its first device's pinned memory."""
         b = next(iter(kv.values())).shape[0]
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
@@ -184,7 +189,7 @@ class PinnedMirror:
             lc = cache["layers"][l]
             b = lc["comp_kv"].shape[0]
             kv[l] = lc["comp_kv"].reshape(b, layout.n_pages, layout.page_entries, -1)
-            keys[l] = lc["index_keys"].reshape(b, layout.n_pages, layout.page_entries, -1)
+            keys[l] = lc["index_keys"]   # already [B, n_pages, page bytes]
         return cls.from_arrays(kv, keys, sharding, verify)
 
     def to_numpy(self):
@@ -214,7 +219,7 @@ class PinnedMirror:
         jax.block_until_ready(self.recall_to_device(plan, sharding))
 
     def recall_to_device(self, plan, sharding: jax.sharding.Sharding | None = None):
-        """As `HostMirror.recall_to_device`: {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
+        """As `HostMirror.recall_to_device`: {layer: (kv, keys)} arrays [B, M, *page] with `sharding`
         (default: device 0; copies may still be running). Each data shard's pages are gathered on the device
         whose pinned memory holds its requests, then copied to the shard's other devices."""
         from fm_jax.kv_tiers import check_pages, whole_array
@@ -235,7 +240,7 @@ class PinnedMirror:
         return {l: (whole[(l, "kv")], whole[(l, "keys")]) for l in self.layers}
 
     def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
-        """As `HostMirror.write_through` (slots_* [B, M, P, ...], device or host arrays; pages [B, M], -1 =
+        """As `HostMirror.write_through` (slots_* [B, M, *page], device or host arrays; pages [B, M], -1 =
         padding): a donated in-place update of the pinned arrays, per shard on its own device."""
         self.write_layers({layer: (slots_kv, slots_keys)}, pages)
 

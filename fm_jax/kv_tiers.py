@@ -281,15 +281,16 @@ def whole_array(shape: tuple, sharding: jax.sharding.Sharding, arrs: list) -> ja
 
 
 def _gather(src: np.ndarray, bidx: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """Host copy of the recalled pages [B, M, P, ...] (one function so tests can fault it)."""
+    """Host copy of the recalled pages [B, M, ...] (one function so tests can fault it)."""
     return src[bidx, pages]
 
 
 @dataclass
 class HostMirror:
     """Every CSA entry in host memory, per CSA layer: kv [B, n_pages, page_entries, kv_row] (the cache's rows:
-    head_dim values, or packed fp8 uint8 rows of kv_entry_bytes with `kv_fp8`) and
-    index keys [B, n_pages, page_entries, index_head_dim + 4] (uint8). With `verify`, every page carries
+    head_dim values, or packed fp8 uint8 rows of kv_entry_bytes with `kv_fp8`) and index keys
+    uint8 [B, n_pages, page_entries * (index_head_dim + 4)] (the cache's page-blocked layout,
+    `fm_jax.layers.key_pages`: a page is one contiguous blob). With `verify`, every page carries
     a checksum (`page_checksums`, updated on write) that recall checks before the transfer."""
     kv: dict       # layer -> np.ndarray
     keys: dict     # layer -> np.ndarray
@@ -314,7 +315,7 @@ class HostMirror:
             lc = cache["layers"][l]
             b = lc["comp_kv"].shape[0]
             kv[l] = np.array(lc["comp_kv"]).reshape(b, layout.n_pages, layout.page_entries, -1)
-            keys[l] = np.array(lc["index_keys"]).reshape(b, layout.n_pages, layout.page_entries, -1)
+            keys[l] = np.array(lc["index_keys"])   # already [B, n_pages, page bytes]
         mirror = cls(kv, keys)
         if verify:
             mirror.start_verifying()
@@ -363,7 +364,7 @@ class HostMirror:
         the default device), in parallel threads: NumPy's fancy-index copy and the device_put both release
         the GIL, and one thread's memcpy rate is far below the PCIe rate. Each shard's requests are
         gathered apart and land only on the devices that own them (no host array of the whole batch, no
-        hop through one device). Returns {layer: (kv, keys)} arrays [B, M, P, ...] with `sharding`
+        hop through one device). Returns {layer: (kv [B, M, P, kv_row], keys [B, M, page bytes])} with `sharding`
         (transfers may still be running). Raises PageChecksumError on a corrupted page."""
         b, m = plan.pages.shape
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
@@ -377,8 +378,8 @@ class HostMirror:
         return {l: (whole[(l, "kv")], whole[(l, "keys")]) for l in self.kv}
 
     def write_through(self, layer: int, slots_kv, slots_keys, pages: np.ndarray):
-        """Store reserve pages read back from the device. slots_*: [B, M, P, ...] (device arrays are copied
-        to the host); pages: [B, M] (page < 0 = padding, skipped)."""
+        """Store reserve pages read back from the device. slots_kv [B, M, P, kv_row], slots_keys [B, M, page
+        bytes] (device arrays are copied to the host); pages: [B, M] (page < 0 = padding, skipped)."""
         slots_kv, slots_keys = np.asarray(slots_kv), np.asarray(slots_keys)
         for b in range(pages.shape[0]):
             ok = pages[b] >= 0

@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fm_jax.layers.hadamard import hadamard
+from fm_jax.layers.key_pages import check_index_pages
 from fm_jax.layers.norm import rms_norm
 from fm_jax.layers.rope import apply_rope, yarn_inv_freq
 from pallas_kernels import indexer_scores
@@ -354,20 +355,21 @@ def query_tower(layer_params, indexer_config: IndexerConfig, hidden: jax.Array, 
     return q, w
 
 
-def _kernel_scores(q, weights, keys, lengths, act, impl):
+def _kernel_scores(q, weights, keys, lengths, act, impl, page_entries=None):
     """``sum_h w[h] * relu(q[h] . k[s])`` (+ sigmoid), masked past ``lengths``: the one implementation,
     ``pallas_kernels.indexer_scores`` (Pallas on GPU, XLA elsewhere; ``impl`` "auto" | "pallas" | "xla")."""
     if keys.dtype != jnp.uint8 and keys.dtype not in (jnp.bfloat16, jnp.float32):
         keys = keys.astype(jnp.float32)
-    return indexer_scores(q, weights, keys, lengths, act=act, impl=impl)
+    return indexer_scores(q, weights, keys, lengths, act=act, impl=impl, page_entries=page_entries)
 
 
-def _score_impl(layer_params, hidden, index_keys, positions, lengths, c: IndexerConfig, impl: str, act: str):
+def _score_impl(layer_params, hidden, index_keys, positions, lengths, c: IndexerConfig, impl: str, act: str,
+                page_entries=None):
     q, w = query_tower(layer_params, c, hidden, positions)
-    return _kernel_scores(q, w, index_keys, lengths, act, impl)
+    return _kernel_scores(q, w, index_keys, lengths, act, impl, page_entries)
 
 
-_score_jit = jax.jit(_score_impl, static_argnames=("c", "impl", "act"))
+_score_jit = jax.jit(_score_impl, static_argnames=("c", "impl", "act", "page_entries"))
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -378,7 +380,7 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
-def _check_score_inputs(c: IndexerConfig, hidden, index_keys, positions, lengths):
+def _check_score_inputs(c: IndexerConfig, hidden, index_keys, positions, lengths, page_entries=None):
     if np.ndim(hidden) != 2 or np.shape(hidden)[1] != c.d_model:
         raise ValueError(f"hidden must be [B, d_model={c.d_model}], got shape {tuple(np.shape(hidden))}")
     if not jnp.issubdtype(hidden.dtype, jnp.floating):
@@ -388,7 +390,16 @@ def _check_score_inputs(c: IndexerConfig, hidden, index_keys, positions, lengths
         raise ValueError(f"index_keys must be uint8 [B, N, {c.index_key_bytes}] (or float [B, N, "
                          f"{c.head_dim}]), got rank {np.ndim(index_keys)} shape {tuple(np.shape(index_keys))}")
     kdt = jnp.dtype(index_keys.dtype)
-    if kdt == jnp.uint8:
+    n = index_keys.shape[1]
+    if page_entries is not None:
+        try:
+            check_index_pages("index_keys (page_entries given)", index_keys, page_entries, c.head_dim)
+        except ValueError as err:
+            raise ValueError(f"{err}: page-blocked index_keys are uint8 [B, n_pages, page_entries * "
+                             f"(head_dim + 4)]; pass page_entries=None for rows [B, N, {c.index_key_bytes}]"
+                             ) from None
+        n = index_keys.shape[1] * page_entries
+    elif kdt == jnp.uint8:
         if index_keys.shape[-1] != c.index_key_bytes:
             raise ValueError(f"packed index_keys need last dim head_dim + 4 = {c.index_key_bytes}, "
                              f"got {index_keys.shape[-1]}")
@@ -399,7 +410,6 @@ def _check_score_inputs(c: IndexerConfig, hidden, index_keys, positions, lengths
         raise ValueError(f"index_keys must be uint8 (packed fp8 + scale) or float, got dtype {kdt}")
     if index_keys.shape[0] != b:
         raise ValueError(f"index_keys batch {index_keys.shape[0]} != hidden batch {b}")
-    n = index_keys.shape[1]
     if np.shape(positions) != (b,):
         raise ValueError(f"positions must be [B={b}], got shape {tuple(np.shape(positions))}")
     if not jnp.issubdtype(positions.dtype, jnp.integer):
@@ -418,39 +428,44 @@ def _check_score_inputs(c: IndexerConfig, hidden, index_keys, positions, lengths
             raise ValueError(f"lengths must lie in [0, N={n}]; got min {lv.min()} max {lv.max()}")
 
 
-def _prepare(c, hidden, index_keys, positions, lengths):
+def _prepare(c, hidden, index_keys, positions, lengths, page_entries=None):
     hidden, index_keys, positions = jnp.asarray(hidden), jnp.asarray(index_keys), jnp.asarray(positions)
     if lengths is not None:
         lengths = jnp.asarray(lengths)
-    _check_score_inputs(c, hidden, index_keys, positions, lengths)
+    _check_score_inputs(c, hidden, index_keys, positions, lengths, page_entries)
     if lengths is None:
-        lengths = jnp.full((hidden.shape[0],), index_keys.shape[1], jnp.int32)
+        lengths = jnp.full((hidden.shape[0],), index_keys.shape[1] * (page_entries or 1), jnp.int32)
     return hidden, index_keys, positions.astype(jnp.int32), lengths.astype(jnp.int32)
 
 
 def score_layer(layer_params, indexer_config: IndexerConfig, hidden, index_keys, positions, lengths=None,
-                impl: str = "auto") -> jax.Array:
+                impl: str = "auto", page_entries: int | None = None) -> jax.Array:
     """Sigmoid scores float32 ``[B, N]`` of one target layer's scorer.
 
     hidden [B, d_model] (any float dtype); index_keys uint8 [B, N, head_dim + 4] (packed fp8 + float32
     scale; float [B, N, head_dim] already-dequantised keys are accepted too); positions int [B] (the
     query token's position, < max_seq_len); lengths int [B] or None (= N): entries ``s >= lengths[b]``
-    score 0.0. ``impl`` is passed to ``pallas_kernels.indexer_scores``. Input checks run eagerly (and
-    are skipped for traced values); the computation is jitted.
+    score 0.0. ``impl`` is passed to ``pallas_kernels.indexer_scores``. ``page_entries=P``: index_keys are
+    the decode cache's page-blocked layout uint8 [B, n_pages, P * (head_dim + 4)] (``fm_jax.layers.key_pages``;
+    N = n_pages * P), read without conversion. Input checks run eagerly (and are skipped for traced values);
+    the computation is jitted.
     """
     c = indexer_config
     check_layer_params(layer_params, c)
-    hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths)
-    return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="sigmoid")
+    hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths, page_entries)
+    return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="sigmoid",
+                      page_entries=page_entries)
 
 
 def layer_logits(layer_params, indexer_config: IndexerConfig, hidden, index_keys, positions, lengths=None,
-                 impl: str = "auto") -> jax.Array:
-    """Pre-sigmoid logits float32 ``[B, N]`` (masked entries ``-inf``); for losses on logits."""
+                 impl: str = "auto", page_entries: int | None = None) -> jax.Array:
+    """Pre-sigmoid logits float32 ``[B, N]`` (masked entries ``-inf``); for losses on logits. Arguments as
+    ``score_layer``."""
     c = indexer_config
     check_layer_params(layer_params, c)
-    hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths)
-    return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="none")
+    hidden, index_keys, positions, lengths = _prepare(c, hidden, index_keys, positions, lengths, page_entries)
+    return _score_jit(layer_params, hidden, index_keys, positions, lengths, c=c, impl=impl, act="none",
+                      page_entries=page_entries)
 
 
 def _per_layer(value, layer: int, name: str, what: str):
@@ -465,11 +480,12 @@ def _per_layer(value, layer: int, name: str, what: str):
 
 
 def score_all(params, indexer_config: IndexerConfig, hidden_by_layer, keys_by_layer, positions, lengths=None,
-              impl: str = "auto") -> dict[str, jax.Array]:
+              impl: str = "auto", page_entries: int | None = None) -> dict[str, jax.Array]:
     """Scores of every target layer: ``{"l{ID}": float32 [B, N]}``.
 
     ``hidden_by_layer`` / ``keys_by_layer``: a mapping keyed by layer id (int) or ``"l{ID}"``, or a single
     array used for every layer (the release's standalone demo shares one hidden state and one key set).
+    ``page_entries``: every layer's keys are page-blocked (see ``score_layer``).
     """
     c = indexer_config
     out = {}
@@ -478,7 +494,7 @@ def score_all(params, indexer_config: IndexerConfig, hidden_by_layer, keys_by_la
             raise ValueError(f"params have no scorer {name!r} (target layer {layer})")
         out[name] = score_layer(params[name], c, _per_layer(hidden_by_layer, layer, name, "hidden_by_layer"),
                                 _per_layer(keys_by_layer, layer, name, "keys_by_layer"), positions, lengths,
-                                impl=impl)
+                                impl=impl, page_entries=page_entries)
     return out
 
 

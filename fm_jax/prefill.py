@@ -37,6 +37,7 @@ from fm_jax.config import KIND_CSA, KIND_WINDOW
 from fm_jax.layers import compressor
 from fm_jax.layers.attention import output_projection, project_kv, project_q
 from fm_jax.layers.indexer import index_query, pack_entry_keys
+from fm_jax.layers.key_pages import write_index_pages
 from fm_jax.layers.rope import inv_freq_for_layer
 from pallas_kernels import indexer_scores
 
@@ -111,19 +112,26 @@ def _next_state(state, proj, start, lengths):
     return out
 
 
-def _write_entries(buf, entries, start, ratio: int, lengths):
-    """buf[:, start/r : start/r + n] = entries, zero where the entry is not complete for the request."""
+def _complete_only(entries, start, ratio: int, lengths, dtype):
+    """The chunk's entries [B, n, ...] in `dtype`, zero where the entry is not complete for the request."""
     n = entries.shape[1]
     ids = start // ratio + jnp.arange(n)
     complete = (ids[None, :] + 1) * ratio <= lengths[:, None]
-    vals = jnp.where(complete.reshape(*complete.shape, *([1] * (entries.ndim - 2))), entries.astype(buf.dtype), 0)
-    return jax.lax.dynamic_update_slice(buf, vals.astype(buf.dtype), (0, start // ratio, 0))
+    vals = jnp.where(complete.reshape(*complete.shape, *([1] * (entries.ndim - 2))), entries.astype(dtype), 0)
+    return vals.astype(dtype)
 
 
-def _running_topk(q_i, w_i, keys, n_vis, n_blocks, block_entries: int, k: int, impl):
-    """Top-k entries per query over keys[:, : n_blocks * block_entries], one key block at a time.
+def _write_entries(buf, entries, start, ratio: int, lengths):
+    """buf[:, start/r : start/r + n] = entries, zero where the entry is not complete for the request."""
+    vals = _complete_only(entries, start, ratio, lengths, buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, vals, (0, start // ratio, 0))
 
-    q_i [B, C, H, D], w_i [B, C, H], keys uint8 [B, N, D + 4], n_vis [C] (entries each query sees).
+
+def _running_topk(q_i, w_i, keys, n_vis, n_blocks, block_entries: int, k: int, impl, page_entries: int):
+    """Top-k entries per query over the first n_blocks * block_entries entries, one key block at a time.
+
+    q_i [B, C, H, D], w_i [B, C, H], keys page-blocked uint8 [B, N // P, P * (D + 4)] (a block is whole
+    pages: block_entries is a multiple of P = page_entries), n_vis [C] (entries each query sees).
     Returns int32 [B, C, k] (-1 = none), ordered as `select_topk` over all keys orders them (score
     descending, ties to the lower entry: `lax.top_k` keeps the earlier of equal values, and the running
     set always precedes the new block)."""
@@ -131,9 +139,10 @@ def _running_topk(q_i, w_i, keys, n_vis, n_blocks, block_entries: int, k: int, i
 
     def body(j, carry):
         vals, idx = carry
-        blk = jax.lax.dynamic_slice_in_dim(keys, j * block_entries, block_entries, axis=1)
+        pages = block_entries // page_entries
+        blk = jax.lax.dynamic_slice_in_dim(keys, j * pages, pages, axis=1)
         lens = jnp.broadcast_to(jnp.clip(n_vis - j * block_entries, 0, block_entries), (b, n_q)).astype(jnp.int32)
-        s = indexer_scores(q_i, w_i, blk, lens, act="none", impl=impl)            # [B, C, block]
+        s = indexer_scores(q_i, w_i, blk, lens, act="none", impl=impl, page_entries=page_entries)  # [B, C, block]
         ids = jnp.broadcast_to(j * block_entries + jnp.arange(block_entries, dtype=jnp.int32), s.shape)
         v, pos = jax.lax.top_k(jnp.concatenate([vals, s], axis=-1), k)
         return v, jnp.take_along_axis(jnp.concatenate([idx, ids], axis=-1), pos, axis=-1)
@@ -181,11 +190,13 @@ def attention_chunk(p, c, layer: int, x, lc, start, lengths, impl):
             ientries, iproj = _chunk_entries(p["indexer"]["compressor"], x, positions, lc["index_state"], start, r,
                                              True, inv, c)
             lc["index_state"] = _next_state(lc["index_state"], iproj, start, lengths)
-            lc["index_keys"] = _write_entries(lc["index_keys"], pack_entry_keys(ientries), start, r, lengths)
+            # the chunk's entries are whole pages (`check_chunk`): written as pages, scored as pages
+            lc["index_keys"] = write_index_pages(lc["index_keys"], _complete_only(
+                pack_entry_keys(ientries), start, r, lengths, jnp.uint8), start // r, c.page_entries)
             q_i, w_i = index_query(p["indexer"], c, x, q_lora, positions, inv)
             block_entries = n_tok // r
             sel = _running_topk(q_i, w_i, lc["index_keys"], n_vis, start // n_tok + 1, block_entries,
-                                min(c.index_topk, n_cap), impl)
+                                min(c.index_topk, n_cap), impl, c.page_entries)
         else:
             ids = jnp.arange(n_cap)
             sel = jnp.broadcast_to(jnp.where(ids[None, :] < n_vis[:, None], ids[None, :], -1), (b, n_tok, n_cap))
@@ -244,7 +255,8 @@ def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths
     the last prompt token (the Memory Indexer's first query).
 
     `csa_store` (optional) owns the CSA entries instead of the state: `csa_store.take(layer, start)`
-    returns (comp_kv, index_keys) buffers [B, N, ...] holding every entry before `start`, and
+    returns (comp_kv [B, N, kv_row], index_keys [B, N // P, P * (D + 4)]) buffers holding every entry before
+    `start`, and
     `csa_store.give(layer, start, comp_kv, index_keys)` receives them after the layer wrote the chunk's
     entries. The cache then holds what `csa_store.finish(layers)` leaves in the CSA layers.
     `on_chunk(start, h)` (optional) is called after every chunk with its output residual (benchmarks).

@@ -19,7 +19,7 @@ import math
 
 import jax
 
-from pallas_kernels.indexer_score import indexer_scores_pallas
+from pallas_kernels.indexer_score import indexer_scores_pallas, paged_block
 from pallas_kernels.reference import (
     check_attention_inputs,
     check_indexer_inputs,
@@ -53,14 +53,19 @@ def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool) -> str:
     return impl
 
 
-def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = "auto", interpret: bool = False):
+def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = "auto", interpret: bool = False,
+                   page_entries: int | None = None):
     """Indexer logits ``sum_h w[h] relu(q[h] . k[s])`` (act="none", masked -> -inf) or their sigmoid
-    (act="sigmoid", masked -> 0). q [B, H, D] | [B, M, H, D]; keys uint8 [B, N, D+4] | bf16/f32 [B, N, D];
+    (act="sigmoid", masked -> 0). q [B, H, D] | [B, M, H, D]; keys uint8 [B, N, D+4] | bf16/f32 [B, N, D], or
+    with ``page_entries=P`` page-blocked uint8 [B, n_pages, P * (D + 4)] (N = n_pages * P);
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]."""
-    info = check_indexer_inputs(q, weights, keys, lengths, act)
-    if _choose("indexer_scores", impl, interpret, info.dim) == "pallas":
-        return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret)
-    return indexer_scores_xla(q, weights, keys, lengths, act=act)
+    info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
+    # a paged kernel block is a power of two >= 16 rows that divides or spans whole pages (`paged_block`)
+    fits = _pow2_dim(info.dim) and (page_entries is None or paged_block(16, page_entries) >= 16)
+    if _pick("indexer_scores", impl, interpret, fits) == "pallas":
+        return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret,
+                                     page_entries=page_entries)
+    return indexer_scores_xla(q, weights, keys, lengths, act=act, page_entries=page_entries)
 
 
 def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, rope_dim: int | None = None,

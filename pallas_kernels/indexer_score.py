@@ -9,6 +9,11 @@ each of its queries does one ``[block_n, D] x [D, H]`` tensor-core product (two 
 into bf16 hi + lo parts), relu, the weighted sum over heads and the fp8 scale (``relu(q.(s k)) = s relu(q.k)``
 since ``s >= 0``), then writes ``block_n`` float32 results. Nothing of size ``[N, H]`` leaves the chip.
 
+Page-blocked keys (``page_entries=P``, uint8 ``[B, n_pages, P * (D + 4)]``, the decode cache's layout:
+``fm_jax.layers.key_pages``): a key block is whole pages or a run inside one page, so its fp8 bytes are one
+contiguous (16-byte aligned) run per page and its scales another; the loaded ``[pages, bytes]`` tile is
+reshaped to ``[block_n, D]`` in registers.
+
 Numerics: fp8 and bf16 keys are exact in bf16, so with a bf16 query every product is exact and the only
 difference from the float32 reference is the summation order; a float32 query is split as ``hi + lo``
 (residual <= 2^-17 relative); float32 keys use IEEE float32 dots (slow path, kept for completeness).
@@ -37,8 +42,35 @@ def _dot_nt(a, b, precision=None):
                                preferred_element_type=jnp.float32)
 
 
+def _scale_from_bytes(sb):
+    """[rows, 4] uint8 -> float32 [rows] (little endian)."""
+    shifts = (jnp.arange(4, dtype=jnp.uint32) * 8)[None, :]
+    return jax.lax.bitcast_convert_type(jnp.sum(sb.astype(jnp.uint32) << shifts, axis=1), jnp.float32)
+
+
+def _load_page_block(k_ref, b, start, block_n: int, page_entries: int, d: int, len_max):
+    """Entries start .. start + block_n - 1 of page-blocked keys ([B, n_pages, P * (D + 4)]) -> (bf16
+    [block_n, D], scale float32 [block_n]). The block is `ppb` whole pages (block_n a multiple of P) or a
+    run of `epp` entries inside one page (P a multiple of block_n): either way one contiguous run of fp8
+    bytes per page (16-byte aligned, see `fm_jax.layers.key_pages`) and one of scale bytes. Entries at or
+    past `len_max` (<= N) are not read."""
+    ppb, epp = max(1, block_n // page_entries), min(block_n, page_entries)
+    page0, off = start // page_entries, start % page_entries
+    pages = pl.ds(page0, ppb)
+
+    def live(width):   # [ppb, epp * width]: the entry of each byte is below len_max
+        ent = (start + jnp.arange(ppb, dtype=jnp.int32)[:, None] * epp
+               + jnp.arange(epp * width, dtype=jnp.int32)[None, :] // width)
+        return ent < len_max
+
+    kb = compat.load(k_ref.at[b, pages, pl.ds(off * d, epp * d)], mask=live(d), other=0)
+    kf = jax.lax.bitcast_convert_type(kb.reshape(block_n, d), FP8).astype(jnp.bfloat16)        # exact
+    sb = compat.load(k_ref.at[b, pages, pl.ds(page_entries * d + off * 4, epp * 4)], mask=live(4), other=0)
+    return kf, _scale_from_bytes(sb.reshape(block_n, 4))
+
+
 def _indexer_kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, tm, block_n, blocks_per_program, n, m_total,
-                    d, packed, mode, act, per_query_len, heads_major):
+                    d, packed, mode, act, per_query_len, heads_major, page_entries=None):
     b = pl.program_id(0)
     mb = pl.program_id(1)
     pn = pl.program_id(2)
@@ -70,13 +102,13 @@ def _indexer_kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, tm, block_n, blocks_
         start = base + j * block_n
         offs = start + rows
         live = offs < len_max
-        if packed:
+        if page_entries:
+            kf, scale = _load_page_block(k_ref, b, start, block_n, page_entries, d, len_max)
+        elif packed:
             kb = compat.load(k_ref.at[b, pl.ds(start, block_n), pl.ds(0, d)], mask=live[:, None], other=0)
             kf = jax.lax.bitcast_convert_type(kb, FP8).astype(jnp.bfloat16)          # exact
             sb = compat.load(k_ref.at[b, pl.ds(start, block_n), pl.ds(d, 4)], mask=live[:, None], other=0)
-            shifts = (jnp.arange(4, dtype=jnp.uint32) * 8)[None, :]
-            bits = jnp.sum(sb.astype(jnp.uint32) << shifts, axis=1)                   # little endian
-            scale = jax.lax.bitcast_convert_type(bits, jnp.float32)                   # [block_n]
+            scale = _scale_from_bytes(sb)
         else:
             kf = compat.load(k_ref.at[b, pl.ds(start, block_n), pl.ds(0, d)], mask=live[:, None], other=0)
             scale = None
@@ -118,12 +150,24 @@ def default_config(batch: int, n_queries: int, heads: int, n_entries: int) -> di
                 heads_major=False)
 
 
+def paged_block(block_n: int, page_entries: int) -> int:
+    """The key block used over page-blocked keys: `block_n` when it is a multiple or a divisor of
+    `page_entries`, else the largest power of two dividing `page_entries` (a Triton tile needs a power of
+    two, and the tensor-core product at least 16 rows: a compiled kernel wants page_entries % 16 == 0 or a
+    power of two; every preset has one)."""
+    if block_n % page_entries == 0 or page_entries % block_n == 0:
+        return block_n
+    return page_entries & -page_entries
+
+
 def indexer_scores_pallas(q, weights, keys, lengths, *, act: str = "none", interpret: bool = False,
                           block_n: int | None = None, blocks_per_program: int | None = None,
                           queries_per_program: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, heads_major: bool | None = None):
-    """Pallas launch wrapper; same contract as :func:`pallas_kernels.indexer_scores`."""
-    info = check_indexer_inputs(q, weights, keys, lengths, act)
+                          num_stages: int | None = None, heads_major: bool | None = None,
+                          page_entries: int | None = None):
+    """Pallas launch wrapper; same contract as :func:`pallas_kernels.indexer_scores`. With page-blocked keys
+    (`page_entries`), a key block is whole pages or a part of one page: `block_n` is rounded to that."""
+    info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
     b, m, h, d, n = info.batch, info.n_queries, info.heads, info.dim, info.n_entries
     if not interpret and (d < 16 or d & (d - 1)):
         raise ValueError(f"indexer_scores(impl='pallas'): head dim D must be a power of two >= 16, got {d}")
@@ -152,11 +196,13 @@ def indexer_scores_pallas(q, weights, keys, lengths, *, act: str = "none", inter
     per_query_len = lens.ndim == 2
 
     tm, bn, bpp = cfg["queries_per_program"], cfg["block_n"], cfg["blocks_per_program"]
+    if page_entries:
+        bn = paged_block(bn, page_entries)
     grid = (b, pl.cdiv(m, tm), pl.cdiv(n, bn * bpp))
     kernel = functools.partial(
         _indexer_kernel, tm=tm, block_n=bn, blocks_per_program=bpp, n=n, m_total=m, d=d,
         packed=info.packed, mode=mode, act=act, per_query_len=per_query_len,
-        heads_major=bool(cfg["heads_major"]))
+        heads_major=bool(cfg["heads_major"]), page_entries=page_entries)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, m, n), jnp.float32),

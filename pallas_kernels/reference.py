@@ -15,7 +15,9 @@ Shapes and semantics (SPEC sections 2-4):
 
 ``indexer_scores(q, weights, keys, lengths, act)``
     ``q [B, H, D]`` or ``[B, M, H, D]``; ``weights [B, H]`` / ``[B, M, H]``; ``keys`` uint8 ``[B, N, D + 4]``
-    (fp8 e4m3 + float32 scale) or bf16/f32 ``[B, N, D]``; ``lengths [B]`` (or ``[B, M]`` for multi-query).
+    (fp8 e4m3 + float32 scale) or bf16/f32 ``[B, N, D]``, or with ``page_entries=P`` the page-blocked
+    layout uint8 ``[B, n_pages, P * (D + 4)]`` (``fm_jax.layers.key_pages``; N = n_pages * P);
+    ``lengths [B]`` (or ``[B, M]`` for multi-query).
     ``logit[s] = sum_h w[h] relu(q[h] . k[s])`` for ``s < length``; ``act="none"``: masked -> ``-inf``;
     ``act="sigmoid"``: ``sigmoid(logit)``, masked -> ``0``. Returns float32 ``[B, N]`` / ``[B, M, N]``.
 
@@ -40,8 +42,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fm_jax.layers import kv_fp8
-from fm_jax.layers.quant import dequantize_index_keys, unpack_index_keys
+from fm_jax.layers import key_pages, kv_fp8
+from fm_jax.layers.quant import unpack_index_keys
 
 HIGHEST = jax.lax.Precision.HIGHEST
 ACTS = ("none", "sigmoid")
@@ -59,6 +61,7 @@ class IndexerShapes:
     n_entries: int          # N
     multi: bool             # q was [B, M, H, D]
     packed: bool            # keys are the uint8 fp8+scale layout
+    page_entries: int | None = None   # packed keys are page-blocked [B, n_pages, P * (D + 4)]
 
 
 def _shape(x) -> tuple:
@@ -69,8 +72,10 @@ def _is_float(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def check_indexer_inputs(q, weights, keys, lengths, act: str = "none") -> IndexerShapes:
-    """Validates the ``indexer_scores`` arguments; raises ``ValueError`` with the offending shape/dtype."""
+def check_indexer_inputs(q, weights, keys, lengths, act: str = "none", page_entries: int | None = None
+                         ) -> IndexerShapes:
+    """Validates the ``indexer_scores`` arguments; raises ``ValueError`` with the offending shape/dtype.
+    ``page_entries``: the keys are page-blocked (``fm_jax.layers.key_pages``), N = n_pages * page_entries."""
     if act not in ACTS:
         raise ValueError(f"indexer_scores: act must be one of {ACTS}, got {act!r}")
     for name, x in (("q", q), ("weights", weights), ("keys", keys), ("lengths", lengths)):
@@ -92,7 +97,15 @@ def check_indexer_inputs(q, weights, keys, lengths, act: str = "none") -> Indexe
     if keys.ndim != 3 or keys.shape[0] != b:
         raise ValueError(f"indexer_scores: keys must be [B={b}, N, D(+4)], got shape {_shape(keys)}")
     packed = keys.dtype == jnp.uint8
-    if packed:
+    n = keys.shape[1]
+    if page_entries is not None:
+        try:
+            key_pages.check_index_pages("indexer_scores", keys, page_entries, d)
+        except ValueError as err:
+            raise ValueError(f"{err} (keys [B, n_pages, page_entries * (D + 4)] since page_entries was given)"
+                             ) from None
+        n = keys.shape[1] * page_entries
+    elif packed:
         if keys.shape[2] != d + 4:
             raise ValueError(f"indexer_scores: packed uint8 keys must be [B, N, D+4={d + 4}] "
                              f"(fp8 e4m3 bytes + float32 scale) for D={d}, got shape {_shape(keys)}")
@@ -107,7 +120,7 @@ def check_indexer_inputs(q, weights, keys, lengths, act: str = "none") -> Indexe
     if _shape(lengths) not in ok_len:
         raise ValueError(f"indexer_scores: lengths must have shape {' or '.join(str(list(s)) for s in ok_len)}, "
                          f"got {list(_shape(lengths))}")
-    return IndexerShapes(b, m, h, d, keys.shape[1], multi, packed)
+    return IndexerShapes(b, m, h, d, n, multi, packed, page_entries)
 
 
 def check_topk_inputs(scores, k) -> int:
@@ -194,10 +207,21 @@ def _finish_scores(logit, valid, act: str, info: IndexerShapes):
 # ----------------------------------------------------------------------------------------------------------
 # indexer scores
 # ----------------------------------------------------------------------------------------------------------
-def indexer_scores_reference(q, weights, keys, lengths, *, act: str = "none"):
+def _fp8_keys(keys, info: IndexerShapes):
+    """Packed keys (rows or page-blocked) -> (fp8 [B, N, D], scale float32 [B, N])."""
+    if info.page_entries is not None:
+        return key_pages.split_index_pages(keys, info.page_entries, info.dim)
+    return unpack_index_keys(keys)
+
+
+def indexer_scores_reference(q, weights, keys, lengths, *, act: str = "none", page_entries: int | None = None):
     """The definition, in float32 with HIGHEST precision. See the module docstring for shapes."""
-    info = check_indexer_inputs(q, weights, keys, lengths, act)
-    k = dequantize_index_keys(keys) if info.packed else keys.astype(jnp.float32)       # [B, N, D]
+    info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
+    if info.packed:
+        fp8, scale = _fp8_keys(keys, info)
+        k = fp8.astype(jnp.float32) * scale[..., None]                                  # [B, N, D]
+    else:
+        k = keys.astype(jnp.float32)
     q4 = (q if info.multi else q[:, None]).astype(jnp.float32)                          # [B, M, H, D]
     w3 = (weights if info.multi else weights[:, None]).astype(jnp.float32)              # [B, M, H]
     s = jnp.einsum("bmhd,bnd->bmhn", q4, k, precision=HIGHEST)
@@ -218,14 +242,14 @@ def _split_bf16(x):
     return hi32.astype(jnp.bfloat16), (x - hi32).astype(jnp.bfloat16)
 
 
-def indexer_scores_xla(q, weights, keys, lengths, *, act: str = "none"):
+def indexer_scores_xla(q, weights, keys, lengths, *, act: str = "none", page_entries: int | None = None):
     """The XLA path (plain jnp, tensor-core friendly). Same function as the reference."""
-    info = check_indexer_inputs(q, weights, keys, lengths, act)
+    info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
     q4 = q if info.multi else q[:, None]
     w3 = (weights if info.multi else weights[:, None]).astype(jnp.float32)
     scale = None
     if info.packed:
-        fp8, scale = unpack_index_keys(keys)
+        fp8, scale = _fp8_keys(keys, info)
         k = fp8.astype(jnp.bfloat16)            # exact: e4m3 values are bf16 values
     else:
         k = keys

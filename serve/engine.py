@@ -129,8 +129,9 @@ def run_window(params, config, cache, token, key, n_steps: int, greedy: bool, re
 
 @functools.partial(jax.jit, static_argnames=("page_entries", "mesh"), donate_argnames=("layers",))
 def _apply_recall(layers, staged, slots, page_entries: int, mesh=None):
-    """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, kv_row], keys)},
-    staged: {l: (kv [B, M, P, kv_row], keys [B, M, P, Dk])}, slots [B, M] (n_slots = padding, dropped)."""
+    """Scatter staged pages into every CSA layer's reserve. layers: {l: (kv [B, cells, kv_row], keys
+    [B, n_slots, page_bytes])}, staged: {l: (kv [B, M, P, kv_row], keys [B, M, page_bytes])}, slots [B, M]
+    (n_slots = padding, dropped). A page of index keys is one contiguous blob (`key_pages`)."""
     out = {}
     bidx = jnp.arange(slots.shape[0])[:, None]
     for l, (kv, keys) in layers.items():
@@ -138,28 +139,26 @@ def _apply_recall(layers, staged, slots, page_entries: int, mesh=None):
         n_slots = cells // page_entries
         skv, skeys = staged[l]
         kv = kv.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skv.astype(kv.dtype), mode="drop")
-        keys = keys.reshape(b, n_slots, page_entries, -1).at[bidx, slots].set(skeys, mode="drop")
-        out[l] = (kv.reshape(b, cells, -1), keys.reshape(b, cells, -1))
+        out[l] = (kv.reshape(b, cells, -1), keys.at[bidx, slots].set(skeys, mode="drop"))
     return constrain(out, mesh, slots.shape[0])  # the reserve keeps the cache's sharding
 
 
 @functools.partial(jax.jit, static_argnames=("page_entries",))
 def _read_slots(layers, slots, page_entries: int):
-    """Gather reserve pages for write-through: {l: (kv, keys)} [B, cells, ...], slots [B, M] ->
-    {l: (kv [B, M, P, kv_row], keys [B, M, P, Dk])}."""
+    """Gather reserve pages for write-through: {l: (kv [B, cells, kv_row], keys [B, n_slots, page_bytes])},
+    slots [B, M] -> {l: (kv [B, M, P, kv_row], keys [B, M, page_bytes])}."""
     bidx = jnp.arange(slots.shape[0])[:, None]
     out = {}
     for l, (kv, keys) in layers.items():
         b, cells = kv.shape[:2]
-        n = cells // page_entries
-        out[l] = (kv.reshape(b, n, page_entries, -1)[bidx, slots], keys.reshape(b, n, page_entries, -1)[bidx, slots])
+        out[l] = (kv.reshape(b, cells // page_entries, page_entries, -1)[bidx, slots], keys[bidx, slots])
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("full_keys",))
 def _update_full_keys(full_keys, pages_keys, pages, mesh=None):
     """Write pages [B, M] (-1 = skip) of index keys into the device copy of a target layer's keys
-    [B, n_pages, P, Dk]."""
+    [B, n_pages, page_bytes]."""
     b, n_pages = full_keys.shape[:2]
     bidx = jnp.arange(b)[:, None]
     return constrain(full_keys.at[bidx, jnp.where(pages >= 0, pages, n_pages)].set(pages_keys, mode="drop"), mesh, b)
@@ -413,15 +412,13 @@ class _Cycle:
             if lsa.verify_recall:
                 self.mirror.start_verifying()
         # Target layers' index keys stay whole on the device: the Memory Indexer scores all of them.
-        self.full_keys = {} if icfg is None else {
-            l: cache["layers"][l]["index_keys"].reshape(b, self.layout.n_pages, self.layout.page_entries, -1)
-            for l in icfg.target_layers}
+        self.full_keys = {} if icfg is None else {l: cache["layers"][l]["index_keys"] for l in icfg.target_layers}
         layers = list(cache["layers"])
         for l in config.csa_layers:  # the full CSA buffers leave the device; an empty reserve replaces them
             lc = dict(layers[l])
             # committed like the arrays the window returns (jit keys its cache on committedness)
             lc["comp_kv"] = jax.device_put(kv_zeros(config, b, self.layout.n_cells), lc["comp_kv"].sharding)
-            lc["index_keys"] = jax.device_put(jnp.zeros((b, self.layout.n_cells, config.index_key_bytes), jnp.uint8),
+            lc["index_keys"] = jax.device_put(jnp.zeros((b, self.layout.n_slots, config.index_page_bytes), jnp.uint8),
                                               lc["index_keys"].sharding)
             layers[l] = lc
         self.state = kt.ReserveState.empty(b, self.layout)
@@ -442,9 +439,10 @@ class _Cycle:
         dropped padding slot), so that no window after the first triggers a compilation."""
         b, p = cache["lengths"].shape[0], self.layout.page_entries
         for m in kt.recall_buckets(self.layout.n_slots):
-            staged = {l: tuple(kt.to_device(np.zeros((b, m, p, x.shape[-1]), x.dtype), self.rows)
-                               for x in (cache["layers"][l]["comp_kv"], cache["layers"][l]["index_keys"]))
-                      for l in self.c.csa_layers}
+            lcs = {l: cache["layers"][l] for l in self.c.csa_layers}
+            staged = {l: (kt.to_device(np.zeros((b, m, p, lc["comp_kv"].shape[-1]), lc["comp_kv"].dtype), self.rows),
+                          kt.to_device(np.zeros((b, m, lc["index_keys"].shape[-1]), np.uint8), self.rows))
+                      for l, lc in lcs.items()}
             plan = kt.RecallPlan(np.full((b, m), self.layout.n_slots, np.int64), np.zeros((b, m), np.int64), 0)
             cache = self._apply(cache, plan, staged, None)
             self.mirror.compile_recall(plan, self.rows)  # the "pinned" mirror's gather is a jitted program
@@ -475,10 +473,10 @@ class _Cycle:
         if self.mode == "lsa":
             n_complete = n_visible_entries(pos - 1, r)  # entries the query (the last cached token) sees
             t0 = time.perf_counter()
-            keys = {l: k.reshape(k.shape[0], -1, k.shape[-1]) for l, k in self.full_keys.items()}
             scores = mi.ensemble_scores(
-                mi.score_all(self.iparams, self.icfg, hidden, keys, self._put(np.asarray(pos - 1, np.int32)),
-                             self._put(np.asarray(n_complete, np.int32)), impl=self.impl), self.icfg.ensemble)
+                mi.score_all(self.iparams, self.icfg, hidden, self.full_keys, self._put(np.asarray(pos - 1, np.int32)),
+                             self._put(np.asarray(n_complete, np.int32)), impl=self.impl, page_entries=p),
+                self.icfg.ensemble)
             scores = np.asarray(scores)
             times["scoring_s"] += time.perf_counter() - t0
             return [kt.page_counts(scores[b], int(n_complete[b]), self.icfg.threshold, p, n_pages)

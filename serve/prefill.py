@@ -51,18 +51,26 @@ class MirrorStore:
         p = config.page_entries
         self.n_entries = n
         width, dtype = kv_row(config)   # the cache's KV rows: packed fp8 bytes or the compute dtype
+        self.p = p
+        keys_shape = (batch, n // p, config.index_page_bytes)   # page-blocked, as in the cache
         self.mirror = kt.HostMirror(
             kv={l: np.zeros((batch, n // p, p, width), dtype) for l in config.csa_layers},
-            keys={l: np.zeros((batch, n // p, p, config.index_key_bytes), np.uint8) for l in config.csa_layers})
+            keys={l: np.zeros(keys_shape, np.uint8) for l in config.csa_layers})
         self.targets = tuple(target_layers)
-        self.target_keys = commit({l: jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8) for l in self.targets})
+        self.target_keys = commit({l: jnp.zeros(keys_shape, jnp.uint8) for l in self.targets})
         self.scratch_kv = commit(kv_zeros(config, batch, n))
-        self.scratch_keys = commit(jnp.zeros((batch, n, config.index_key_bytes), jnp.uint8))
+        self.scratch_keys = commit(jnp.zeros(keys_shape, jnp.uint8))
         self.pending = {}                                  # layer -> [(host view, device rows)] in flight
         self.h2d_bytes = self.d2h_bytes = 0
 
     def _rows(self, arr):
-        return arr.reshape(arr.shape[0], -1, arr.shape[-1])  # [B, pages, P, D] -> [B, entries, D] (a view)
+        """A host mirror array as the device buffer's units along axis 1 (a view): kv [B, pages, P, D] ->
+        entries [B, entries, D]; page-blocked keys [B, pages, page bytes] stay pages."""
+        return arr.reshape(arr.shape[0], -1, arr.shape[-1])
+
+    def _unit(self, host) -> int:
+        """Entries per unit of axis 1 of the device buffer of `host`: 1 for kv rows, P for key pages."""
+        return 1 if host.ndim == 4 else self.p
 
     def _flush(self, layer=None):
         for l in list(self.pending) if layer is None else [layer]:
@@ -70,11 +78,14 @@ class MirrorStore:
                 view[...] = np.asarray(rows)
 
     def _upload(self, buf, host, n_prev: int):
-        """Copy host rows [0, n_prev) into buf, in pieces of 2^j chunks (n_prev is a whole number of chunks)."""
+        """Copy host entries [0, n_prev) into buf, in pieces of 2^j chunks (n_prev is a whole number of
+        chunks, a chunk whole pages)."""
+        unit = self._unit(host)
+        host = self._rows(host)
         k, off = n_prev // self.block, 0
         for j in reversed(range(k.bit_length())):
             if k >> j & 1:
-                size = self.block << j
+                size = (self.block << j) // unit
                 buf = _put_rows(buf, kt.to_device(np.ascontiguousarray(host[:, off:off + size])),
                                 jnp.asarray(off, jnp.int32))
                 self.h2d_bytes += host[:, off:off + size].nbytes
@@ -84,22 +95,22 @@ class MirrorStore:
     def take(self, layer: int, start: int):
         self._flush(layer)  # the previous chunk's rows of this layer must be in the mirror before they go up
         n_prev = start // self.r
-        kv = self._upload(self.scratch_kv, self._rows(self.mirror.kv[layer]), n_prev)
+        kv = self._upload(self.scratch_kv, self.mirror.kv[layer], n_prev)
         self.scratch_kv = None
         if layer in self.target_keys:
             keys = self.target_keys.pop(layer)
         else:
-            keys = self._upload(self.scratch_keys, self._rows(self.mirror.keys[layer]), n_prev)
+            keys = self._upload(self.scratch_keys, self.mirror.keys[layer], n_prev)
             self.scratch_keys = None
         return kv, keys
 
     def give(self, layer: int, start: int, kv, keys):
-        off = start // self.r
-        o = jnp.asarray(off, jnp.int32)
         for host, buf in ((self.mirror.kv[layer], kv), (self.mirror.keys[layer], keys)):
-            rows = _get_rows(buf, o, self.block)
+            unit = self._unit(host)
+            off, size = start // self.r // unit, self.block // unit
+            rows = _get_rows(buf, jnp.asarray(off, jnp.int32), size)
             rows.copy_to_host_async()
-            self.pending.setdefault(layer, []).append((self._rows(host)[:, off:off + self.block], rows))
+            self.pending.setdefault(layer, []).append((self._rows(host)[:, off:off + size], rows))
             self.d2h_bytes += rows.size * rows.dtype.itemsize
         self.scratch_kv = kv
         if layer in self.targets:
@@ -115,7 +126,7 @@ class MirrorStore:
         for l in self.c.csa_layers:
             out[l] = {**out[l], "comp_kv": kv_zeros(self.c, b, 0),
                       "index_keys": self.target_keys.pop(l) if l in self.targets
-                      else jnp.zeros((b, 0, self.c.index_key_bytes), jnp.uint8)}
+                      else jnp.zeros((b, 0, self.c.index_page_bytes), jnp.uint8)}
         return out
 
 

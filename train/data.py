@@ -9,13 +9,21 @@ On disk (one directory per dump; never pickle)::
     doc_<id>.safetensors          one document:
         hidden_layer_{L}   bf16  [T, d_model]   residual input of target layer L at every position
                                                ("hidden_rows": "queries" -> [Q, d_model], one row per query)
-        compk_layer_{L}    uint8 [N, D + 4]     the layer's packed fp8 index keys (SPEC §3)
+        compk_layer_{L}    uint8 [n_pages, P * (D + 4)]  the layer's fp8 index keys, page-blocked as the decode
+                                               cache stores them (`fm_jax.layers.key_pages`; manifest
+                                               "key_layout": "pages", "key_page_entries": P; the last page
+                                               zero padded, "n_entries" of the document's entry counts)
+                           uint8 [N, D + 4]     dumps made before issue 12 (no "key_layout", or "rows"):
+                                               packed rows (SPEC §3); read as they are
         query_positions    int32 [Q]            query token positions s (hidden row and RoPE position)
         label_indices      int32 [nnz]          CSR golden labels (train.labels)
         label_scores       float32 [nnz]        layer counts (manifest "label_score_max" = their maximum)
         label_pointers     int64 [Q + 1]
     li_init.safetensors           the backbone Lightning Indexer's query tower as a FlashMemory joint
                                   checkpoint (initialisation for train.fit; carries the IndexerConfig)
+
+Readers see keys as packed rows ``[N, D + 4]`` whatever the layout on disk (``Doc.keys``: training gathers
+single entries, which rows serve best).
 
 A query's candidates are the entries visible to its token (``train.labels.n_candidates``); with
 ``"candidates": "stored"`` (imported release dumps, whose keys cover the prompt only) they are all the
@@ -51,6 +59,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fm_jax.layers.key_pages import block_index_keys, unblock_index_keys
 from train.labels import CSR, n_candidates, validate_csr
 
 FORMAT = "fm_jax.indexer_data"
@@ -163,6 +172,42 @@ def read_manifest(data_dir: str) -> dict:
     return m
 
 
+KEY_LAYOUTS = ("rows", "pages")   # manifest "key_layout": how compk_layer_* are stored (absent = "rows")
+
+
+def key_layout_fields(page_entries: int) -> dict:
+    """The manifest fields of a dump whose keys are stored with `stored_keys(..., page_entries)`."""
+    return {"key_layout": "pages", "key_page_entries": int(page_entries)}
+
+
+def stored_keys(rows: np.ndarray, page_entries: int) -> np.ndarray:
+    """What writers store as compk_layer_*: packed rows uint8 [N, D + 4] -> pages [ceil(N / P), P * (D + 4)]."""
+    return np.ascontiguousarray(block_index_keys(np.asarray(rows, np.uint8), page_entries))
+
+
+def keys_as_rows(k: np.ndarray, manifest: dict, n_entries: int | None, kb: int, where: str) -> np.ndarray:
+    """A stored compk_layer_* as packed rows uint8 [N, kb] (page-blocked dumps are converted; row dumps made
+    before the page layout pass through). `n_entries`: the document's entry count (pages are padded)."""
+    layout = manifest.get("key_layout", "rows")
+    if layout not in KEY_LAYOUTS:
+        raise ShardError(f"{where}: manifest key_layout {layout!r} is not one of {KEY_LAYOUTS}")
+    if layout == "rows":
+        if k.dtype != np.uint8 or k.ndim != 2 or k.shape[1] != kb:
+            raise ShardError(f"{where}: compk must be uint8 [N, {kb}] (manifest key_layout 'rows'), "
+                             f"got {k.dtype}{k.shape}")
+        return k
+    p = manifest.get("key_page_entries")
+    if not isinstance(p, int) or p <= 0:
+        raise ShardError(f"{where}: manifest key_layout 'pages' needs a positive int key_page_entries, got {p!r}")
+    if k.dtype != np.uint8 or k.ndim != 2 or k.shape[1] != p * kb:
+        raise ShardError(f"{where}: compk must be uint8 [n_pages, key_page_entries * index_key_bytes = {p * kb}] "
+                         f"(manifest key_layout 'pages'), got {k.dtype}{k.shape}")
+    if n_entries is None or not 0 <= int(n_entries) <= k.shape[0] * p or int(n_entries) <= (k.shape[0] - 1) * p:
+        raise ShardError(f"{where}: document entry count {n_entries!r} does not fit {k.shape[0]} stored pages "
+                         f"of {p} entries")
+    return unblock_index_keys(k, p, kb - 4)[:int(n_entries)]
+
+
 def candidates_of(manifest: dict, positions, n_entries: int) -> np.ndarray:
     """Candidate entries of each query int64 [Q] (see the module docstring)."""
     if manifest.get("candidates") == "stored":
@@ -192,8 +237,15 @@ def doc_tensor_names(target_layers: Iterable[int]) -> list[str]:
     return names
 
 
-def doc_from_tensors(tensors: dict[str, np.ndarray], manifest: dict, doc_id: str, where: str) -> Doc:
-    """Validate one document's tensors against the manifest; errors name ``where``."""
+def _doc_entries(manifest: dict, doc_id: str):
+    """The manifest's "n_entries" of document `doc_id` (None when absent)."""
+    return next((d.get("n_entries") for d in manifest.get("docs", ()) if d.get("id") == doc_id), None)
+
+
+def doc_from_tensors(tensors: dict[str, np.ndarray], manifest: dict, doc_id: str, where: str,
+                     n_entries: int | None = None) -> Doc:
+    """Validate one document's tensors against the manifest; errors name ``where``. `n_entries`: the
+    document's entry count (default: its manifest entry's), needed for page-blocked keys."""
     layers = [int(x) for x in manifest["target_layers"]]
     for name in doc_tensor_names(layers):
         if name not in tensors:
@@ -204,11 +256,14 @@ def doc_from_tensors(tensors: dict[str, np.ndarray], manifest: dict, doc_id: str
     q = len(pos)
     d = int(manifest["d_model"])
     kb = int(manifest["index_key_bytes"])
+    doc_entries = n_entries
+    if doc_entries is None and manifest.get("key_layout", "rows") != "rows":
+        doc_entries = _doc_entries(manifest, doc_id)
     n_entries = None
     hidden, keys = {}, {}
     for lyr in layers:
         h = tensors[f"hidden_layer_{lyr}"]
-        k = tensors[f"compk_layer_{lyr}"]
+        k = keys_as_rows(tensors[f"compk_layer_{lyr}"], manifest, doc_entries, kb, f"{where}: compk_layer_{lyr}")
         if h.ndim != 2 or h.shape[1] != d:
             raise ShardError(f"{where}: hidden_layer_{lyr} must be [rows, d_model={d}], got {h.shape}")
         if h.dtype.kind not in "f" and h.dtype.name not in ("bfloat16",):
@@ -318,7 +373,7 @@ class IndexerDataset:
                 self._cache.move_to_end(di)
                 return self._cache[di]
         t, _ = self._load(di, keys=doc_tensor_names(self.target_layers))
-        d = doc_from_tensors(t, self.manifest, self.doc_ids[di], self.path(di))
+        d = doc_from_tensors(t, self.manifest, self.doc_ids[di], self.path(di), self._entries[di].get("n_entries"))
         with self._lock:
             self._cache[di] = d
             while len(self._cache) > self._cache_docs:

@@ -170,7 +170,8 @@ def _doc_done(out_dir: str, doc_id: str) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     path = os.path.join(out_dir, e.get("file", ""))
-    return os.path.exists(path) and os.path.getsize(path) == e.get("bytes")
+    # a document dumped before the page-blocked key layout is dumped again (one manifest, one layout)
+    return os.path.exists(path) and os.path.getsize(path) == e.get("bytes") and e.get("key_layout") == "pages"
 
 
 def build_manifest(out_dir: str, settings: dict, model_config: ModelConfig) -> dict:
@@ -183,6 +184,7 @@ def build_manifest(out_dir: str, settings: dict, model_config: ModelConfig) -> d
         "format": D.FORMAT, "version": D.VERSION, **settings,
         "ratio": model_config.csa_ratio, "d_model": model_config.d_model,
         "index_key_bytes": model_config.index_key_bytes, "index_topk": model_config.index_topk,
+        **D.key_layout_fields(model_config.page_entries),
         "hidden_rows": "positions", "hidden_dtype": "bfloat16", "li_init": D.LI_INIT,
         "candidates": "visible", "label_score": "layer_count", "label_score_max": len(settings["vote_layers"]),
         "query": "last token before the window: positives from steps [s + 1, s + 1 + tau)", "docs": docs,
@@ -274,11 +276,14 @@ def dump_documents(out_dir: str, docs: Iterable[tuple], model_config: ModelConfi
                        "label_pointers": csr.pointers}
             for i, lyr in enumerate(targets):
                 tensors[f"hidden_layer_{lyr}"] = np.asarray(hidden[i][b, :n]).astype(ml_dtypes.bfloat16)
-                tensors[f"compk_layer_{lyr}"] = np.asarray(keys[i][b, :n // r], np.uint8)
+                # page-blocked as the decode cache stores them (readers convert: `train.data.keys_as_rows`)
+                tensors[f"compk_layer_{lyr}"] = D.stored_keys(np.asarray(keys[i][b, :n // r], np.uint8),
+                                                              c.page_entries)
             fname = f"doc_{doc_id}.safetensors"
             info = D.save_shard(os.path.join(out_dir, fname), tensors,
                                 {"format": D.FORMAT, "doc_id": doc_id, "n_tokens": n})
-            entry = {"id": doc_id, "file": fname, **info, "n_tokens": n, "n_entries": n // r,
+            entry = {"id": doc_id, "file": fname, **info, **D.key_layout_fields(c.page_entries),
+                     "n_tokens": n, "n_entries": n // r,
                      "n_queries": len(positions), "n_positives": len(csr.indices), "prompt_len": prompt_len,
                      "source": source, **{k: round(v, 3) for k, v in stats.items()}}
             D.atomic_write_json(os.path.join(out_dir, f"doc_{doc_id}.json"), entry)

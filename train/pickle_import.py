@@ -6,7 +6,8 @@ pickle per request, ``pickle.dump`` of a dict of *torch tensors*, one row per de
 
     hidden_layer_{i}     bf16  [n_decode, d]       the indexer input x of each decode token, CSA layer i
     positions_layer_{i}  int64 [n_decode]          each decode token's absolute position
-    compk_layer_{i}      uint8 [n_blocks, 132]     the prompt's packed index keys (128 fp8 + fp32 scale)
+    compk_layer_{i}      uint8 [n_blocks, 132]     the prompt's packed index keys (128 fp8 + fp32 scale; stored
+                                                   here page-blocked as our dumps are: ``train.data.stored_keys``)
     label_indices        int32 [nnz]               CSR per decode token: golden chunks (top-p 0.6, >= 3 layers)
     label_scores         int32 [nnz]               their layer counts
     label_pointers       int32 [n_decode + 1]
@@ -231,6 +232,7 @@ def safe_load_pickle(path: str, max_bytes: int = 1 << 36) -> dict[str, np.ndarra
 
 _LAYER_RE = re.compile(r"^hidden_layer_(\d+)$")
 RELEASE_TAU = 64  # the release's label_interval
+RELEASE_PAGE_ENTRIES = 64  # V4-Flash's CSA page (`fm_jax.config` preset v4_flash): the stored key pages
 
 
 def _vector(arrays, name: str, where: str) -> np.ndarray:
@@ -243,8 +245,9 @@ def _vector(arrays, name: str, where: str) -> np.ndarray:
 
 
 def convert_document(arrays: dict[str, np.ndarray], where: str, *, tau: int = RELEASE_TAU,
-                     sample_interval: int = 1) -> tuple[dict, dict]:
-    """One release dump -> (our shard tensors, facts for the manifest). See the module docstring."""
+                     sample_interval: int = 1, page_entries: int = RELEASE_PAGE_ENTRIES) -> tuple[dict, dict]:
+    """One release dump -> (our shard tensors, facts for the manifest). See the module docstring; the
+    release's key rows are stored page-blocked (``page_entries`` per page)."""
     if tau <= 0 or sample_interval <= 0:
         raise ValueError(f"tau={tau} and sample_interval={sample_interval} must be positive")
     layers = sorted(int(m.group(1)) for k in arrays if (m := _LAYER_RE.match(k)))
@@ -292,7 +295,7 @@ def convert_document(arrays: dict[str, np.ndarray], where: str, *, tau: int = RE
                "label_scores": labels.scores, "label_pointers": labels.pointers}
     for lyr in layers:
         tensors[f"hidden_layer_{lyr}"] = np.asarray(hidden[lyr][t]).astype(ml_dtypes.bfloat16)
-        tensors[f"compk_layer_{lyr}"] = np.ascontiguousarray(keys[lyr])
+        tensors[f"compk_layer_{lyr}"] = D.stored_keys(keys[lyr], page_entries)
     facts = {"layers": layers, "d_model": int(d_model), "index_key_bytes": int(kb), "n_entries": int(n_blocks),
              "n_queries": len(t), "n_positives": len(labels.indices), "n_decode": int(n_decode),
              "n_tokens": int(positions[-1]) + 1 if n_decode else 0,
@@ -301,8 +304,9 @@ def convert_document(arrays: dict[str, np.ndarray], where: str, *, tau: int = RE
 
 
 def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interval: int = 1, ratio: int = 4,
-                   n_vote_layers: int = 21, progress: bool = True) -> dict:
-    """Import release dumps into ``out_dir`` (train.data format); reruns skip finished documents."""
+                   n_vote_layers: int = 21, progress: bool = True, page_entries: int = RELEASE_PAGE_ENTRIES) -> dict:
+    """Import release dumps into ``out_dir`` (train.data format); reruns skip finished documents.
+    ``page_entries``: entries per stored key page (the release's V4 pages by default)."""
     os.makedirs(out_dir, exist_ok=True)
     D.pin_settings(os.path.join(out_dir, "import_settings.json"),
                    {"tau": tau, "sample_interval": sample_interval, "ratio": ratio, "n_vote_layers": n_vote_layers},
@@ -320,12 +324,15 @@ def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interv
         if os.path.exists(side):
             with open(side) as f:
                 entry = json.load(f)
-            if os.path.exists(os.path.join(out_dir, fname)) and \
+            # a document imported before the page-blocked key layout is imported again
+            if os.path.exists(os.path.join(out_dir, fname)) and entry.get("key_layout") == "pages" and \
+                    entry.get("key_page_entries") == page_entries and \
                     os.path.getsize(os.path.join(out_dir, fname)) == entry.get("bytes"):
                 docs.append(entry)
                 common = common or entry["_facts"]
                 continue
-        tensors, facts = convert_document(safe_load_pickle(path), path, tau=tau, sample_interval=sample_interval)
+        tensors, facts = convert_document(safe_load_pickle(path), path, tau=tau, sample_interval=sample_interval,
+                                          page_entries=page_entries)
         if facts["label_score_max"] > n_vote_layers:
             raise ValueError(f"{path}: a label score of {facts['label_score_max']} layers exceeds "
                              f"--n-vote-layers={n_vote_layers}")
@@ -335,7 +342,8 @@ def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interv
         elif shared != common:
             raise ValueError(f"{path}: layers / dims {shared} differ from earlier documents' {common}")
         info = D.save_shard(os.path.join(out_dir, fname), tensors, {"format": D.FORMAT, "doc_id": doc_id})
-        entry = {"id": doc_id, "file": fname, **info, "source": os.path.abspath(path), "_facts": shared,
+        entry = {"id": doc_id, "file": fname, **info, **D.key_layout_fields(page_entries),
+                 "source": os.path.abspath(path), "_facts": shared,
                  **{k: facts[k] for k in ("n_tokens", "n_entries", "n_queries", "n_positives", "n_decode")}}
         D.atomic_write_json(side, entry)
         docs.append(entry)
@@ -344,7 +352,8 @@ def import_pickles(paths, out_dir: str, *, tau: int = RELEASE_TAU, sample_interv
     manifest = {"format": D.FORMAT, "version": D.VERSION, "source": "flashmemory-release-pickle",
                 "ratio": ratio, "tau": tau, "sample_interval": sample_interval, "min_layers": None,
                 "vote_layers": None, "target_layers": common["layers"], "d_model": common["d_model"],
-                "index_key_bytes": common["index_key_bytes"], "hidden_rows": "queries", "hidden_dtype": "bfloat16",
+                "index_key_bytes": common["index_key_bytes"], **D.key_layout_fields(page_entries),
+                "hidden_rows": "queries", "hidden_dtype": "bfloat16",
                 "candidates": "stored", "label_score": "layer_count", "label_score_max": n_vote_layers,
                 "query": "decode row t: positives from rows [t, t + tau) (the release's dataloader)",
                 "li_init": None, "docs": sorted(docs, key=lambda d: d["id"]),

@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fm_jax.layers.key_pages import pages_to_rows, rows_to_pages
+
 BLOCK = 64            # values per ue8m0 scale
 FP8_MAX = 448.0       # largest e4m3fn value
 AMAX_MIN = 1e-4       # the reference clamps each block's amax from below (no zero / subnormal scales)
@@ -114,23 +116,17 @@ def unpack(packed: jax.Array, head_dim: int, rope_dim: int, dtype=jnp.float32) -
 
 def to_page_blocks(packed: jax.Array, head_dim: int, rope_dim: int, page_entries: int) -> jax.Array:
     """The release's paged byte order: [..., N, E] -> [..., N // P, P * E] with every data row of a page
-    (nope + 2 * rope_dim bytes each) followed by every scale row."""
-    n, e = packed.shape[-2], entry_bytes(head_dim, rope_dim)
-    if packed.shape[-1] != e or n % page_entries:
+    (nope + 2 * rope_dim bytes each) followed by every scale row (`key_pages.rows_to_pages`)."""
+    e = entry_bytes(head_dim, rope_dim)
+    if packed.shape[-1] != e or packed.shape[-2] % page_entries:
         raise ValueError(f"to_page_blocks: need [..., N, {e}] with N a multiple of {page_entries}, "
                          f"got {list(packed.shape)}")
-    data = head_dim + rope_dim
-    pages = packed.reshape(*packed.shape[:-2], n // page_entries, page_entries, e)
-    flat = lambda x: x.reshape(*x.shape[:-2], -1)
-    return jnp.concatenate([flat(pages[..., :data]), flat(pages[..., data:])], axis=-1)
+    return rows_to_pages(packed, page_entries, head_dim + rope_dim)
 
 
 def from_page_blocks(blocks: jax.Array, head_dim: int, rope_dim: int, page_entries: int) -> jax.Array:
     """Inverse of `to_page_blocks`: [..., N // P, P * E] -> [..., N, E]."""
-    e, data = entry_bytes(head_dim, rope_dim), head_dim + rope_dim
+    e = entry_bytes(head_dim, rope_dim)
     if blocks.shape[-1] != page_entries * e:
         raise ValueError(f"from_page_blocks: need [..., n_pages, {page_entries * e}], got {list(blocks.shape)}")
-    lead = blocks.shape[:-1]
-    rows = jnp.concatenate([blocks[..., :page_entries * data].reshape(*lead, page_entries, data),
-                            blocks[..., page_entries * data:].reshape(*lead, page_entries, e - data)], axis=-1)
-    return rows.reshape(*lead[:-1], lead[-1] * page_entries, e)
+    return pages_to_rows(blocks, page_entries, head_dim + rope_dim, e)

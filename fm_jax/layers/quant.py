@@ -4,6 +4,8 @@ Bytes `[0, D)` are the fp8 e4m3fn values, bytes `[D, D + 4)` the entry's float32
 so a PyTorch reader does `buf[..., :D].view(torch.float8_e4m3fn)` and `buf[..., D:].view(torch.float32)`.
 Quantise: `scale = max|k| / 448`, `fp8 = round_to_nearest_even(k / scale)`; dequantise:
 `k = fp8.astype(float32) * scale`. An all-zero key stores scale 0 and dequantises to zeros.
+These rows are the per-entry format (the forward's aux output, the release's dumps); the decode cache, the
+LSA reserve, the host mirrors and our dumps store them page-blocked (`fm_jax.layers.key_pages`).
 """
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,7 @@ def _mirror(verify=True):
     layers = [{} for _ in range(c.n_layers)]
     for l in c.csa_layers:
         layers[l] = {"comp_kv": rng.standard_normal((B, n, c.head_dim)).astype(np.float32),
-                     "index_keys": rng.integers(0, 256, (B, n, c.index_key_bytes), dtype=np.uint8)}
+                     "index_keys": rng.integers(0, 256, (B, layout.n_pages, c.index_page_bytes), dtype=np.uint8)}
     return c, layout, kt.HostMirror.from_cache({"layers": layers}, c, layout, verify=verify)
 
 
@@ -92,7 +92,7 @@ def test_write_through_updates_the_checksums():
     c, layout, mirror = _mirror()
     l = c.csa_layers[0]
     new_kv = np.random.default_rng(1).standard_normal((B, 1, layout.page_entries, c.head_dim)).astype(np.float32)
-    new_keys = np.ones((B, 1, layout.page_entries, c.index_key_bytes), np.uint8)
+    new_keys = np.ones((B, 1, c.index_page_bytes), np.uint8)
     mirror.write_through(l, new_kv, new_keys, np.array([[4], [-1]]))
     out = mirror.recall_to_device(_plan(layout, [[4], [4]]))  # checks pass for the rewritten page
     np.testing.assert_array_equal(np.asarray(out[l][0])[0, 0], new_kv[0, 0])
@@ -144,7 +144,7 @@ def _mirrors(kv_dtype, sharding=None, verify=False):
     shape = (B, layout.n_pages, layout.page_entries)
     kv = {l: _bf16_extremes(rng, shape + (c.head_dim,)) if kv_dtype == "bf16" else
           rng.integers(0, 256, shape + (c.head_dim + 8,), dtype=np.uint8) for l in c.csa_layers}
-    keys = {l: rng.integers(0, 256, shape + (c.index_key_bytes,), dtype=np.uint8) for l in c.csa_layers}
+    keys = {l: rng.integers(0, 256, (B, layout.n_pages, c.index_page_bytes), dtype=np.uint8) for l in c.csa_layers}
     ref = kt.HostMirror(kv, keys)
     if verify:
         ref.start_verifying()
@@ -178,7 +178,7 @@ def test_pinned_write_through_then_recall_matches_numpy():
     rng = np.random.default_rng(3)
     l = c.csa_layers[-1]
     new_kv = jax.device_put(_bf16_extremes(rng, (B, 2, layout.page_entries, c.head_dim)))
-    new_keys = jax.device_put(rng.integers(0, 256, (B, 2, layout.page_entries, c.index_key_bytes), dtype=np.uint8))
+    new_keys = jax.device_put(rng.integers(0, 256, (B, 2, c.index_page_bytes), dtype=np.uint8))
     pages = np.array([[4, -1], [6, 2]])
     for m in (ref, pinned):
         m.write_through(l, new_kv, new_keys, pages)
@@ -212,7 +212,7 @@ def test_from_cache_pinned_backend_equals_numpy():
     layers = [{} for _ in range(c.n_layers)]
     for l in c.csa_layers:
         layers[l] = {"comp_kv": jax.device_put(ref.kv[l].reshape(B, -1, c.head_dim)),
-                     "index_keys": jax.device_put(ref.keys[l].reshape(B, -1, c.index_key_bytes))}
+                     "index_keys": jax.device_put(ref.keys[l])}   # page-blocked, as in the cache
     pinned = kt.HostMirror.from_cache({"layers": layers}, c, layout, backend="pinned").to_numpy()
     for l in c.csa_layers:
         assert _same_bytes(pinned.kv[l], ref.kv[l]) and _same_bytes(pinned.keys[l], ref.keys[l])

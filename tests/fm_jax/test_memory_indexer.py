@@ -18,6 +18,7 @@ from fm_jax import interop
 from fm_jax import memory_indexer as mi
 from fm_jax.config import get_config
 from fm_jax.layers.hadamard import hadamard
+from fm_jax.layers.key_pages import block_index_keys
 from fm_jax.layers.norm import rms_norm
 from fm_jax.layers.quant import pack_index_keys
 from fm_jax.layers.rope import apply_rope, inv_freq_for_layer
@@ -230,6 +231,29 @@ def test_score_layer_under_jit_and_score_all():
     np.testing.assert_array_equal(np.asarray(shared["l1"]), np.asarray(eager))
     with pytest.raises(ValueError, match="target layer 5"):
         mi.score_all(params, c, {1: hidden, 3: hidden}, packed, positions, lengths)
+
+
+@pytest.mark.parametrize("p", [4, 8])
+def test_page_blocked_keys_score_like_rows(p):
+    # the engine passes its cache's page-blocked buffers (page_entries=); N = 29 rows pad to whole pages
+    c = small_config()
+    params = random_params(c)
+    hidden, packed, positions, lengths = random_inputs(c)
+    pages = block_index_keys(jnp.asarray(packed), p)
+    n_all = pages.shape[1] * p
+    rows = np.pad(packed, ((0, 0), (0, n_all - packed.shape[1]), (0, 0)))
+    for fn in (mi.score_layer, mi.layer_logits):
+        got = fn(params["l1"], c, hidden, pages, positions, lengths, page_entries=p)
+        want = fn(params["l1"], c, hidden, rows, positions, lengths)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    whole = mi.score_all(params, c, hidden, pages, positions, page_entries=p)   # lengths None: every entry
+    assert whole["l3"].shape == (3, n_all)
+    np.testing.assert_array_equal(np.asarray(whole["l3"]),
+                                  np.asarray(mi.score_layer(params["l3"], c, hidden, rows, positions)))
+    with pytest.raises(ValueError, match="page_entries=None for rows"):
+        mi.score_layer(params["l1"], c, hidden, packed, positions, lengths, page_entries=p)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, N="):
+        mi.score_layer(params["l1"], c, hidden, pages, positions, lengths + n_all, page_entries=p)
 
 
 def test_impl_passed_through():

@@ -129,8 +129,8 @@ def test_cache_buffers_keep_their_shapes(dense_run):
     got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), cache)
     want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), empty)
     assert got == want
-    assert cache["layers"][1]["index_keys"].shape[::2] == (B, c.index_key_bytes)
-    assert cache["layers"][1]["index_keys"].shape[1] >= MAX_LEN // c.csa_ratio
+    assert cache["layers"][1]["index_keys"].shape[::2] == (B, c.index_page_bytes)      # page-blocked
+    assert cache["layers"][1]["index_keys"].shape[1] * c.page_entries >= MAX_LEN // c.csa_ratio
     assert cache["layers"][2]["comp_kv"].shape[1] >= MAX_LEN // c.hca_ratio
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fm_jax.layers.key_pages import block_index_keys, unblock_index_keys
 from fm_jax.layers.quant import pack_index_keys
 from pallas_kernels.indexer_score import indexer_scores_pallas
 from pallas_kernels.reference import indexer_scores_reference, indexer_scores_xla
@@ -190,3 +191,73 @@ def test_xla_path_matches_reference(shape, seed, bf16, extremes):
     out = _ref(act, "xla")(q, w, keys, lens)
     logits = _ref("none")(q, w, keys, lens) if act == "sigmoid" else None
     assert_scores_close(out, ref, RTOL_F32, act=act, ref_logits=logits)
+
+
+# ---------------------------------------------------------------------------- page-blocked keys (issue 12)
+def _paged(keys, p):
+    """Packed rows [B, N, D+4] -> (page-blocked [B, n_pages, P*(D+4)], the same keys as rows padded to
+    n_pages * P): the reference reads the rows, the kernel the pages."""
+    pages = block_index_keys(keys, p)
+    return pages, unblock_index_keys(pages, p, keys.shape[-1] - 4)
+
+
+@pytest.mark.parametrize("p,cfg", [(4, dict(block_n=32, blocks_per_program=2)),     # blocks of 8 pages
+                                   (8, dict(block_n=16, blocks_per_program=1)),     # 2 pages
+                                   (16, dict(block_n=16, blocks_per_program=3)),    # 1 page
+                                   (64, dict(block_n=32, blocks_per_program=1)),    # half a page
+                                   (64, dict(block_n=16, blocks_per_program=2, heads_major=True)),
+                                   (12, dict(block_n=32, blocks_per_program=1))],   # -> blocks of 4
+                         ids=["p4", "p8", "p16", "p64", "p64_heads_major", "p12"])
+@pytest.mark.parametrize("qdtype", [jnp.float32, jnp.bfloat16], ids=["q_f32", "q_bf16"])
+def test_page_blocked_keys(p, cfg, qdtype):
+    q, w, k, lens = _inputs(10 + p, qdtype)
+    pages, rows = _paged(k, p)
+    out = _kernel("none", page_entries=p, **cfg)(q, w, pages, lens)
+    ref = _ref("none")(q, w, rows, lens)
+    assert_scores_close(out, ref, RTOL_F32)
+    assert out.shape == (B, rows.shape[1])
+    assert np.all(np.asarray(out)[2, 41:] == -np.inf) and np.all(np.isfinite(np.asarray(out)[2, :41]))
+
+
+@pytest.mark.parametrize("p", [8, 64])
+def test_page_blocked_multi_query_sigmoid_extremes(p):
+    q, w, k, lens = _inputs(20 + p, jnp.float32, multi=3, extremes=True)
+    pages, rows = _paged(k, p)
+    out = _kernel("sigmoid", page_entries=p, block_n=16, blocks_per_program=2, queries_per_program=2)(
+        q, w, pages, lens)
+    assert_scores_close(out, _ref("sigmoid")(q, w, rows, lens), RTOL_F32, act="sigmoid",
+                        ref_logits=_ref("none")(q, w, rows, lens))
+
+
+@pytest.mark.parametrize("p", [4, 8, 64])
+@pytest.mark.parametrize("impl", [indexer_scores_reference, indexer_scores_xla], ids=["reference", "xla"])
+def test_page_blocked_reference_and_xla_equal_the_rows_bit_for_bit(p, impl):
+    q, w, k, lens = _inputs(30 + p, jnp.float32, multi=2)
+    pages, rows = _paged(k, p)
+    got = jax.jit(functools.partial(impl, page_entries=p))(q, w, pages, lens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(impl)(q, w, rows, lens)))
+
+
+def test_page_blocked_input_errors():
+    q, w, k, lens = _inputs(40, jnp.float32)
+    pages, _ = _paged(k, 8)
+    with pytest.raises(ValueError, match="page_entries was given"):
+        indexer_scores_reference(q, w, k, lens, page_entries=8)              # rows passed as pages
+    with pytest.raises(ValueError, match="page_entries"):
+        indexer_scores_reference(q, w, pages, lens, page_entries=16)         # wrong page size
+    with pytest.raises(ValueError, match="D\\+4"):
+        indexer_scores_reference(q, w, pages, lens)                          # pages without page_entries
+
+
+@pytest.mark.parametrize("p", [8, 64])
+def test_page_blocked_kernel_lowers_to_triton_without_a_gpu(p):
+    # the paged loads (a [pages, bytes] tile reshaped to [block, D]) through Pallas' Triton lowering
+    q, w, k, lens = _inputs(50, jnp.bfloat16)
+    pages, _ = _paged(k, p)
+    f = jax.jit(functools.partial(indexer_scores_pallas, act="none", page_entries=p))
+    try:
+        low = f.trace(q, w, pages, lens).lower(lowering_platforms=("cuda",))
+    except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
+        pytest.skip(f"no cross-platform lowering in this jax: {e}")
+    text = low.as_text()
+    assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == 1

@@ -112,12 +112,13 @@ def test_permuted_reserve_and_new_entries_visible_at_once():
     p = c.page_entries
     for l in c.csa_layers:
         lc = dict(layers[l])
-        for name in ("comp_kv", "index_keys"):
-            x = np.asarray(lc[name]).reshape(2, layout.n_pages, p, -1)
-            y = np.zeros_like(x)
+        for name in ("comp_kv", "index_keys"):   # kv rows [B, cells, row], keys page-blocked [B, pages, bytes]
+            x = np.asarray(lc[name])
+            pages = x.reshape(2, layout.n_pages, -1)
+            y = np.zeros_like(pages)
             for b in range(2):
-                y[b, perm[b]] = x[b]
-            lc[name] = jnp.asarray(y.reshape(2, layout.n_cells, -1))
+                y[b, perm[b]] = pages[b]
+            lc[name] = jnp.asarray(y.reshape(x.shape))
         layers[l] = lc
     tiered["layers"] = tuple(layers)
     step = jax.jit(backbone.run_step, static_argnums=1)

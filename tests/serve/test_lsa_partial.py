@@ -32,15 +32,15 @@ def setup():
 def _permute_csa(cache, c, perm, inverse: bool):
     """Move the CSA buffers between page order (cell = entry) and slot order (page p in slot perm[b, p])."""
     b_count, n_pages = perm.shape
-    p = c.page_entries
     bidx = np.arange(b_count)[:, None]
     layers = list(cache["layers"])
     for l in c.csa_layers:
         lc = dict(layers[l])
-        for name in ("comp_kv", "index_keys"):
-            x = lc[name].reshape(b_count, n_pages, p, -1)
+        for name in ("comp_kv", "index_keys"):   # kv rows [B, cells, row], keys page-blocked [B, pages, bytes]
+            shape = lc[name].shape
+            x = lc[name].reshape(b_count, n_pages, -1)
             x = x[bidx, perm] if inverse else x.at[bidx, perm].set(x)
-            lc[name] = x.reshape(b_count, n_pages * p, -1)
+            lc[name] = x.reshape(shape)
         layers[l] = lc
     return {**cache, "layers": tuple(layers)}
 

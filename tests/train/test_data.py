@@ -54,6 +54,41 @@ def make_dataset(root, n_docs=4, length=512, seed=0, pos_rate=0.15):
     return str(root)
 
 
+@pytest.mark.parametrize("p", [5, 8])
+def test_page_blocked_keys_read_as_the_rows(tmp_path, p):
+    """A dataset whose keys are stored page-blocked (the dump's layout; 128 entries: P=5 pads the last
+    page) gives the same documents as the row layout of older dumps; bad layout fields are refused."""
+    os.makedirs(tmp_path / "rows")
+    rows_root = make_dataset(tmp_path / "rows")
+    m = D.read_manifest(rows_root)
+    pages_root = str(tmp_path / "pages")
+    os.makedirs(pages_root)
+    docs = []
+    for e in m["docs"]:
+        t, _ = D.load_shard(os.path.join(rows_root, e["file"]))
+        for lyr in LAYERS:
+            t[f"compk_layer_{lyr}"] = D.stored_keys(t[f"compk_layer_{lyr}"], p)
+        docs.append({**e, **D.save_shard(os.path.join(pages_root, e["file"]), t), **D.key_layout_fields(p)})
+    D.atomic_write_json(os.path.join(pages_root, D.MANIFEST), {**m, **D.key_layout_fields(p), "docs": docs})
+    a, b = D.IndexerDataset(rows_root), D.IndexerDataset(pages_root)
+    for di in range(len(docs)):
+        da, db = a.doc(di), b.doc(di)
+        assert da.n_entries == db.n_entries == m["docs"][di]["n_entries"]
+        for lyr in LAYERS:
+            np.testing.assert_array_equal(da.keys[lyr], db.keys[lyr])
+    t, _ = D.load_shard(os.path.join(pages_root, docs[0]["file"]))
+    mp = D.read_manifest(pages_root)
+    D.doc_from_tensors(t, mp, "d0", "here")          # the entry count comes from the manifest
+    with pytest.raises(D.ShardError, match="key_page_entries"):
+        D.doc_from_tensors(t, {**mp, "key_page_entries": None}, "d0", "here")
+    with pytest.raises(D.ShardError, match="key_layout 'pages'"):
+        D.doc_from_tensors(t, {**mp, "key_page_entries": p * 2}, "d0", "here")
+    with pytest.raises(D.ShardError, match="does not fit"):
+        D.doc_from_tensors(t, mp, "d0", "here", n_entries=docs[0]["n_entries"] + p)
+    with pytest.raises(D.ShardError, match="key_layout 'rows'"):
+        D.doc_from_tensors(t, {k: v for k, v in mp.items() if k != "key_layout"}, "d0", "here")
+
+
 def small_indexer():
     return mi.IndexerConfig(d_model=D_MODEL, q_lora_rank=16, n_heads=4, head_dim=HEAD_DIM, rope_dim=8,
                             max_seq_len=4096, target_layers=LAYERS, rope_dtype="float32")

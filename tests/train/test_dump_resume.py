@@ -42,10 +42,54 @@ def _assert_same(docs, reference):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref"))
     dump.main(["--out", out] + ARGS)
-    return _docs(out)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return _docs(reference_dir)[0]
+
+
+def test_keys_stored_page_blocked_and_row_dumps_still_read(reference_dir, tmp_path):
+    """The dump stores keys as the decode cache's pages (manifest key_layout / key_page_entries); the reader
+    hands out rows; a dump in the row layout of before (same documents) reads to the same Docs."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from fm_jax import get_config
+    from fm_jax.layers.key_pages import block_index_keys, unblock_index_keys
+
+    m = D.read_manifest(reference_dir)
+    p, kb = get_config("tiny").page_entries, m["index_key_bytes"]
+    assert m["key_layout"] == "pages" and m["key_page_entries"] == p
+    ds = D.IndexerDataset(reference_dir)
+    old = str(tmp_path / "rows")
+    shutil.copytree(reference_dir, old)
+    docs = []
+    for di, e in enumerate(m["docs"]):
+        t = load_file(os.path.join(reference_dir, e["file"]))
+        doc = ds.doc(di)
+        for lyr in m["target_layers"]:
+            k = t[f"compk_layer_{lyr}"]
+            assert k.shape == (-(-e["n_entries"] // p), p * kb) and k.any()
+            rows = doc.keys[lyr]
+            assert rows.shape == (e["n_entries"], kb)
+            np.testing.assert_array_equal(np.asarray(block_index_keys(rows, p)), k)          # exact round trip
+            np.testing.assert_array_equal(unblock_index_keys(k, p, kb - 4)[:e["n_entries"]], rows)
+            t[f"compk_layer_{lyr}"] = rows
+        docs.append({**e, **D.save_shard(os.path.join(old, e["file"]), t)})
+    m_old = {k: v for k, v in m.items() if k not in ("key_layout", "key_page_entries")}
+    D.atomic_write_json(os.path.join(old, D.MANIFEST), {**m_old, "docs": docs})
+    ds_old = D.IndexerDataset(old)
+    for di in range(len(docs)):
+        a, b = ds.doc(di), ds_old.doc(di)
+        assert a.n_entries == b.n_entries
+        for lyr in m["target_layers"]:
+            np.testing.assert_array_equal(a.keys[lyr], b.keys[lyr])
 
 
 def test_killed_while_writing_a_shard(tmp_path, monkeypatch, reference):

@@ -175,6 +175,7 @@ def test_release_dumps_import_with_the_window_union(tmp_path, protocol):
     m = import_pickles(paths, out, tau=tau, progress=False)
     assert m["target_layers"] == [10, 12] and m["hidden_rows"] == "queries" and m["candidates"] == "stored"
     assert m["label_score_max"] == 21 and m["tau"] == tau
+    assert m["key_layout"] == "pages" and m["key_page_entries"] == 64
     ds = D.IndexerDataset(out)
     assert ds.n_docs == 3
     for di, doc in enumerate(docs):
@@ -187,6 +188,9 @@ def test_release_dumps_import_with_the_window_union(tmp_path, protocol):
         for lyr in (10, 12):
             np.testing.assert_array_equal(got.hidden[lyr], doc[f"hidden_layer_{lyr}"][rows])
             np.testing.assert_array_equal(got.keys[lyr], doc[f"compk_layer_{lyr}"])
+            stored, _ = D.load_shard(ds.path(di), keys=[f"compk_layer_{lyr}"])   # on disk: 64-entry pages
+            np.testing.assert_array_equal(stored[f"compk_layer_{lyr}"], D.stored_keys(doc[f"compk_layer_{lyr}"], 64))
+            assert stored[f"compk_layer_{lyr}"].shape == (1, 64 * 20)          # 40 entries, zero padded
         for q, (_, best) in enumerate(exp):
             ids, sc = got.labels.row(q)
             assert ids.tolist() == sorted(best)
