@@ -2,7 +2,8 @@
 
 ``auto`` runs the Pallas kernel when ``jax.default_backend() == "gpu"`` (and the shapes suit it: head dim a
 power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Two exceptions,
-where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still runs the kernel:
+where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still runs the kernel (three, with
+page-blocked index keys):
 * packed fp8 KV rows: the packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads
   (`kernels-h100.json`, run 'c') and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200
   (`kernels-h200-fp8.json`);
@@ -10,7 +11,11 @@ where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still r
   (`kernels-h200-topk-quick.json`: Pallas lowered its int32 vector atomics as float adds), and the fixed one
   has not run on a GPU yet; it stays opt-in until ``pytest -m gpu tests/pallas_kernels/test_topk.py`` and the
   checks of ``bench_kernels.py --sections topk`` pass. The model opts in with ``ModelConfig(topk_impl="pallas")``
-  (its Lightning Indexer calls ``topk`` with that knob, not with the scoring / attention ``impl``).
+  (its Lightning Indexer calls ``topk`` with that knob, not with the scoring / attention ``impl``);
+* page-blocked index keys (``indexer_scores(page_entries=)``, the decode cache's layout since issue 12): the
+  scoring kernel's paged loads have run in interpret mode and lowered to Triton, not yet on a GPU; ``auto``
+  takes XLA for them until ``pytest -m gpu tests/pallas_kernels/test_indexer_score.py`` passes there and
+  ``bench_kernels.py`` times them (the row-layout kernel, measured on the H100 and H200, is unchanged).
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 
 import jax
 
-from pallas_kernels.indexer_score import indexer_scores_pallas, paged_block
+from pallas_kernels.indexer_score import indexer_scores_pallas
 from pallas_kernels.reference import (
     check_attention_inputs,
     check_indexer_inputs,
@@ -60,8 +65,8 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     with ``page_entries=P`` page-blocked uint8 [B, n_pages, P * (D + 4)] (N = n_pages * P);
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
-    # a paged kernel block is a power of two >= 16 rows that divides or spans whole pages (`paged_block`)
-    fits = _pow2_dim(info.dim) and (page_entries is None or paged_block(16, page_entries) >= 16)
+    # page-blocked keys: XLA under "auto" until the paged kernel has run on a GPU (module docstring)
+    fits = _pow2_dim(info.dim) and page_entries is None
     if _pick("indexer_scores", impl, interpret, fits) == "pallas":
         return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret,
                                      page_entries=page_entries)

@@ -171,6 +171,10 @@ def indexer_scores_pallas(q, weights, keys, lengths, *, act: str = "none", inter
     b, m, h, d, n = info.batch, info.n_queries, info.heads, info.dim, info.n_entries
     if not interpret and (d < 16 or d & (d - 1)):
         raise ValueError(f"indexer_scores(impl='pallas'): head dim D must be a power of two >= 16, got {d}")
+    if not interpret and page_entries and paged_block(16, page_entries) < 16:
+        raise ValueError(f"indexer_scores(impl='pallas'): page_entries={page_entries} gives key blocks of "
+                         f"{paged_block(16, page_entries)} < 16 rows (the tensor-core product needs 16: "
+                         "page_entries a multiple of 16 or a power of two)")
     cfg = default_config(b, m, h, n)
     for key, val in (("block_n", block_n), ("blocks_per_program", blocks_per_program),
                      ("queries_per_program", queries_per_program), ("num_warps", num_warps),

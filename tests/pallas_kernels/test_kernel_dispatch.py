@@ -143,3 +143,27 @@ def test_auto_falls_back_to_xla_for_kernel_unfriendly_dims(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dispatch._choose("indexer_scores", "auto", False, 12) == "xla"
     assert dispatch._choose("indexer_scores", "auto", False, 128) == "pallas"
+
+
+def test_auto_keeps_xla_for_page_blocked_keys_even_on_a_gpu(monkeypatch):
+    """The paged scoring kernel has not run on a GPU yet: "auto" must not pick it there (dispatch docstring);
+    explicit "pallas" (interpret mode here) still runs it."""
+    from fm_jax.layers.key_pages import block_index_keys
+
+    calls = []
+    kernel = dispatch.indexer_scores_pallas
+
+    def spy(*a, **k):
+        calls.append(k.get("page_entries"))
+        return kernel(*a, **{**k, "interpret": True})
+
+    monkeypatch.setattr(dispatch, "indexer_scores_pallas", spy)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, w, keys, lens = _indexer_args(d=16, n=32)
+    pages = block_index_keys(keys, 16)
+    got = indexer_scores(q, w, pages, lens, page_entries=16)
+    assert calls == []
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(indexer_scores_xla(q, w, pages, lens, page_entries=16)))
+    indexer_scores(q, w, keys, lens)                                   # rows: the measured kernel
+    indexer_scores(q, w, pages, lens, page_entries=16, impl="pallas")
+    assert calls == [None, 16]
