@@ -3,8 +3,11 @@
 Run on the device machine from the repo root:
     PYTHONUNBUFFERED=1 PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out $OUT/kernels.json
 
-Sections (``--sections``, comma separated): ceilings, check, indexer, attention, stream, topk, step, sweep,
-fp8sweep (block configs of the packed fp8-row attention kernel).
+Sections (``--sections``, comma separated): ceilings, check, indexer, indexer_mgpu, attention, stream, topk, step,
+sweep, fp8sweep (block configs of the packed fp8-row attention kernel).
+``indexer_mgpu`` times the Mosaic GPU scoring kernel (rows ``impl="mosaic"``, ``keys="fp8_pages64"``) against the
+Triton kernel over the same page-blocked keys (``impl="pallas"``, ``keys="fp8_pages64"``) at batch 1 / 8,
+N = 64K / 256K, H = 64; ``check`` also checks the Mosaic kernel on device.
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
 size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest,
 with ``lax.top_k`` and with the top-k kernel (``ModelConfig.topk_impl``);
@@ -43,7 +46,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fm_jax.layers import kv_fp8
+from fm_jax.layers.key_pages import block_index_keys
 from pallas_kernels.indexer_score import indexer_scores_pallas
+from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic
 from pallas_kernels.reference import (
     indexer_scores_reference,
     indexer_scores_xla,
@@ -253,6 +258,26 @@ def run_checks(chosen=None):
             res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
             log(f"check {name}: ERROR {ex_!r}"[:3000])
             traceback.print_exc()
+    # the Mosaic GPU kernel over page-blocked keys (P = 64): ragged lengths, a partial last block, f32 q
+    mcases = [dict(b=2, n=65536 + 64, qd=jnp.bfloat16, act="none"), dict(b=8, n=4096, qd=jnp.bfloat16, act="none"),
+              dict(b=3, n=37 * 64, qd=jnp.float32, act="sigmoid"), dict(b=1, n=262144, qd=jnp.bfloat16, act="none")]
+    for c in mcases:
+        key, sub = jax.random.split(key)
+        q, w, keys, lens = indexer_inputs(sub, c["b"], 1, 64, 128, c["n"], c["qd"], ragged=True)
+        pages = block_index_keys(keys, 64)
+        name = f"indexer mosaic b{c['b']} h64 d128 n{c['n']} pages64 {jnp.dtype(c['qd']).name} {c['act']}"
+        try:
+            ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
+            out = jax.jit(functools.partial(indexer_scores_mosaic, act=c["act"], page_entries=64))(q, w, pages, lens)
+            e, mask_ok, nan = rel_err(out, ref)
+            tol = 1e-5
+            ok = e < tol and mask_ok and not nan
+            res.append(dict(case=name, rel_err=e, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
+            log(f"check {name}: rel_err {e:.2e} masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
+        except Exception as ex_:  # noqa: BLE001
+            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
+            log(f"check {name}: ERROR {ex_!r}"[:3000])
+            traceback.print_exc()
     acases = [
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
         dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3),
@@ -302,20 +327,31 @@ def roofline(bytes_, flops, ceil):
     return max(bytes_ / (ceil["hbm_copy_gbps"] * 1e9), flops / (ceil["bf16_matmul_tflops"] * 1e12))
 
 
-def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None):
+def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None, page_entries=None):
+    """impl "pallas" (Triton kernel) | "mosaic" (Mosaic GPU kernel, page-blocked keys only) | "xla".
+    `page_entries`: time over page-blocked keys ([B, n_pages, P * (D + 4)], the decode cache's layout; the
+    same bytes as the rows, so the same roofline); "mosaic" defaults to V4's P = 64."""
+    if impl == "mosaic" and not page_entries:
+        page_entries = 64
     bytes_ = b * n * (d + 4) + b * h * d * jnp.dtype(qdtype).itemsize + b * h * 4 + b * n * 4 + b * 4
     flops = 2 * b * h * d * n
-    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 4)
+    s = n_sets(bytes_ if impl != "xla" else bytes_ * 4)
     sets = [indexer_inputs(jax.random.PRNGKey(1000 + i), b, 1, h, d, n, qdtype) for i in range(2 * s)]
+    if page_entries:
+        sets = [(q, w, block_index_keys(k, page_entries), ln) for q, w, k, ln in sets]
+    pe = dict(page_entries=page_entries) if page_entries else {}
     if impl == "pallas":
-        fn = lambda q, w, k, ln: indexer_scores_pallas(q, w, k, ln, **(cfg or {}))
+        fn = lambda q, w, k, ln: indexer_scores_pallas(q, w, k, ln, **pe, **(cfg or {}))
+    elif impl == "mosaic":
+        fn = lambda q, w, k, ln: indexer_scores_mosaic(q, w, k, ln, **pe, **(cfg or {}))
     else:
-        fn = indexer_scores_xla
+        fn = functools.partial(indexer_scores_xla, **pe)
     per, raw = time_per_call(fn, sets)
     del sets
     gc.collect()
     rt = roofline(bytes_, flops, ceil)
-    return dict(kernel="indexer_scores", impl=impl, heads=h, dim=d, q_dtype=jnp.dtype(qdtype).name, keys="fp8_packed",
+    return dict(kernel="indexer_scores", impl=impl, heads=h, dim=d, q_dtype=jnp.dtype(qdtype).name,
+                keys=f"fp8_pages{page_entries}" if page_entries else "fp8_packed",
                 batch=b, n_entries=n, time_us=per * 1e6, gbps=bytes_ / per / 1e9, tflops=flops / per / 1e12,
                 bytes=bytes_, flops=flops, roofline_us=rt * 1e6, roofline_fraction=rt / per, config=cfg or "default",
                 wall_us=raw["wall_per_call_us"], time_source="cupti" if raw["device_per_call_us"] else "wall",
@@ -555,7 +591,7 @@ def ncu_summary(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.json"))
-    ap.add_argument("--sections", default="ceilings,check,indexer,attention,topk")
+    ap.add_argument("--sections", default="ceilings,check,indexer,indexer_mgpu,attention,topk")
     ap.add_argument("--quick", action="store_true", help="few sizes (smoke run)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
@@ -670,6 +706,16 @@ def main():
         if not args.quick:
             add(indexer_case, 1, 64, 65536, "pallas", qdtype=jnp.float32, cfg=chosen["indexer"])
             add(indexer_case, 1, 64, 65536, "xla", qdtype=jnp.float32)
+    if "indexer_mgpu" in sections:   # Mosaic GPU vs Triton over the same page-blocked keys (P = 64), XLA on rows
+        shapes = [(1, 65536), (1, 262144), (8, 65536), (8, 262144)]
+        if args.tiny:
+            shapes = [(1, 1024), (8, 1024)]
+        for b, n in shapes:
+            add(indexer_case, b, 64, n, "mosaic")
+            add(indexer_case, b, 64, n, "pallas", page_entries=64)
+            if "indexer" not in sections:   # else the indexer section's XLA rows are the baseline
+                add(indexer_case, b, 64, n, "xla")
+        add(indexer_case, 1, 64, 65536, "mosaic", qdtype=jnp.float32)
     if "stream" in sections:
         for b, n in ((1, 65536), (1, 262144), (8, 65536), (8, 262144)):
             add(stream_case, b, n)

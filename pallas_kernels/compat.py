@@ -38,3 +38,12 @@ load = _pick("load")    # load(ref_view, *, mask=None, other=None)
 store = _pick("store")  # store(ref_view, value, *, mask=None)
 atomic_add = _pick("atomic_add")        # atomic_add(ref, idx, val) -> old value (acquire-release, gpu scope)
 debug_barrier = _pick("debug_barrier")  # a CTA-wide barrier (bar.sync), despite its docstring
+
+
+def gpu_interpret_params():
+    """Mosaic GPU interpret mode's params object (runs a `plgpu.kernel` on the CPU): private in jax 0.10.x."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:  # pragma: no cover - moved in a later jax
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams  # type: ignore[attr-defined]
+    return InterpretGPUParams()
