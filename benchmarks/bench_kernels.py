@@ -48,7 +48,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fm_jax.layers import kv_fp8
 from fm_jax.layers.key_pages import block_index_keys
 from pallas_kernels.indexer_score import indexer_scores_pallas
-from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic
 from pallas_kernels.reference import (
     indexer_scores_reference,
     indexer_scores_xla,
@@ -259,6 +258,7 @@ def run_checks(chosen=None):
             log(f"check {name}: ERROR {ex_!r}"[:3000])
             traceback.print_exc()
     # the Mosaic GPU kernel over page-blocked keys (P = 64): ragged lengths, a partial last block, f32 q
+    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: a failure costs its checks only
     mcases = [dict(b=2, n=65536 + 64, qd=jnp.bfloat16, act="none"), dict(b=8, n=4096, qd=jnp.bfloat16, act="none"),
               dict(b=3, n=37 * 64, qd=jnp.float32, act="sigmoid"), dict(b=1, n=262144, qd=jnp.bfloat16, act="none")]
     for c in mcases:
@@ -331,6 +331,7 @@ def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None, page
     """impl "pallas" (Triton kernel) | "mosaic" (Mosaic GPU kernel, page-blocked keys only) | "xla".
     `page_entries`: time over page-blocked keys ([B, n_pages, P * (D + 4)], the decode cache's layout; the
     same bytes as the rows, so the same roofline); "mosaic" defaults to V4's P = 64."""
+    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: a failure costs its rows only
     if impl == "mosaic" and not page_entries:
         page_entries = 64
     bytes_ = b * n * (d + 4) + b * h * d * jnp.dtype(qdtype).itemsize + b * h * 4 + b * n * 4 + b * 4

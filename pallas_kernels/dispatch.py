@@ -1,9 +1,8 @@
 """The one entry point per op that model code calls: ``impl="pallas" | "xla" | "auto"``.
 
 ``auto`` runs the Pallas kernel when ``jax.default_backend() == "gpu"`` (and the shapes suit it: head dim a
-power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Two exceptions,
-where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still runs the kernel (three, with
-page-blocked index keys):
+power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Three exceptions,
+where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still runs the kernel:
 * packed fp8 KV rows: the packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads
   (`kernels-h100.json`, run 'c') and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200
   (`kernels-h200-fp8.json`);
@@ -16,7 +15,11 @@ page-blocked index keys):
   scoring kernel's paged loads have run in interpret mode and lowered to Triton, not yet on a GPU; ``auto``
   takes XLA for them until ``pytest -m gpu tests/pallas_kernels/test_indexer_score.py`` passes there and
   ``bench_kernels.py`` times them (the row-layout kernel, measured on the H100 and H200, is unchanged).
-``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``.
+``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``
+(and ``"mosaic"``).
+``indexer_scores(impl="mosaic")`` is the Mosaic GPU (Hopper TMA + wgmma) scoring kernel, explicit opt-in only:
+page-blocked keys, one query per request, unmeasured on a GPU so far, so ``auto`` never picks it; shapes it does
+not support raise ValueError (``pallas_kernels.indexer_score_mgpu.plan``).
 """
 from __future__ import annotations
 
@@ -63,8 +66,13 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     """Indexer logits ``sum_h w[h] relu(q[h] . k[s])`` (act="none", masked -> -inf) or their sigmoid
     (act="sigmoid", masked -> 0). q [B, H, D] | [B, M, H, D]; keys uint8 [B, N, D+4] | bf16/f32 [B, N, D], or
     with ``page_entries=P`` page-blocked uint8 [B, n_pages, P * (D + 4)] (N = n_pages * P);
-    lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]."""
+    lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]. impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
+    if impl == "mosaic":   # explicit opt-in (module docstring); same backend rule as impl="pallas"
+        _pick("indexer_scores", "pallas", interpret, True)
+        from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: Mosaic GPU's import is heavy
+        return indexer_scores_mosaic(q, weights, keys, lengths, act=act, page_entries=page_entries,
+                                     interpret=interpret)
     # page-blocked keys: XLA under "auto" until the paged kernel has run on a GPU (module docstring)
     fits = _pow2_dim(info.dim) and page_entries is None
     if _pick("indexer_scores", impl, interpret, fits) == "pallas":

@@ -110,3 +110,13 @@ def test_compiled_kernel_matches_reference(b, n_pages, qdtype, act):
     ref = indexer_scores_reference(*args, page_entries=64, act=act)
     logits = indexer_scores_reference(*args, page_entries=64) if act == "sigmoid" else None
     assert_scores_close(out, ref, RTOL_F32, act=act, ref_logits=logits)
+
+
+def test_dispatch_opt_in():
+    from pallas_kernels import dispatch
+    args = _inputs(5, 2, 32, 128, 32, 4, [128, 50])
+    out = dispatch.indexer_scores(*args, impl="mosaic", interpret=True, page_entries=32)
+    assert_scores_close(out, indexer_scores_reference(*args, page_entries=32), RTOL_F32)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            dispatch.indexer_scores(*args, impl="mosaic", page_entries=32)
