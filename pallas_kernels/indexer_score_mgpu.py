@@ -22,7 +22,9 @@ ppb * P`` entries (whole pages). Per block: wait for its TMA, load the fp8 tile 
 (exact), ``wgmma([block_n, D] regs x q^T [D, H] smem) -> [block_n, H]`` float32, then relu, times w[h], the row
 sum over heads, times the scale, mask ``s >= length``, act, and a TMA store of ``block_n`` float32. The block
 index is clamped to the last block, so trailing CTAs redo (and rewrite identical values of) the last block
-instead of reading past N; the last block starts at page ``n_pages - ppb`` for the same reason.
+instead of reading past N; the last block starts at page ``n_pages - ppb`` for the same reason. Blocks wholly
+at or past a request's length are not read (no TMA, no barrier wait; their outputs are all masked), so a ragged
+batch moves only its live keys.
 
 Numerics: fp8 keys are exact in bf16, a bf16 query makes every product exact, so the only difference from the
 float32 reference is the summation order. A float32 query is split as ``hi + lo`` bf16 (two wgmmas into one
@@ -114,11 +116,18 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
     key_rows = k_ref.at[:, :, pl.ds(0, p)]           # [B, n_pages, P, D] fp8 bytes
     scale_rows = k_ref.at[:, :, pl.ds(p, srows)]     # [B, n_pages, 4P/D, D] float32 bytes
 
-    def issue(j, slot):
+    def live(j):                       # the block holds an entry below the length: only then is it read
+        return first_page(j) * p < length
+
+    def issue(j, slot):                # skipped for dead blocks, and so is the matching barrier wait
         page0 = first_page(j)
-        for i in range(ppb):
-            plgpu.copy_gmem_to_smem(key_rows.at[b, page0 + i], k_smem.at[slot, pl.ds(i * p, p)], k_bars.at[slot])
-        plgpu.copy_gmem_to_smem(scale_rows.at[b, pl.ds(page0, ppb)], s_bytes.at[slot], k_bars.at[slot])
+
+        @pl.when(live(j))
+        def _():
+            for i in range(ppb):
+                plgpu.copy_gmem_to_smem(key_rows.at[b, page0 + i], k_smem.at[slot, pl.ds(i * p, p)],
+                                        k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(scale_rows.at[b, pl.ds(page0, ppb)], s_bytes.at[slot], k_bars.at[slot])
 
     plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(w_ref.at[b], w_smem, q_bar)
@@ -138,7 +147,11 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
 
     def step(j, carry):
         slot = jax.lax.rem(j, stages)
-        plgpu.barrier_wait(k_bars.at[slot])
+
+        @pl.when(live(j))              # a dead block computes on stale SMEM; every output is masked anyway
+        def _():
+            plgpu.barrier_wait(k_bars.at[slot])
+
         kb = load(k_smem.at[slot], plgpu.Layout.WGMMA_UPCAST_2X)                  # uint8 [bn, D]
         # fp8 -> f32 -> bf16, exact both ways: Mosaic GPU has no direct e4m3 -> bf16 convert with the ptxas of
         # jax 0.10 (only -> f16, and q in f16 would not be exact)

@@ -45,7 +45,8 @@ def _check(args, p, act="none", **cfg):
     (3, 64, 128, 64, 3, [192, 0, 100], dict(blocks_per_cta=2, stages=2)),  # empty request, ragged, 1 CTA/row
     (1, 32, 128, 64, 4, [250], dict(block_n=64, blocks_per_cta=2, stages=1)),   # 1-page blocks, no overlap
     (2, 32, 64, 32, 6, [192, 65], dict(block_n=64, blocks_per_cta=3, stages=2)),  # D = 64, 2-page blocks
-], ids=["tail_clamp", "empty_ragged_bpc2", "one_page_blocks", "d64"])
+    (2, 32, 128, 32, 8, [70, 256], dict(block_n=64, blocks_per_cta=4, stages=2)),  # dead blocks skip their TMA
+], ids=["tail_clamp", "empty_ragged_bpc2", "one_page_blocks", "d64", "dead_blocks"])
 def test_matches_reference(case):
     b, h, d, p, n_pages, lens, cfg = case
     out = _check(_inputs(sum(case[:5]), b, h, d, p, n_pages, lens), p, **cfg)
