@@ -717,6 +717,12 @@ def main():
             if "indexer" not in sections:   # else the indexer section's XLA rows are the baseline
                 add(indexer_case, b, 64, n, "xla")
         add(indexer_case, 1, 64, 65536, "mosaic", qdtype=jnp.float32)
+        if "sweep" in sections or args.sweep:   # launch plans of the Mosaic kernel (`indexer_score_mgpu.plan`)
+            for cfg in (dict(blocks_per_cta=1), dict(blocks_per_cta=4), dict(blocks_per_cta=8, stages=4),
+                        dict(blocks_per_cta=16, stages=6), dict(block_n=64, blocks_per_cta=4),
+                        dict(block_n=256, blocks_per_cta=2, stages=2)):
+                for b, n in shapes:
+                    add(indexer_case, b, 64, n, "mosaic", cfg=cfg, to="sweep")
     if "stream" in sections:
         for b, n in ((1, 65536), (1, 262144), (8, 65536), (8, 262144)):
             add(stream_case, b, n)

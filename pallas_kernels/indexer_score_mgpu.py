@@ -20,11 +20,12 @@ would make the TMA tile the whole ``[R, D]`` page view, which needs R % 8 == 0 (
 Grid: ``(batch, chunks)``; a CTA (one warpgroup) owns ``blocks_per_cta`` consecutive key blocks of ``block_n =
 ppb * P`` entries (whole pages). Per block: wait for its TMA, load the fp8 tile to registers, convert to bf16
 (exact), ``wgmma([block_n, D] regs x q^T [D, H] smem) -> [block_n, H]`` float32, then relu, times w[h], the row
-sum over heads, times the scale, mask ``s >= length``, act, and a TMA store of ``block_n`` float32. The block
-index is clamped to the last block, so trailing CTAs redo (and rewrite identical values of) the last block
-instead of reading past N; the last block starts at page ``n_pages - ppb`` for the same reason. Blocks wholly
-at or past a request's length are not read (no TMA, no barrier wait; their outputs are all masked), so a ragged
-batch moves only its live keys.
+sum over heads, times the scale, mask ``s >= length``, act, and a TMA store of ``block_n`` float32. The last
+CTA of a row may own fewer than ``blocks_per_cta`` blocks: its extra steps (block index clamped, so every index
+stays in bounds) load and store nothing; the last block starts at page ``n_pages - ppb`` so that it never reads
+past N (when ``ppb`` does not divide n_pages it overlaps its predecessor and rewrites identical values). Blocks
+wholly at or past a request's length are not read (no TMA, no barrier wait; their outputs are all masked), so a
+ragged batch moves only its live keys.
 
 Numerics: fp8 keys are exact in bf16, a bf16 query makes every product exact, so the only difference from the
 float32 reference is the summation order. A float32 query is split as ``hi + lo`` bf16 (two wgmmas into one
@@ -108,7 +109,7 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
     c = jax.lax.axis_index("chunk")
     length = jnp.minimum(len_ref[b], n)
 
-    def first_page(j):                 # clamp: trailing CTAs redo the last block, the last block ends at N
+    def first_page(j):                 # clamped: in bounds for the extra steps, and the last block ends at N
         blk = jnp.minimum(c * bpc + j, n_blocks - 1)
         return jnp.minimum(blk * ppb, n_pages - ppb)
 
@@ -116,8 +117,11 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
     key_rows = k_ref.at[:, :, pl.ds(0, p)]           # [B, n_pages, P, D] fp8 bytes
     scale_rows = k_ref.at[:, :, pl.ds(p, srows)]     # [B, n_pages, 4P/D, D] float32 bytes
 
-    def live(j):                       # the block holds an entry below the length: only then is it read
-        return first_page(j) * p < length
+    def real(j):                       # not a clamped repeat of the last block (those are skipped entirely)
+        return c * bpc + j < n_blocks
+
+    def live(j):                       # a real block holding an entry below the length: only then is it read
+        return real(j) & (first_page(j) * p < length)
 
     def issue(j, slot):                # skipped for dead blocks, and so is the matching barrier wait
         page0 = first_page(j)
@@ -186,11 +190,13 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
             out = jnp.where(valid, 1.0 / (1.0 + jnp.exp(-logit)), 0.0)
         else:
             out = jnp.where(valid, logit, -jnp.inf)
-        oslot = jax.lax.rem(j, 2)
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the store issued from this slot two steps ago is done
-        o_smem[oslot] = out
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[oslot], o_ref.at[b, pl.ds(start, bn)])
+        @pl.when(real(j))
+        def _():
+            oslot = jax.lax.rem(j, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the store issued from this slot 2 steps ago is done
+            o_smem[oslot] = out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[oslot], o_ref.at[b, pl.ds(start, bn)])
         return carry
 
     jax.lax.fori_loop(0, bpc, step, 0)

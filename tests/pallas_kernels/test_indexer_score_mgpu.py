@@ -46,7 +46,8 @@ def _check(args, p, act="none", **cfg):
     (1, 32, 128, 64, 4, [250], dict(block_n=64, blocks_per_cta=2, stages=1)),   # 1-page blocks, no overlap
     (2, 32, 64, 32, 6, [192, 65], dict(block_n=64, blocks_per_cta=3, stages=2)),  # D = 64, 2-page blocks
     (2, 32, 128, 32, 8, [70, 256], dict(block_n=64, blocks_per_cta=4, stages=2)),  # dead blocks skip their TMA
-], ids=["tail_clamp", "empty_ragged_bpc2", "one_page_blocks", "d64", "dead_blocks"])
+    (2, 32, 128, 32, 10, [320, 200], dict(blocks_per_cta=2, stages=2)),  # 3 blocks on 2 CTAs: an idle step
+], ids=["tail_clamp", "empty_ragged_bpc2", "one_page_blocks", "d64", "dead_blocks", "idle_step"])
 def test_matches_reference(case):
     b, h, d, p, n_pages, lens, cfg = case
     out = _check(_inputs(sum(case[:5]), b, h, d, p, n_pages, lens), p, **cfg)
