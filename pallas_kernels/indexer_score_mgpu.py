@@ -30,6 +30,10 @@ ragged batch moves only its live keys.
 Numerics: fp8 keys are exact in bf16, a bf16 query makes every product exact, so the only difference from the
 float32 reference is the summation order. A float32 query is split as ``hi + lo`` bf16 (two wgmmas into one
 accumulator), as the Triton kernel does.
+
+Status: checked against the reference in Mosaic GPU interpret mode (CPU; the interpreter's variant, see
+`_kernel`) and by lowering the GPU variant to CUDA for the V4 shapes; not yet compiled or run on a GPU, so the
+dispatch runs it only on request (``indexer_scores(impl="mosaic")``), never under ``impl="auto"``.
 """
 from __future__ import annotations
 
