@@ -6,8 +6,9 @@ Run on the device machine from the repo root:
 Sections (``--sections``, comma separated): ceilings, check, indexer, indexer_mgpu, attention, stream, topk, step,
 sweep, fp8sweep (block configs of the packed fp8-row attention kernel).
 ``indexer_mgpu`` times the Mosaic GPU scoring kernel (rows ``impl="mosaic"``, ``keys="fp8_pages64"``) against the
-Triton kernel over the same page-blocked keys (``impl="pallas"``, ``keys="fp8_pages64"``) at batch 1 / 8,
-N = 64K / 256K, H = 64; ``check`` also checks the Mosaic kernel on device.
+Triton kernel and the XLA path over the same page-blocked keys (``impl="pallas"`` / ``"xla"``,
+``keys="fp8_pages64"``; ``speedup_vs_xla`` pairs pages with pages and rows with rows) at batch 1 / 8,
+N = 64K / 256K, H = 64; ``check`` also checks the Mosaic kernel and the paged Triton kernel on device.
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
 size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest,
 with ``lax.top_k`` and with the top-k kernel (``ModelConfig.topk_impl``);
@@ -257,27 +258,32 @@ def run_checks(chosen=None):
             res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
             log(f"check {name}: ERROR {ex_!r}"[:3000])
             traceback.print_exc()
-    # the Mosaic GPU kernel over page-blocked keys (P = 64): ragged lengths, a partial last block, f32 q
-    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: a failure costs its checks only
+    # page-blocked keys (P = 64), the Mosaic GPU kernel and the paged Triton kernel: ragged lengths, a partial
+    # last block, f32 q
     mcases = [dict(b=2, n=65536 + 64, qd=jnp.bfloat16, act="none"), dict(b=8, n=4096, qd=jnp.bfloat16, act="none"),
               dict(b=3, n=37 * 64, qd=jnp.float32, act="sigmoid"), dict(b=1, n=262144, qd=jnp.bfloat16, act="none")]
     for c in mcases:
         key, sub = jax.random.split(key)
         q, w, keys, lens = indexer_inputs(sub, c["b"], 1, 64, 128, c["n"], c["qd"], ragged=True)
         pages = block_index_keys(keys, 64)
-        name = f"indexer mosaic b{c['b']} h64 d128 n{c['n']} pages64 {jnp.dtype(c['qd']).name} {c['act']}"
-        try:
-            ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
-            out = jax.jit(functools.partial(indexer_scores_mosaic, act=c["act"], page_entries=64))(q, w, pages, lens)
-            e, mask_ok, nan = rel_err(out, ref)
-            tol = 1e-5
-            ok = e < tol and mask_ok and not nan
-            res.append(dict(case=name, rel_err=e, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
-            log(f"check {name}: rel_err {e:.2e} masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
-        except Exception as ex_:  # noqa: BLE001
-            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
-            log(f"check {name}: ERROR {ex_!r}"[:3000])
-            traceback.print_exc()
+        ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
+        for impl in ("mosaic", "pallas"):
+            name = f"indexer {impl} b{c['b']} h64 d128 n{c['n']} pages64 {jnp.dtype(c['qd']).name} {c['act']}"
+            try:
+                if impl == "mosaic":
+                    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic as fn  # lazy: see indexer_case
+                else:
+                    fn = indexer_scores_pallas
+                out = jax.jit(functools.partial(fn, act=c["act"], page_entries=64))(q, w, pages, lens)
+                e, mask_ok, nan = rel_err(out, ref)
+                tol = 1e-5
+                ok = e < tol and mask_ok and not nan
+                res.append(dict(case=name, rel_err=e, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
+                log(f"check {name}: rel_err {e:.2e} masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
+            except Exception as ex_:  # noqa: BLE001
+                res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
+                log(f"check {name}: ERROR {ex_!r}"[:3000])
+                traceback.print_exc()
     acases = [
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
         dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3),
@@ -331,7 +337,6 @@ def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None, page
     """impl "pallas" (Triton kernel) | "mosaic" (Mosaic GPU kernel, page-blocked keys only) | "xla".
     `page_entries`: time over page-blocked keys ([B, n_pages, P * (D + 4)], the decode cache's layout; the
     same bytes as the rows, so the same roofline); "mosaic" defaults to V4's P = 64."""
-    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: a failure costs its rows only
     if impl == "mosaic" and not page_entries:
         page_entries = 64
     bytes_ = b * n * (d + 4) + b * h * d * jnp.dtype(qdtype).itemsize + b * h * 4 + b * n * 4 + b * 4
@@ -344,6 +349,7 @@ def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None, page
     if impl == "pallas":
         fn = lambda q, w, k, ln: indexer_scores_pallas(q, w, k, ln, **pe, **(cfg or {}))
     elif impl == "mosaic":
+        from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: a failure costs its rows only
         fn = lambda q, w, k, ln: indexer_scores_mosaic(q, w, k, ln, **pe, **(cfg or {}))
     else:
         fn = functools.partial(indexer_scores_xla, **pe)
@@ -465,12 +471,12 @@ def add_speedups(rows):
     for r in rows:
         if r.get("impl") == "xla" and "time_us" in r:
             xla[(r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"),
-                 r.get("kv_dtype"))] = r
+                 r.get("kv_dtype"), r.get("keys"))] = r
     for r in rows:
         if "time_us" not in r:
             continue
         x = xla.get((r["kernel"], r.get("heads"), r["batch"], r.get("n_entries"), r.get("topk"), r.get("q_dtype"),
-                     r.get("kv_dtype")))
+                     r.get("kv_dtype"), r.get("keys")))   # like for like: rows vs rows, pages vs pages
         r["speedup_vs_xla"] = (x["time_us"] / r["time_us"]) if x else None
         r["speedup_vs_xla_wall"] = (x["timing"]["wall_per_call_us"] / r["timing"]["wall_per_call_us"]) if x else None
 
@@ -707,15 +713,14 @@ def main():
         if not args.quick:
             add(indexer_case, 1, 64, 65536, "pallas", qdtype=jnp.float32, cfg=chosen["indexer"])
             add(indexer_case, 1, 64, 65536, "xla", qdtype=jnp.float32)
-    if "indexer_mgpu" in sections:   # Mosaic GPU vs Triton over the same page-blocked keys (P = 64), XLA on rows
+    if "indexer_mgpu" in sections:   # Mosaic GPU vs Triton vs XLA over the same page-blocked keys (P = 64)
         shapes = [(1, 65536), (1, 262144), (8, 65536), (8, 262144)]
         if args.tiny:
             shapes = [(1, 1024), (8, 1024)]
         for b, n in shapes:
             add(indexer_case, b, 64, n, "mosaic")
             add(indexer_case, b, 64, n, "pallas", page_entries=64)
-            if "indexer" not in sections:   # else the indexer section's XLA rows are the baseline
-                add(indexer_case, b, 64, n, "xla")
+            add(indexer_case, b, 64, n, "xla", page_entries=64)   # the decode step's path under "auto" today
         add(indexer_case, 1, 64, 65536, "mosaic", qdtype=jnp.float32)
         if "sweep" in sections or args.sweep:   # launch plans of the Mosaic kernel (`indexer_score_mgpu.plan`)
             for cfg in (dict(blocks_per_cta=1), dict(blocks_per_cta=4), dict(blocks_per_cta=8, stages=4),
