@@ -603,6 +603,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
     ap.add_argument("--kv-dtypes", default="bf16,fp8", help="attention rows: bf16 and/or fp8 (packed 584-byte rows)")
+    ap.add_argument("--step-cases", default="1:32768,1:131072,8:32768,8:131072",
+                    help="step section: batch:context pairs, comma separated")
     ap.add_argument("--ncu-summary", default="", help="summarise an ncu csv dump and exit")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -736,7 +738,8 @@ def main():
     save()
     if "step" in sections:
         try:
-            result["step_topk_share"] = topk_step_share()
+            cases = tuple(tuple(int(v) for v in bc.split(":")) for bc in args.step_cases.split(","))
+            result["step_topk_share"] = topk_step_share(cases)
         except Exception as e:  # noqa: BLE001
             log(f"ERROR step: {e!r}"[:3000])
             traceback.print_exc()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 12's on-device checks and timings in one device call (about 9 minutes on an H200; each part has its
+# own timeout, the most important first), for the kernels that so far ran only in interpret mode and lowered
+# for CUDA on a CPU: the radix-select top-k (float32 histograms since its first, failed, GPU run), the Triton
+# scoring kernel over page-blocked keys, and the Mosaic GPU scoring kernel.
+#   run (repo root, device machine):  bash benchmarks/gpu_issue12.sh      -> $OUT/*.json, $OUT/*.log
+# Afterwards: commit the JSON under benchmarks/results/; where a kernel's checks pass and it beats XLA, let
+# `auto` pick it (pallas_kernels/dispatch.py, tests/pallas_kernels/test_kernel_dispatch.py, README).
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi -L
+# 1. the compiled kernels against their references (GPU-marked tests; the model's decode with the top-k kernel)
+timeout 200 python3 -m pytest -q -m gpu tests/pallas_kernels/test_topk.py tests/pallas_kernels/test_indexer_score.py \
+  tests/pallas_kernels/test_indexer_score_mgpu.py tests/fm_jax/test_model.py > "$OUT/gpu_tests.log" 2>&1
+tail -5 "$OUT/gpu_tests.log"
+# 2. scoring over V4's 64-entry key pages: on-device checks, then Mosaic vs Triton vs XLA at batch 1 / 8, N 64K / 256K
+timeout 150 python3 benchmarks/bench_kernels.py --sections ceilings,check,indexer_mgpu \
+  --out "$OUT/kernels-scoring-pages.json" > "$OUT/scoring.log" 2>&1
+tail -20 "$OUT/scoring.log"
+# 3. top-k: awkward-row checks and the three target shapes against lax.top_k
+timeout 110 python3 benchmarks/bench_kernels.py --sections topk --quick --out "$OUT/kernels-topk.json" > "$OUT/topk.log" 2>&1
+tail -12 "$OUT/topk.log"
+# 4. one decode step's GPU time, lax.top_k against the top-k kernel
+timeout 100 python3 benchmarks/bench_kernels.py --sections step --step-cases 1:131072,8:131072 \
+  --out "$OUT/kernels-step.json" > "$OUT/step.log" 2>&1
+tail -6 "$OUT/step.log"
