@@ -8,14 +8,17 @@ Why a second kernel: the Triton kernel gives each program 16 heads, so every gat
 block (4x at H = 64), and it reaches ~0.33 of the roofline at batch 64. Here one CTA holds all 64 heads (the wgmma M
 tile) and reads each row of its share once.
 
-Gather. Hopper has no TMA gather, so each row moves by its own TMA copies (at most 256 elements per TMA box, so
-``D / 256`` copies of 512 bytes per row) into a *staging* ring slot ``[block_k, D + 8]``. The row pad of 8 bf16
-(16 bytes) is what makes the next step possible: a TMA box lands densely, so one copy can never produce the
-wgmma operand layout (8-row x 128-byte swizzle atoms hold 8 different rows), and without the pad every staged row
-starts on the same bank, so Mosaic finds no bank-conflict-free register layout for a column chunk (a swizzled
-staging buffer would need rows of exactly 128 bytes). Per block the CTA loads the staged rows into registers in
-64-column chunks (WGMMA layout) and stores them into one tiled, 128-byte swizzled ``k_tile [block_k, D]``, which
-both matmuls read from SMEM: ``S = q [H, D] . k_tile^T`` and ``acc += P [H, block_k] . k_tile[:, dv slice]``.
+Gather. Hopper has no TMA gather, so each row moves by its own TMA copy (a TMA box has at most 256 elements per
+dimension, so the row is viewed as a ``[D / 256, 256]`` box) into a *staging* ring slot ``[block_k, D + 8]``. A
+TMA box lands densely, so no copy can produce the wgmma operand layout (its 8-row x 128-byte swizzle atoms hold 8
+different rows). Per block the CTA therefore loads the staged rows into registers in 64-column chunks (WGMMA layout)
+and stores them into one tiled, 128-byte swizzled ``k_tile [block_k, D]``, which both matmuls read from SMEM:
+``S = q [H, D] . k_tile^T`` and ``acc += P [H, block_k] . k_tile[:, dv slice]`` (P goes through SMEM as bf16).
+The row pad of 8 bf16 (16 bytes) staggers the staged rows over the SMEM banks: without it every row starts on
+the same bank and Mosaic finds no bank-conflict-free transfer for a column chunk (a swizzled staging buffer would
+need rows of exactly 128 bytes). Pipelining: ``k_tile`` is the second buffer, so as soon as a block is moved out
+of its staging slot the slot is refilled with block ``t + stages`` while the CTA computes on ``k_tile``; at
+D = 512 shared memory holds q (64 KB), k_tile (64 KB) and one 66.5 KB staging slot, so ``stages = 1`` there.
 
 Rows. The wrapper builds one int32 row list per request (a tiny XLA fusion): the window positions (``-1`` past the
 window length), then the top-k indices (``-1`` when out of range), then ``-1`` up to the padded block count. A CTA
@@ -130,18 +133,18 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
 
         def one(j, carry):
             row = jnp.maximum(rows_smem[t, j], 0)      # -1 (masked) copies row 0: same bytes every block
-
-            @pl.when(src == 1)
-            def _():
-                for i in range(n_tma):
-                    plgpu.copy_gmem_to_smem(win_ref.at[b, row, pl.ds(i * tma_w, tma_w)],
-                                            st_smem.at[slot, j, pl.ds(i * tma_w, tma_w)], k_bars.at[slot])
-
-            @pl.when(src == 0)
-            def _():
-                for i in range(n_tma):
-                    plgpu.copy_gmem_to_smem(kv_ref.at[b, row, pl.ds(i * tma_w, tma_w)],
-                                            st_smem.at[slot, j, pl.ds(i * tma_w, tma_w)], k_bars.at[slot])
+            # one TMA per row: the row as a [D / 256, 256] box into the dense head of its padded staging row (the
+            # interpreter has no reshaped refs: one copy per 256 columns there)
+            dst = st_smem.at[slot, j, pl.ds(0, d)]
+            if interp:
+                copies = [(i, dst.at[pl.ds(i * tma_w, tma_w)]) for i in range(n_tma)]
+            else:
+                copies = [(slice(None), dst.reshape(n_tma, tma_w))]
+            for ref, cond in ((win_ref, src == 1), (kv_ref, src == 0)):
+                def copy_row(ref=ref):
+                    for i, dst_i in copies:
+                        plgpu.copy_gmem_to_smem(ref.at[b, row, i], dst_i, k_bars.at[slot])
+                pl.when(cond)(copy_row)
             return carry
         jax.lax.fori_loop(0, bk, one, 0)
 
@@ -234,6 +237,8 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
     if not (q.dtype == kv.dtype == window_kv.dtype == jnp.bfloat16):
         raise ValueError(f"sparse_attention(impl='mosaic'): needs bf16 q, kv and window_kv, got {q.dtype}, "
                          f"{kv.dtype}, {window_kv.dtype}")
+    if info.n_entries == 0:   # masked rows copy row 0 of kv (module docstring), so it must exist
+        raise ValueError("sparse_attention(impl='mosaic'): kv must hold at least one row")
     try:
         scale = float(scale)
     except (TypeError, jax.errors.ConcretizationTypeError) as e:
@@ -249,6 +254,7 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
     if interpret is True:
         interpret = compat.gpu_interpret_params()
     interp = bool(interpret)
+    n_tma = max(1, d // TMA_ELEMS)     # rows viewed as [D / 256, 256] (free reshapes): one TMA box per row
     kernel = functools.partial(_kernel, d=d, dv=dv, bk=bk, bps=bps, stages=st, n_wb=cfg["n_wblocks"],
                                scale=scale, interp=interp)
 
@@ -265,7 +271,7 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
         o_smem=plgpu.SMEM((h, CHUNK), jnp.float32),
         ml_smem=plgpu.SMEM((2, h), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=2),
-        k_bars=plgpu.Barrier(num_arrivals=bk * max(1, d // TMA_ELEMS), num_barriers=st),
+        k_bars=plgpu.Barrier(num_arrivals=bk * (n_tma if interp else 1), num_barriers=st),   # TMAs per block
     )
     if interp:
         scratch["kt_smem"] = tiled((d, bk))
@@ -279,5 +285,5 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
         compiler_params=plgpu.CompilerParams(approx_math=False),
         interpret=interpret or None,
     )
-    acc, m, l = call(rows, q, kv, win)
+    acc, m, l = call(rows, q, kv.reshape(*kv.shape[:2], n_tma, d // n_tma), win.reshape(*win.shape[:2], n_tma, -1))
     return _combine(acc, m, l, sink)

@@ -75,6 +75,11 @@ def test_empty_request_gives_zero_and_sink():
     np.testing.assert_allclose(lse[1], np.asarray(args[5]), rtol=0, atol=0)
 
 
+def test_no_window():
+    # W = 0: every block is a gathered one (the kernel gets a dummy window ref it never reads)
+    _check(_inputs(6, 2, 128, 30, 70, 0, [0, 0]), splits=2)
+
+
 def test_v4_head_dim_two_output_slices():
     # D = 512: two 256-column output slices per (request, split) and two TMA copies per row
     _check(_inputs(3, 1, 512, 50, 64, 10, [7]), splits=2)
