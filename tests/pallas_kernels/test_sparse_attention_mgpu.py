@@ -117,24 +117,26 @@ def _abstract(b, n=4096, k=512, w=128, d=512):
             s((b, w, d), jnp.bfloat16), s((b,), jnp.int32), s((H,), jnp.float32))
 
 
-@pytest.mark.parametrize("b", [1, 8, 64])
-def test_lowers_to_mosaic_gpu_for_v4_shapes(b):
-    f = jax.jit(functools.partial(sparse_attention_mosaic, scale=512 ** -0.5))
+@pytest.mark.parametrize("b,d,cfg", [(1, 512, {}), (8, 512, {}), (64, 512, {}), (8, 128, dict(splits=1, stages=3))],
+                         ids=["b1", "b8", "b64", "d128_ring"])
+def test_lowers_to_mosaic_gpu_for_v4_shapes(b, d, cfg):
+    f = jax.jit(functools.partial(sparse_attention_mosaic, scale=d ** -0.5, **cfg))
     try:
-        low = f.trace(*_abstract(b)).lower(lowering_platforms=("cuda",))
+        low = f.trace(*_abstract(b, d=d)).lower(lowering_platforms=("cuda",))
     except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
         pytest.skip(f"no cross-platform lowering in this jax: {e}")
     assert low.as_text().count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b", [1, 8, 64])
-def test_compiled_kernel_matches_reference(b):
+@pytest.mark.parametrize("b,d,cfg", [(1, 512, {}), (8, 512, {}), (64, 512, {}), (3, 128, dict(splits=1, stages=3))],
+                         ids=["b1", "b8", "b64", "d128_ring"])
+def test_compiled_kernel_matches_reference(b, d, cfg):
     wl = [128 - 17 * (i % 8) for i in range(b)]
-    args = _inputs(11 + b, b, 512, 4096, 512, 128, wl, empty=(1,) if b > 1 else (),
+    args = _inputs(11 + b, b, d, 4096, 512, 128, wl, empty=(1,) if b > 1 else (),
                    window_only=(2,) if b > 2 else ())
-    out, lse = jax.jit(functools.partial(sparse_attention_mosaic, scale=512 ** -0.5))(*args)
-    ref_out, ref_lse = sparse_attention_reference(*args, scale=512 ** -0.5)
+    out, lse = jax.jit(functools.partial(sparse_attention_mosaic, scale=d ** -0.5, **cfg))(*args)
+    ref_out, ref_lse = sparse_attention_reference(*args, scale=d ** -0.5)
     assert rel_err(out, ref_out) < RTOL_BF16, rel_err(out, ref_out)
     assert rel_err(lse, ref_lse) < RTOL_BF16, rel_err(lse, ref_lse)
 
