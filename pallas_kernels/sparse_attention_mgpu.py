@@ -26,11 +26,14 @@ TMAs its share of that list into SMEM once. Window blocks (always first, whole b
 a block multiple) copy from ``window_kv``, the others from ``kv``; a ``-1`` row copies row 0 (so every block's
 barrier sees the same byte count) and is masked out of the softmax.
 
-Grid ``(batch, splits, D / dv)``: ``splits`` cuts the row blocks into equal runs (flash-decoding: at batch 8 there
-are 8 requests for 132 SMs), ``dv = min(D, 256)`` is the slice of the output a CTA accumulates (a [64, 512] float32
-accumulator would need 256 registers per thread in one warpgroup). The ``D / dv`` CTAs of one (request, split)
-compute the same scores and read the same rows (the second read mostly hits L2: they are launched next to each
-other). Each CTA writes partial ``(acc, m, l)``; the sink and the merge are the Triton kernel's XLA epilogue
+Grid ``(batch, splits)``, two warpgroups per CTA: ``splits`` cuts the row blocks into equal runs (flash-decoding:
+at batch 8 there are 8 requests for 132 SMs, so the default plan gives each CTA about one block), and warpgroup
+``c`` accumulates output columns ``[c * D / 2, (c + 1) * D / 2)`` (a [64, 512] float32 accumulator would need 256
+registers per thread in one warpgroup). Each warpgroup moves its half of the columns from staging into ``k_tile``
+and computes the full (identical) scores itself; two mbarriers with one arrival per warpgroup order them
+(``k_ready``: all of ``k_tile`` written and the staging slot read, before the scores and the refill;
+``k_read``: the other warpgroup's scores are done with ``k_tile``, before it is overwritten). Warpgroup 0 issues
+every TMA. Each CTA writes partial ``(acc, m, l)``; the sink and the merge are the Triton kernel's XLA epilogue
 (:func:`pallas_kernels.sparse_attention._combine`).
 
 Status: checked against the reference in Mosaic GPU interpret mode (CPU; `_kernel`'s ``interp`` variant) and by
@@ -54,13 +57,15 @@ HEADS = 64        # one warpgroup's wgmma M tile: the kernel holds exactly this 
 TMA_ELEMS = 256   # a TMA box moves at most 256 elements along each dimension
 ROW_PAD = 8       # bf16 pad per staged row (16 bytes): staggers the rows over the SMEM banks (module docstring)
 CHUNK = 64        # columns per staging -> k_tile move: one 128-byte swizzle atom wide
-TARGET_CTAS = 264   # ~2 CTAs per SM of an H100 / H200 (132 SMs)
+WARPGROUPS = 2    # consumer warpgroups per CTA, each accumulating D / 2 output columns
+SMS = 132         # H100 / H200; at D = 512 a CTA takes most of an SM's shared memory, so one CTA per SM
 SMEM_BYTES = 227 * 1024
 
 
 def _smem_bytes(h, d, bk, stages, bps) -> int:
-    """q + staging ring + k_tile + P + the output chunk + the row list + (m, l)."""
-    return 2 * h * d + stages * 2 * bk * (d + ROW_PAD) + 2 * bk * d + 2 * h * bk + 4 * h * CHUNK + 4 * bps * bk + 8 * h
+    """q + (staging ring | output chunks, aliased) + k_tile + P per warpgroup + the row list + (m, l)."""
+    ring = max(stages * 2 * bk * (d + ROW_PAD), WARPGROUPS * 4 * h * CHUNK)
+    return 2 * h * d + ring + 2 * bk * d + WARPGROUPS * 2 * h * bk + 4 * bps * bk + 8 * h
 
 
 def plan(batch: int, heads: int, dim: int, topk: int, window: int, *, block_k: int | None = None,
@@ -74,14 +79,11 @@ def plan(batch: int, heads: int, dim: int, topk: int, window: int, *, block_k: i
     bk = block_k or 64
     if bk % 64 or not 64 <= bk <= 256:   # the staged rows load into registers in the WGMMA layout: 64-row tiles
         raise ValueError(f"sparse_attention(impl='mosaic'): block_k must be a multiple of 64 in [64, 256], got {bk}")
-    dv = min(dim, 256)
-    n_dv = dim // dv
+    dv = dim // WARPGROUPS
     n_wb = -(-window // bk)
     n_real = n_wb + -(-topk // bk)
-    if splits is None:   # enough CTAs for ~2 per SM, but at least 2 blocks per CTA so the ring overlaps
-        splits = 1
-        while batch * n_dv * splits * 2 <= TARGET_CTAS and -(-n_real // (splits * 2)) >= 2:
-            splits *= 2
+    if splits is None:   # about one CTA per SM: at batch 8 one block per CTA (80 CTAs), at batch 64 two splits
+        splits = max(1, SMS // max(batch, 1))
     splits = max(1, min(int(splits), max(n_real, 1)))
     bps = max(1, -(-n_real // splits))
     splits = max(1, -(-n_real // bps))
@@ -92,7 +94,7 @@ def plan(batch: int, heads: int, dim: int, topk: int, window: int, *, block_k: i
         st -= 1
     if _smem_bytes(HEADS, dim, bk, st, bps) > SMEM_BYTES:
         raise ValueError(f"sparse_attention(impl='mosaic'): block_k={bk} does not fit in shared memory at D={dim}")
-    return dict(block_k=bk, dv=dv, n_dv=n_dv, n_wblocks=n_wb, splits=splits, blocks_per_cta=bps, stages=st)
+    return dict(block_k=bk, dv=dv, n_wblocks=n_wb, splits=splits, blocks_per_cta=bps, stages=st)
 
 
 def _row_list(indices, window_lengths, n, window, n_wb, bk, total_blocks):
@@ -108,16 +110,24 @@ def _row_list(indices, window_lengths, n, window, n_wb, bk, total_blocks):
     return jnp.pad(rows, ((0, 0), (0, total_blocks * bk - rows.shape[1])), constant_values=-1)
 
 
-def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, bk, bps, stages, n_wb, scale, interp,
-            rows_smem, q_smem, st_smem, k_tile, p_smem, o_smem, ml_smem, q_bar, k_bars, kt_smem=None):
-    """One CTA: request b, row blocks [s * bps, (s + 1) * bps), output columns [c * dv, (c + 1) * dv).
+def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, n_wg, bk, bps, stages, n_wb, scale,
+            interp, rows_smem, q_smem, st_smem, k_tile, p_smem, ml_smem, q_bar, k_bars, k_ready, k_read,
+            o_smem=None, kt_smem=None):
+    """One CTA: request b, row blocks [s * bps, (s + 1) * bps); warpgroup c owns output columns [c * dv, (c + 1) *
+    dv), moves those columns of each block into k_tile, and computes the (identical) scores on its own.
     `interp`: the CPU interpret mode's variant, which differs only where that mode lacks a primitive: plain ref
-    loads instead of `plgpu.load` with a layout, k_tile^T materialised in SMEM (`kt_smem`) instead of a
-    transposed view, zero / NEG initial values without a layout cast, and the P.V product into a fresh
-    accumulator instead of `ACC.init` of the running one."""
+    loads instead of `plgpu.load` with a layout, k_tile^T materialised in SMEM (`kt_smem`, one per warpgroup)
+    instead of a transposed view, zero / NEG initial values without a layout cast, the P.V product into a fresh
+    accumulator instead of `ACC.init` of the running one, and one TMA per 256 columns of a row."""
     b = jax.lax.axis_index("batch")
     s = jax.lax.axis_index("split")
-    c = jax.lax.axis_index("dslice")
+    c = jax.lax.axis_index("wg")
+    if interp:
+        st_smem, o_all = st_smem, o_smem
+    else:
+        st_smem, o_all = st_smem     # the same SMEM: the staging ring in the loop, the output chunks after it
+    o_smem = o_all.at[c]
+    p_smem = p_smem.at[c]
     h = q_smem.shape[0]
     n_tma = max(1, d // TMA_ELEMS)
     tma_w = d // n_tma
@@ -128,7 +138,7 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
         load = lambda ref, layout: plgpu.load(ref, (), layout=layout)
         cast = plgpu.layout_cast
 
-    def issue(t, slot):                # the TMA copies of block t's rows into staging slot `slot`
+    def issue(t, slot):                # the TMA copies of block t's rows into staging slot `slot` (warpgroup 0)
         src = jnp.where(s * bps + t < n_wb, 1, 0)
 
         def one(j, carry):
@@ -146,15 +156,25 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
                         plgpu.copy_gmem_to_smem(ref.at[b, row, i], dst_i, k_bars.at[slot])
                 pl.when(cond)(copy_row)
             return carry
-        jax.lax.fori_loop(0, bk, one, 0)
+        @pl.when(c == 0)
+        def _():
+            jax.lax.fori_loop(0, bk, one, 0)
 
-    plgpu.copy_gmem_to_smem(rows_ref.at[b, s], rows_smem, q_bar)
-    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
+    @pl.when(c == 0)
+    def _():
+        plgpu.copy_gmem_to_smem(rows_ref.at[b, s], rows_smem, q_bar)
+        plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
     plgpu.barrier_wait(q_bar)
     for j in range(stages):            # prologue: fill the ring
         issue(j, j)
+
+    def sync(bar):                     # both warpgroups reach this point (mbarrier with one arrival per warpgroup)
+        if n_wg > 1:
+            plgpu.barrier_arrive(bar)
+            plgpu.barrier_wait(bar)
+
     if interp:                         # B operand k_tile^T: the interpreter's wgmma takes no transposed view
-        k_t = kt_smem
+        k_t = kt_smem.at[c]
     else:
         k_t = plgpu.transpose_ref(k_tile, (1, 0))
     v_tile = k_tile.at[:, pl.ds(pl.multiple_of(c * dv, dv), dv)]
@@ -163,12 +183,18 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
         m_i, l_i, acc = carry
         slot = jax.lax.rem(t, stages)
         plgpu.barrier_wait(k_bars.at[slot])
-        for ch in range(d // CHUNK):   # staging (row-major, padded) -> k_tile (tiled, swizzled), via registers
-            cols = pl.ds(ch * CHUNK, CHUNK)
-            k_tile[:, cols] = load(st_smem.at[slot, :, cols], plgpu.Layout.WGMMA)
-        if interp:
-            kt_smem[...] = k_tile[...].T
+        if n_wg > 1:                   # the other warpgroup's scores of block t - 1 no longer read k_tile
+            pl.when(t > 0)(lambda: plgpu.barrier_wait(k_read))
+        for i in range(n_wg):          # staging (row-major, padded) -> this warpgroup's columns of k_tile
+            def move(i=i):
+                for ch in range(i * dv // CHUNK, (i + 1) * dv // CHUNK):
+                    cols = pl.ds(ch * CHUNK, CHUNK)
+                    k_tile[:, cols] = load(st_smem.at[slot, :, cols], plgpu.Layout.WGMMA)
+            pl.when(c == i)(move)
         plgpu.commit_smem()            # the register stores are visible to the wgmmas (async proxy)
+        sync(k_ready)                  # every column of k_tile is in place, the staging slot fully read
+        if interp:
+            kt_smem[c] = k_tile[...].T
 
         @pl.when(t + stages < bps)     # the staging slot is consumed: refill it
         def _():
@@ -178,6 +204,8 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
             plgpu.wgmma(acc_ref, q_smem, k_t)
             return acc_ref[...]
         logits = pl.run_scoped(qk, plgpu.ACC((h, bk), jnp.float32))                 # [H, bk] float32
+        if n_wg > 1:                   # done reading k_tile outside this warpgroup's columns
+            plgpu.barrier_arrive(k_read)
         valid = load(rows_smem.at[t], plgpu.Layout.WGMMA.reduce(0)) >= 0           # [bk]
         valid = jax.lax.broadcast_in_dim(valid, (h, bk), [1])
         logits = jnp.where(valid, logits * scale, NEG)
@@ -203,8 +231,12 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, b
     init = (cast(jnp.full((h,), NEG, jnp.float32), row_layout), cast(jnp.zeros((h,), jnp.float32), row_layout),
             cast(jnp.zeros((h, dv), jnp.float32), plgpu.Layout.WGMMA))
     m_i, l_i, acc = jax.lax.fori_loop(0, bps, step, init)
+    if n_wg > 1:                       # the last block's k_read phase (every phase is waited for once)
+        plgpu.barrier_wait(k_read)
 
-    # epilogue: the partial accumulator in 64-column chunks, and (m, l) from the first output slice
+    # epilogue: the partial accumulator in 64-column chunks, and (m, l) from the first warpgroup. On the GPU o_smem
+    # aliases the staging ring: free now (every issued block was waited for, and both warpgroups passed the last
+    # k_ready, so neither still reads it)
     for ch in range(dv // CHUNK):
         if ch:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -255,7 +287,7 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
         interpret = compat.gpu_interpret_params()
     interp = bool(interpret)
     n_tma = max(1, d // TMA_ELEMS)     # rows viewed as [D / 256, 256] (free reshapes): one TMA box per row
-    kernel = functools.partial(_kernel, d=d, dv=dv, bk=bk, bps=bps, stages=st, n_wb=cfg["n_wblocks"],
+    kernel = functools.partial(_kernel, d=d, dv=dv, n_wg=WARPGROUPS, bk=bk, bps=bps, stages=st, n_wb=cfg["n_wblocks"],
                                scale=scale, interp=interp)
 
     def tiled(shape):      # the (tiling, swizzle) form wgmma reads: 128-byte swizzle, or the row width if narrower
@@ -265,22 +297,28 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
     scratch = dict(
         rows_smem=plgpu.SMEM((bps, bk), jnp.int32),
         q_smem=tiled((h, d)),
-        st_smem=plgpu.SMEM((st, bk, d + ROW_PAD), jnp.bfloat16),
         k_tile=tiled((bk, d)),
-        p_smem=tiled((h, bk)),
-        o_smem=plgpu.SMEM((h, CHUNK), jnp.float32),
+        p_smem=tiled((WARPGROUPS, h, bk)),
         ml_smem=plgpu.SMEM((2, h), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=2),
         k_bars=plgpu.Barrier(num_arrivals=bk * (n_tma if interp else 1), num_barriers=st),   # TMAs per block
+        k_ready=plgpu.Barrier(num_arrivals=WARPGROUPS),
+        k_read=plgpu.Barrier(num_arrivals=WARPGROUPS),
     )
+    staging = plgpu.SMEM((st, bk, d + ROW_PAD), jnp.bfloat16)
+    out_chunks = plgpu.SMEM((WARPGROUPS, h, CHUNK), jnp.float32)
     if interp:
-        scratch["kt_smem"] = tiled((d, bk))
+        scratch.update(st_smem=staging, o_smem=out_chunks, kt_smem=tiled((WARPGROUPS, d, bk)))
+    else:   # the output chunks reuse the staging ring's SMEM (see the kernel's epilogue)
+        scratch.update(st_smem=plgpu.RefUnion(staging, out_chunks))
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     call = plgpu.kernel(
         kernel,
         out_type=(f32(b, sp, h, d), f32(b, sp, h), f32(b, sp, h)),
-        grid=(b, sp, cfg["n_dv"]),
-        grid_names=("batch", "split", "dslice"),
+        grid=(b, sp),
+        grid_names=("batch", "split"),
+        num_threads=WARPGROUPS,
+        thread_name="wg",
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=False),
         interpret=interpret or None,
