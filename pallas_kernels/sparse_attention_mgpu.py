@@ -36,6 +36,12 @@ and computes the full (identical) scores itself; two mbarriers with one arrival 
 every TMA. Each CTA writes partial ``(acc, m, l)``; the sink and the merge are the Triton kernel's XLA epilogue
 (:func:`pallas_kernels.sparse_attention._combine`).
 
+Known costs (candidates once GPU timings exist): both warpgroups compute the full scores (1.5x the minimum
+tensor-core work; splitting the contraction over D would need an SMEM exchange of the partial scores), every block
+crosses SMEM twice (staging -> registers -> k_tile), each row costs one TMA issued by one thread (64 per block),
+and the row list and the merge are two small
+XLA fusions around the kernel.
+
 Status: checked against the reference in Mosaic GPU interpret mode (CPU; `_kernel`'s ``interp`` variant) and by
 lowering the GPU variant to CUDA for the V4 shapes; not yet compiled or run on a GPU, so the dispatch runs it only
 on request (``sparse_attention(impl="mosaic")``), never under ``impl="auto"``.
