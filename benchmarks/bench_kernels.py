@@ -9,6 +9,8 @@ sweep, fp8sweep (block configs of the packed fp8-row attention kernel).
 Triton kernel and the XLA path over the same page-blocked keys (``impl="pallas"`` / ``"xla"``,
 ``keys="fp8_pages64"``; ``speedup_vs_xla`` pairs pages with pages and rows with rows) at batch 1 / 8,
 N = 64K / 256K, H = 64; ``check`` also checks the Mosaic kernel and the paged Triton kernel on device.
+``attention`` rows with bf16 kv include the Mosaic GPU attention kernel (``impl="mosaic"``,
+``pallas_kernels.sparse_attention_mgpu``; same bytes and roofline); ``check`` checks it on device too.
 ``stream`` times XLA's row sum over the same packed key bytes (the scoring kernel's I/O without its math) as a
 size-matched ceiling; ``step`` splits one decode step's GPU time into top-k, scoring, attention and the rest,
 with ``lax.top_k`` and with the top-k kernel (``ModelConfig.topk_impl``);
@@ -326,6 +328,30 @@ def run_checks(chosen=None):
             res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
             log(f"check {name}: ERROR {ex_!r}"[:3000])
             traceback.print_exc()
+    # the Mosaic GPU attention kernel (bf16 q and kv, 64 heads): duplicates, a window-only request, a ragged
+    # window, one split per CTA pair (batch 64) and several (batch 3 / 8), a partial last top-k block
+    mcases = [dict(b=3, n=4096, k=512, w=128), dict(b=8, n=4096, k=512, w=128), dict(b=64, n=4096, k=512, w=128),
+              dict(b=2, n=2000, k=300, w=100)]
+    for c in mcases:
+        key, sub = jax.random.split(key)
+        q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], 64, 512, c["n"], c["k"], c["w"], jnp.bfloat16, 0.2)
+        idx = idx.at[0, :17].set(idx[0, 0]).at[-1].set(-1)
+        wl = wl.at[0].set(c["w"] // 3)
+        name = f"attention mosaic b{c['b']} h64 d512 k{c['k']} w{c['w']} bfloat16/bfloat16"
+        try:
+            from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: see attention_case
+            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=512 ** -0.5)
+            mo, ml = jax.jit(functools.partial(sparse_attention_mosaic, scale=512 ** -0.5))(q, kv, idx, win, wl, sink)
+            e, _, nan = rel_err(mo, ro)
+            el, _, nan2 = rel_err(ml, rl)
+            tol = 1e-2
+            ok = e < tol and el < tol and not nan and not nan2
+            res.append(dict(case=name, rel_err=e, lse_rel_err=el, nan=nan or nan2, tol=tol, ok=ok))
+            log(f"check {name}: out {e:.2e} lse {el:.2e} nan {nan or nan2} -> {'OK' if ok else 'FAIL'}")
+        except Exception as ex_:  # noqa: BLE001
+            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
+            log(f"check {name}: ERROR {ex_!r}"[:3000])
+            traceback.print_exc()
     return res
 
 
@@ -366,15 +392,19 @@ def indexer_case(ceil, b, h, n, impl, qdtype=jnp.bfloat16, d=128, cfg=None, page
 
 
 def attention_case(ceil, b, impl, h=64, d=512, k=512, w=128, n=4096, cfg=None, kv_dtype="bf16"):
+    """impl "pallas" (Triton kernel) | "mosaic" (Mosaic GPU kernel, bf16 kv only) | "xla"; same bytes and roofline."""
     row = kv_fp8.entry_bytes(d, ROPE_DIM) if kv_dtype == "fp8" else d * 2       # bytes of one kv row
     bytes_ = b * (h * d * 2 + k * row + w * row + k * 4 + h * d * 4 + h * 4 + 4) + h * 4
     flops = 4 * b * h * d * (k + w)
-    s = n_sets(bytes_ if impl == "pallas" else bytes_ * 3, mem_cap=12e9 * bytes_ / (b * n * row + bytes_))
+    s = n_sets(bytes_ if impl != "xla" else bytes_ * 3, mem_cap=12e9 * bytes_ / (b * n * row + bytes_))
     sets = [attention_inputs(jax.random.PRNGKey(2000 + i), b, h, d, n, k, w, kv_dtype=kv_dtype) for i in range(2 * s)]
     scale = d ** -0.5
     rd = dict(rope_dim=ROPE_DIM) if kv_dtype == "fp8" else {}
     if impl == "pallas":
         fn = lambda *a: sparse_attention_pallas(*a, scale=scale, **rd, **(cfg or {}))
+    elif impl == "mosaic":
+        from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: a failure costs its rows only
+        fn = lambda *a: sparse_attention_mosaic(*a, scale=scale, **rd, **(cfg or {}))
     else:
         fn = lambda *a: sparse_attention_xla(*a, scale=scale, **rd)
     per, raw = time_per_call(fn, sets)
@@ -701,6 +731,8 @@ def main():
                 add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"],
                     kv_dtype=kvd)
                 add(attention_case, b, "xla", kv_dtype=kvd)
+                if kvd == "bf16":   # the Mosaic GPU kernel (bf16 kv only; explicit opt-in, impl="mosaic")
+                    add(attention_case, b, "mosaic", kv_dtype=kvd)
     if "indexer" in sections:
         hs, ns, bs = (64, 128), (16384, 65536, 262144), (1, 8, 32)
         if args.tiny:

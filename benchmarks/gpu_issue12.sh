@@ -2,7 +2,7 @@
 # Issue 12's on-device checks and timings in one device call (about 9 minutes on an H200; each part has its
 # own timeout, the most important first), for the kernels that so far ran only in interpret mode and lowered
 # for CUDA on a CPU: the radix-select top-k (float32 histograms since its first, failed, GPU run), the Triton
-# scoring kernel over page-blocked keys, and the Mosaic GPU scoring kernel.
+# scoring kernel over page-blocked keys, the Mosaic GPU scoring kernel, and the Mosaic GPU attention kernel.
 #   run (repo root, device machine):  bash benchmarks/gpu_issue12.sh      -> $OUT/*.json, $OUT/*.log
 # Afterwards: commit the JSON under benchmarks/results/; where a kernel's checks pass and it beats XLA, let
 # `auto` pick it (pallas_kernels/dispatch.py, tests/pallas_kernels/test_kernel_dispatch.py, README).
@@ -13,7 +13,8 @@ mkdir -p "$OUT"
 nvidia-smi -L
 # 1. the compiled kernels against their references (GPU-marked tests; the model's decode with the top-k kernel)
 timeout 200 python3 -m pytest -q -m gpu tests/pallas_kernels/test_topk.py tests/pallas_kernels/test_indexer_score.py \
-  tests/pallas_kernels/test_indexer_score_mgpu.py tests/fm_jax/test_model.py > "$OUT/gpu_tests.log" 2>&1
+  tests/pallas_kernels/test_indexer_score_mgpu.py tests/pallas_kernels/test_sparse_attention_mgpu.py \
+  tests/fm_jax/test_model.py > "$OUT/gpu_tests.log" 2>&1
 tail -5 "$OUT/gpu_tests.log"
 # 2. scoring over V4's 64-entry key pages: on-device checks, then Mosaic vs Triton vs XLA at batch 1 / 8, N 64K / 256K
 timeout 150 python3 benchmarks/bench_kernels.py --sections ceilings,check,indexer_mgpu \
@@ -26,3 +27,9 @@ tail -12 "$OUT/topk.log"
 timeout 100 python3 benchmarks/bench_kernels.py --sections step --step-cases 1:131072,8:131072 \
   --out "$OUT/kernels-step.json" > "$OUT/step.log" 2>&1
 tail -6 "$OUT/step.log"
+# 5. sparse attention, bf16 kv at batch 8 / 64: the Mosaic GPU kernel against the Triton kernel and XLA (targets:
+#    batch 8 >= 2x XLA, batch 64 >= 0.5 of the roofline). Last, so that if the parts above use their whole
+#    timeouts and the device call's 10-minute cap ends the script, only this part is lost.
+timeout 90 python3 benchmarks/bench_kernels.py --sections ceilings,attention --kv-dtypes bf16 --quick \
+  --out "$OUT/kernels-attention-mgpu.json" > "$OUT/attention_mgpu.log" 2>&1
+tail -8 "$OUT/attention_mgpu.log"

@@ -20,6 +20,9 @@ where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still r
 ``indexer_scores(impl="mosaic")`` is the Mosaic GPU (Hopper TMA + wgmma) scoring kernel, explicit opt-in only:
 page-blocked keys, one query per request, unmeasured on a GPU so far, so ``auto`` never picks it; shapes it does
 not support raise ValueError (``pallas_kernels.indexer_score_mgpu.plan``).
+``sparse_attention(impl="mosaic")`` likewise: the Mosaic GPU attention kernel (one CTA per 64 heads, per-row TMA
+gather, split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``),
+unmeasured on a GPU so far, never picked by ``auto``.
 """
 from __future__ import annotations
 
@@ -85,8 +88,13 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
                      impl: str = "auto", interpret: bool = False):
     """Sparse decode attention over ``window_kv[:, :window_lengths]`` plus ``kv[indices]`` (-1 = padding)
     with a per-head sink logit; ``kv`` / ``window_kv`` may be packed fp8 rows (uint8, with ``rope_dim``).
-    Returns (out float32 [B, H, D], lse float32 [B, H])."""
+    Returns (out float32 [B, H, D], lse float32 [B, H]). impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
+    if impl == "mosaic":   # explicit opt-in (module docstring); same backend rule as impl="pallas"
+        _pick("sparse_attention", "pallas", interpret, True)
+        from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: heavy Mosaic GPU import
+        return sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
+                                       rope_dim=rope_dim, interpret=interpret)
     if _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim) == "pallas":
         return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)
