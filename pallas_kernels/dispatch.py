@@ -43,23 +43,28 @@ from pallas_kernels.sparse_attention import sparse_attention_pallas
 from pallas_kernels.topk import topk_pallas
 
 IMPLS = ("auto", "pallas", "xla")
+MOSAIC_IMPLS = IMPLS + ("mosaic",)   # scoring and attention also have a Mosaic GPU kernel (explicit opt-in)
+
+
 def _pow2_dim(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
 
-def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None) -> str:
+def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None = None, impls: tuple = IMPLS
+            ) -> str:
     """`rope_dim`: packed fp8 KV rows (XLA under "auto", see the module docstring)."""
-    return _pick(op, impl, interpret, rope_dim is None and _pow2_dim(dim))
+    return _pick(op, impl, interpret, rope_dim is None and _pow2_dim(dim), impls)
 
 
-def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool) -> str:
-    """`kernel_fits`: the shapes suit the Pallas kernel (else "auto" takes the XLA path even on a GPU)."""
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool, impls: tuple = IMPLS) -> str:
+    """`kernel_fits`: the shapes suit the Pallas kernel (else "auto" takes the XLA path even on a GPU);
+    `impls`: the op's choices. A kernel ("pallas", "mosaic") needs a GPU unless interpreted."""
+    if impl not in impls:
+        raise ValueError(f"{op}: impl must be one of {impls}, got {impl!r}")
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" and kernel_fits else "xla"
-    if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
-        raise ValueError(f"{op}(impl='pallas') needs a GPU backend (found {jax.default_backend()!r}); "
+    if impl != "xla" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"{op}(impl={impl!r}) needs a GPU backend (found {jax.default_backend()!r}); "
                          "pass interpret=True to run the kernel in interpret mode, or impl='xla'")
     return impl
 
@@ -71,14 +76,13 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     with ``page_entries=P`` page-blocked uint8 [B, n_pages, P * (D + 4)] (N = n_pages * P);
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]. impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
-    if impl == "mosaic":   # explicit opt-in (module docstring); same backend rule as impl="pallas"
-        _pick("indexer_scores", "pallas", interpret, True)
+    # page-blocked keys: XLA under "auto" until the paged kernel has run on a GPU (module docstring)
+    choice = _pick("indexer_scores", impl, interpret, _pow2_dim(info.dim) and page_entries is None, MOSAIC_IMPLS)
+    if choice == "mosaic":   # explicit opt-in only (module docstring)
         from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: Mosaic GPU's import is heavy
         return indexer_scores_mosaic(q, weights, keys, lengths, act=act, page_entries=page_entries,
                                      interpret=interpret)
-    # page-blocked keys: XLA under "auto" until the paged kernel has run on a GPU (module docstring)
-    fits = _pow2_dim(info.dim) and page_entries is None
-    if _pick("indexer_scores", impl, interpret, fits) == "pallas":
+    if choice == "pallas":
         return indexer_scores_pallas(q, weights, keys, lengths, act=act, interpret=interpret,
                                      page_entries=page_entries)
     return indexer_scores_xla(q, weights, keys, lengths, act=act, page_entries=page_entries)
@@ -90,12 +94,12 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
     with a per-head sink logit; ``kv`` / ``window_kv`` may be packed fp8 rows (uint8, with ``rope_dim``).
     Returns (out float32 [B, H, D], lse float32 [B, H]). impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
-    if impl == "mosaic":   # explicit opt-in (module docstring); same backend rule as impl="pallas"
-        _pick("sparse_attention", "pallas", interpret, True)
+    choice = _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim, MOSAIC_IMPLS)
+    if choice == "mosaic":   # explicit opt-in only (module docstring)
         from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: heavy Mosaic GPU import
         return sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)
-    if _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim) == "pallas":
+    if choice == "pallas":
         return sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)
     return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale, rope_dim=rope_dim)
@@ -106,10 +110,8 @@ def topk(scores, k: int, *, impl: str = "auto", interpret: bool = False):
     to N. scores float [..., N] (no NaN; -inf = not a candidate). Returns (values [..., k], indices int32
     [..., k]). The Pallas kernel reads float32 (other float dtypes are cast, exactly)."""
     k = check_topk_inputs(scores, k)
-    n = scores.shape[-1]
-    rows = math.prod(scores.shape[:-1])
     if k == 0 or _pick("topk", impl, interpret, False) == "xla":   # False: never under "auto" (module doc)
         return topk_xla(scores, k)
     lead = scores.shape[:-1]
-    vals, idx = topk_pallas(scores.reshape(rows, n), k, interpret=interpret)
+    vals, idx = topk_pallas(scores.reshape(math.prod(lead), scores.shape[-1]), k, interpret=interpret)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)
