@@ -6,6 +6,7 @@ Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
   because ``jax_pallas_use_mosaic_gpu`` defaults to True in these releases;
 - masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7); atomics and
   the CTA barrier live in the same module.
+Also the one small launch helper every kernel wrapper shares (`next_pow2`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ load = _pick("load")    # load(ref_view, *, mask=None, other=None)
 store = _pick("store")  # store(ref_view, value, *, mask=None)
 atomic_add = _pick("atomic_add")        # atomic_add(ref, idx, val) -> old value (acquire-release, gpu scope)
 debug_barrier = _pick("debug_barrier")  # a CTA-wide barrier (bar.sync), despite its docstring
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): Triton tile sizes."""
+    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def gpu_interpret_params():

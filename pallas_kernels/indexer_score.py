@@ -32,10 +32,6 @@ from pallas_kernels.reference import check_indexer_inputs
 FP8 = jnp.float8_e4m3fn
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _dot_nt(a, b, precision=None):
     """a [X, D] . b [Y, D]^T -> [X, Y] float32."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
@@ -144,8 +140,8 @@ def default_config(batch: int, n_queries: int, heads: int, n_entries: int) -> di
     benchmarks/NOTES_kernels.md): 128-entry key blocks, one block per program, 4 warps, 3 stages was the best
     of the configs tried for both 64 and 128 heads (64-entry blocks were 0-12% slower, 32-entry blocks 2-3x)."""
     del batch, heads
-    block_n = min(128, max(16, _next_pow2(n_entries)))
-    tm = 1 if n_queries == 1 else min(4, _next_pow2(n_queries))
+    block_n = min(128, max(16, compat.next_pow2(n_entries)))
+    tm = 1 if n_queries == 1 else min(4, compat.next_pow2(n_queries))
     return dict(block_n=block_n, queries_per_program=tm, blocks_per_program=1, num_warps=4, num_stages=3,
                 heads_major=False)
 
@@ -192,7 +188,7 @@ def indexer_scores_pallas(q, weights, keys, lengths, *, act: str = "none", inter
     else:
         mode = "split"
         q4 = q4.astype(jnp.float32)
-    hp = max(16, _next_pow2(h))
+    hp = max(16, compat.next_pow2(h))
     if hp != h:  # zero heads with zero weight contribute w * relu(0) = 0
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
         w3 = jnp.pad(w3, ((0, 0), (0, 0), (0, hp - h)))

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
-from pallas_kernels.reference import _split_bf16, check_indexer_inputs
+from pallas_kernels.reference import check_indexer_inputs, split_bf16
 
 FP8 = jnp.float8_e4m3fn
 SCALE_BYTES = 4
@@ -226,7 +226,7 @@ def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: 
     k_rows = keys.reshape(b, n_pages, rows_per_page, d)             # free: pages are whole rows of D bytes
     split = q.dtype != jnp.bfloat16
     if split:   # float32 query: hi + lo bf16 parts (the same split as the XLA path / Triton kernel)
-        hi, lo = _split_bf16(q)
+        hi, lo = split_bf16(q)
         qk = jnp.stack([hi, lo], axis=1)                             # [B, 2, H, D]
         q_scratch = _swizzled((2, h, d), jnp.bfloat16, 2 * d)
     else:

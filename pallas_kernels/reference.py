@@ -229,7 +229,7 @@ def indexer_scores_reference(q, weights, keys, lengths, *, act: str = "none", pa
     return _finish_scores(logit, _valid_entries(lengths, info), act, info)
 
 
-def _split_bf16(x):
+def split_bf16(x):
     """float32 -> (hi, lo) bfloat16 with x ~= hi + lo to 2^-18 relative (as the Pallas kernels split).
 
     ``hi`` is rounded to nearest-even with integer ops rather than a float32 -> bf16 -> float32 round trip,
@@ -262,7 +262,7 @@ def indexer_scores_xla(q, weights, keys, lengths, *, act: str = "none", page_ent
     elif q4.dtype == jnp.bfloat16:
         s = dot(q4, k)
     else:
-        hi, lo = _split_bf16(q4)
+        hi, lo = split_bf16(q4)
         s = dot(hi, k) + dot(lo, k)
     logit = jnp.sum(w3[..., None] * jax.nn.relu(s), axis=2)                            # [B, M, N]
     if scale is not None:

@@ -46,10 +46,6 @@ from pallas_kernels.reference import check_attention_inputs
 NEG = -1e30   # "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _dot(a, b, contract_b: int, precision=None):
     """a [X, C] . b -> [X, Y] float32, contracting b's axis ``contract_b``."""
     return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
@@ -228,7 +224,7 @@ def tiles_supported(d: int, rope_dim: int | None) -> bool:
     return all(w >= 16 and w & (w - 1) == 0 for _, w in column_tiles(d, rope_dim))
 
 
-def _combine(acc, m, l, sink):
+def combine_splits(acc, m, l, sink):
     """Partials acc [B, S, H, D], m/l [B, S, H] + sink [H] -> (out [B, H, D], lse [B, H])."""
     sink = sink.astype(jnp.float32)[None, :]
     mx = jnp.maximum(jnp.max(m, axis=1), sink)                                  # [B, H]
@@ -247,7 +243,7 @@ def default_config(batch: int, heads: int, topk: int, window: int, dim: int, mod
     Batch <= 8: the split count doubles until ``batch * ceil(H / 16) * splits`` reaches two programs per SM
     (132 SMs) and the partials are merged by the XLA epilogue: the in-kernel merge reads the partials
     one split after another in the last program, which cost more than the epilogue at 4-5 splits."""
-    hp = max(16, _next_pow2(heads))
+    hp = max(16, compat.next_pow2(heads))
     # packed fp8 rows: 32 entries per block (H200 sweep, kernels-h200-fp8-sweep.json: 27.4 / 42.6 us at batch
     # 1 / 8 against 37.1 / 58.1 with 64)
     bh, bk = 16, (64 if mode == "bf16" and dim <= 512 and not packed else 32)
@@ -350,7 +346,7 @@ def sparse_attention_pallas(q, kv, indices, window_kv, window_lengths, sink, *, 
         name="sparse_attention",
     )(*args)
     if splits > 1 and not fused:
-        out, lse = _combine(*res, sinkp)
+        out, lse = combine_splits(*res, sinkp)
     else:
         out, lse = res[:2]
     return out[:, :h], lse[:, :h]

@@ -34,7 +34,7 @@ and computes the full (identical) scores itself; two mbarriers with one arrival 
 (``k_ready``: all of ``k_tile`` written and the staging slot read, before the scores and the refill;
 ``k_read``: the other warpgroup's scores are done with ``k_tile``, before it is overwritten). Warpgroup 0 issues
 every TMA. Each CTA writes partial ``(acc, m, l)``; the sink and the merge are the Triton kernel's XLA epilogue
-(:func:`pallas_kernels.sparse_attention._combine`).
+(:func:`pallas_kernels.sparse_attention.combine_splits`).
 
 Known costs (candidates once GPU timings exist): both warpgroups compute the full scores (1.5x the minimum
 tensor-core work; splitting the contraction over D would need an SMEM exchange of the partial scores), every block
@@ -57,7 +57,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
 from pallas_kernels.reference import check_attention_inputs
-from pallas_kernels.sparse_attention import NEG, _combine
+from pallas_kernels.sparse_attention import NEG, combine_splits
 
 HEADS = 64        # one warpgroup's wgmma M tile: the kernel holds exactly this many heads
 TMA_ELEMS = 256   # a TMA box moves at most 256 elements along each dimension
@@ -330,4 +330,4 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
         interpret=interpret or None,
     )
     acc, m, l = call(rows, q, kv.reshape(*kv.shape[:2], n_tma, d // n_tma), win.reshape(*win.shape[:2], n_tma, -1))
-    return _combine(acc, m, l, sink)
+    return combine_splits(acc, m, l, sink)

@@ -55,10 +55,6 @@ HIST_ROWS, HIST_COLS = 32, 64
 DIGIT_SETS = ((11, 11, 10), (8, 8, 8, 8))   # digit widths, most significant first (they sum to 32)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _layout(digits) -> tuple:
     """Per digit (shift, bits, lo_bits): the digit's histogram is [2^(bits - lo_bits), 2^lo_bits] (both >= 16,
     the smallest tensor-core operand), bin d at [d >> lo_bits, d & (2^lo_bits - 1)]."""
@@ -182,7 +178,7 @@ def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key
     lo_bits = layout[last][2]
     n_gt = k - need
     # keys == T in earlier programs of the row: column d of their last-digit histograms
-    progs = jnp.arange(_next_pow2(n_programs), dtype=jnp.int32)
+    progs = jnp.arange(compat.next_pow2(n_programs), dtype=jnp.int32)
     before = compat.load(part_ref.at[b, pl.ds(0, progs.shape[0]), d >> lo_bits, d & ((1 << lo_bits) - 1)],
                          mask=progs < j, other=0)
     eq_before = jnp.sum(before)
@@ -228,9 +224,9 @@ def default_config(batch: int, n_entries: int) -> dict:
     programs per call, so that even batch 1 fills the GPU while each program's histogram atomics are amortised
     over as many keys as the shape allows. Digits: 11/11/10 (one launch fewer) while the one-hot work is small,
     8/8/8/8 (a third of the one-hot work per key) above 2^20 keys per call."""
-    chunk = min(256, max(32, _next_pow2(n_entries)))
+    chunk = min(256, max(32, compat.next_pow2(n_entries)))
     per_row = max(1, -(-512 // max(batch, 1)))
-    chunks = max(1, min(64, _next_pow2(-(-n_entries // (chunk * per_row)))))
+    chunks = max(1, min(64, compat.next_pow2(-(-n_entries // (chunk * per_row)))))
     digits = DIGIT_SETS[0] if batch * n_entries <= (1 << 20) else DIGIT_SETS[1]
     return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, onehot="bf16", skip_empty=True, num_warps=4,
                 num_stages=2)
