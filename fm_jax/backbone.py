@@ -217,11 +217,9 @@ def run_sequence(params, c, tokens, lengths=None, max_len=None, impl="auto"):
 # ---------------------------------------------------------------- decode (one token per request)
 def _write_rows(buf, rows, values, mask=None):
     """buf[b, rows[b]] = values[b] (where mask[b]); rows past the buffer are dropped."""
-    bidx = jnp.arange(buf.shape[0])
-    if mask is not None:
-        old = buf[bidx, jnp.clip(rows, 0, buf.shape[1] - 1)]
-        values = jnp.where(mask.reshape(-1, *([1] * (values.ndim - 1))), values.astype(buf.dtype), old)
-    return buf.at[bidx, rows].set(values.astype(buf.dtype), mode="drop")
+    if mask is not None:   # a masked-off row goes past the buffer and is dropped: no read of the old row
+        rows = jnp.where(mask, rows, buf.shape[1])
+    return buf.at[jnp.arange(buf.shape[0]), rows].set(values.astype(buf.dtype), mode="drop")
 
 
 def _entry_cells(tier, entry_ids, page_entries: int, n_cells: int):

@@ -141,13 +141,10 @@ def write_index_keys(pages: jax.Array, entries: jax.Array, rows: jax.Array, page
     page, off = entries // page_entries, entries % page_entries
     col = jnp.concatenate([off[:, None] * d + jnp.arange(d)[None, :],
                            page_entries * d + off[:, None] * SCALE_BYTES + jnp.arange(SCALE_BYTES)[None, :]], axis=1)
-    bidx = jnp.arange(b)[:, None]
-    page = page[:, None]
-    if mask is not None:
-        old = pages[bidx, jnp.clip(page, 0, pages.shape[1] - 1), col]
-        rows = jnp.where(mask[:, None], rows, old)
+    if mask is not None:   # a masked-off write goes past the buffer and is dropped: no read of the old bytes
+        page = jnp.where(mask, page, pages.shape[1])
     # an entry past the buffer has page >= n_pages: dropped whole (never wrapped into the scale region)
-    return pages.at[bidx, page, col].set(rows, mode="drop")
+    return pages.at[jnp.arange(b)[:, None], page[:, None], col].set(rows, mode="drop")
 
 
 def write_index_pages(pages: jax.Array, rows: jax.Array, first_entry, page_entries: int) -> jax.Array:
