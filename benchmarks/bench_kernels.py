@@ -230,6 +230,68 @@ def rel_err(x, r):
     return float(err), same_mask, bool(np.any(np.isnan(x)))
 
 
+def _checked(res, name, measure, *args):
+    """Appends one check row: `measure(*args)` returns its figures with `ok`; an exception is a failed check."""
+    try:
+        row = dict(case=name, **measure(*args))
+        figures = " ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                           if k not in ("case", "ok"))
+        log(f"check {name}: {figures} -> {'OK' if row['ok'] else 'FAIL'}")
+    except Exception as ex_:  # noqa: BLE001 - a kernel that fails to run is a failed check
+        row = dict(case=name, ok=False, error=repr(ex_)[:2000])
+        log(f"check {name}: ERROR {ex_!r}"[:3000])
+        traceback.print_exc()
+    res.append(row)
+
+
+def _scores_check(out, ref, xla=None, tol=1e-5):
+    """Figures of a scoring check against the float32 reference (masks must agree, no NaN)."""
+    e, mask_ok, nan = rel_err(out, ref)
+    row = dict(rel_err=e, masks_equal=mask_ok, nan=nan, tol=tol, ok=e < tol and mask_ok and not nan)
+    if xla is not None:
+        row["xla_rel_err"] = rel_err(xla, ref)[0]
+    return row
+
+
+def _attention_check(out, lse, ref, tol, xla_out=None):
+    """Figures of an attention check: output and lse against the reference's, no NaN."""
+    e, _, nan = rel_err(out, ref[0])
+    el, _, nan2 = rel_err(lse, ref[1])
+    row = dict(rel_err=e, lse_rel_err=el, nan=nan or nan2, tol=tol, ok=e < tol and el < tol and not nan and not nan2)
+    if xla_out is not None:
+        row["xla_rel_err"] = rel_err(xla_out, ref[0])[0]
+    return row
+
+
+def _indexer_measure(impl, args, ref, act, page_entries, cfg):
+    """One scoring kernel ("pallas" Triton, "mosaic") on `args` (keys page-blocked when `page_entries` is
+    given) against `ref`; on rows also the XLA path."""
+    if impl == "mosaic":
+        from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic as fn  # lazy: see indexer_case
+    else:
+        fn = indexer_scores_pallas
+    pe = dict(page_entries=page_entries) if page_entries else {}
+    out = jax.jit(functools.partial(fn, act=act, **pe, **cfg))(*args)
+    xla = None if page_entries else jax.jit(functools.partial(indexer_scores_xla, act=act))(*args)
+    return _scores_check(out, ref, xla)
+
+
+def _attention_measure(c, args, kvd, acfg):
+    """One attention case (`c["impl"]`: "pallas" with its split config, or "mosaic") against the reference."""
+    rd = dict(rope_dim=ROPE_DIM) if kvd == "fp8" else {}
+    scale = c["d"] ** -0.5
+    tol = 1e-2 if c["dt"] == jnp.bfloat16 and c["qd"] == jnp.bfloat16 else 1e-5
+    ref = sparse_attention_reference(*args, scale=scale, **rd)
+    if c.get("impl") == "mosaic":
+        from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: see attention_case
+        return _attention_check(*jax.jit(functools.partial(sparse_attention_mosaic, scale=scale))(*args), ref, tol)
+    cfg = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}),
+               **({"fused_combine": True} if c.get("fused") else {}))
+    out, lse = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **rd, **cfg))(*args)
+    xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale, **rd))(*args)
+    return _attention_check(out, lse, ref, tol, xo)
+
+
 def run_checks(chosen=None):
     chosen = chosen or {}
     icfg = chosen.get("indexer") or {}
@@ -245,21 +307,9 @@ def run_checks(chosen=None):
     for c in cases:
         key, sub = jax.random.split(key)
         q, w, keys, lens = indexer_inputs(sub, c["b"], c["m"], c["h"], c["d"], c["n"], c["qd"], c["multi"], ragged=True)
-        name = f"indexer b{c['b']} m{c['m']} h{c['h']} d{c['d']} n{c['n']} {jnp.dtype(c['qd']).name} {c['act']}"
-        try:
-            ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
-            out = jax.jit(functools.partial(indexer_scores_pallas, act=c["act"], **icfg))(q, w, keys, lens)
-            xla = jax.jit(functools.partial(indexer_scores_xla, act=c["act"]))(q, w, keys, lens)
-            e, mask_ok, nan = rel_err(out, ref)
-            ex, _, _ = rel_err(xla, ref)
-            tol = 1e-5
-            ok = e < tol and mask_ok and not nan
-            res.append(dict(case=name, rel_err=e, xla_rel_err=ex, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
-            log(f"check {name}: rel_err {e:.2e} (xla {ex:.2e}) masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
-        except Exception as ex_:  # noqa: BLE001
-            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
-            log(f"check {name}: ERROR {ex_!r}"[:3000])
-            traceback.print_exc()
+        ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
+        _checked(res, f"indexer b{c['b']} m{c['m']} h{c['h']} d{c['d']} n{c['n']} {jnp.dtype(c['qd']).name} {c['act']}",
+                 _indexer_measure, "pallas", (q, w, keys, lens), ref, c["act"], None, icfg)
     # page-blocked keys (P = 64), the Mosaic GPU kernel and the paged Triton kernel: ragged lengths, a partial
     # last block, f32 q
     mcases = [dict(b=2, n=65536 + 64, qd=jnp.bfloat16, act="none"), dict(b=8, n=4096, qd=jnp.bfloat16, act="none"),
@@ -267,25 +317,11 @@ def run_checks(chosen=None):
     for c in mcases:
         key, sub = jax.random.split(key)
         q, w, keys, lens = indexer_inputs(sub, c["b"], 1, 64, 128, c["n"], c["qd"], ragged=True)
-        pages = block_index_keys(keys, 64)
         ref = indexer_scores_reference(q, w, keys, lens, act=c["act"])
+        pages = block_index_keys(keys, 64)
         for impl in ("mosaic", "pallas"):
-            name = f"indexer {impl} b{c['b']} h64 d128 n{c['n']} pages64 {jnp.dtype(c['qd']).name} {c['act']}"
-            try:
-                if impl == "mosaic":
-                    from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic as fn  # lazy: see indexer_case
-                else:
-                    fn = indexer_scores_pallas
-                out = jax.jit(functools.partial(fn, act=c["act"], page_entries=64))(q, w, pages, lens)
-                e, mask_ok, nan = rel_err(out, ref)
-                tol = 1e-5
-                ok = e < tol and mask_ok and not nan
-                res.append(dict(case=name, rel_err=e, masks_equal=mask_ok, nan=nan, tol=tol, ok=ok))
-                log(f"check {name}: rel_err {e:.2e} masks {mask_ok} nan {nan} -> {'OK' if ok else 'FAIL'}")
-            except Exception as ex_:  # noqa: BLE001
-                res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
-                log(f"check {name}: ERROR {ex_!r}"[:3000])
-                traceback.print_exc()
+            _checked(res, f"indexer {impl} b{c['b']} h64 d128 n{c['n']} pages64 {jnp.dtype(c['qd']).name} {c['act']}",
+                     _indexer_measure, impl, (q, w, pages, lens), ref, c["act"], 64, {})
     acases = [
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None),
         dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3),
@@ -297,61 +333,26 @@ def run_checks(chosen=None):
         dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None, kv="fp8"),
         dict(b=40, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, splits=None, kv="fp8"),
         dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.float32, splits=3, kv="fp8"),
+        # the Mosaic GPU kernel (bf16 q and kv, 64 heads): one split per CTA pair (batch 64) and several
+        dict(b=3, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, impl="mosaic"),
+        dict(b=8, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, impl="mosaic"),
+        dict(b=64, h=64, d=512, n=4096, k=512, w=128, dt=jnp.bfloat16, qd=jnp.bfloat16, impl="mosaic"),
+        dict(b=2, h=64, d=512, n=2000, k=300, w=100, dt=jnp.bfloat16, qd=jnp.bfloat16, impl="mosaic"),
     ]
     for c in acases:
         key, sub = jax.random.split(key)
         kvd = c.get("kv", "bf16")
-        rd = dict(rope_dim=ROPE_DIM) if kvd == "fp8" else {}
         q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], c["h"], c["d"], c["n"], c["k"], c["w"], c["dt"], 0.2,
                                                      kv_dtype=kvd)
         q = q.astype(c["qd"])
         idx = idx.at[0, :17].set(idx[0, 0])          # duplicates
         idx = idx.at[-1].set(-1)                      # a request with only window entries
         wl = wl.at[0].set(c["w"] // 3)
-        scale = c["d"] ** -0.5
-        name = f"attention b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} {kvd if kvd == 'fp8' else jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name} splits {c['splits']}{' fused' if c.get('fused') else ''}"
-        try:
-            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=scale, **rd)
-            acfg_c = dict(acfg, **({"n_splits": c["splits"]} if c["splits"] else {}),
-                          **({"fused_combine": True} if c.get("fused") else {}))
-            po, pl_ = jax.jit(functools.partial(sparse_attention_pallas, scale=scale, **rd, **acfg_c))(
-                q, kv, idx, win, wl, sink)
-            xo, _ = jax.jit(functools.partial(sparse_attention_xla, scale=scale, **rd))(q, kv, idx, win, wl, sink)
-            e, _, nan = rel_err(po, ro)
-            el, _, nan2 = rel_err(pl_, rl)
-            ex, _, _ = rel_err(xo, ro)
-            tol = 1e-2 if c["dt"] == jnp.bfloat16 and c["qd"] == jnp.bfloat16 else 1e-5
-            ok = e < tol and el < tol and not nan and not nan2
-            res.append(dict(case=name, rel_err=e, lse_rel_err=el, xla_rel_err=ex, nan=nan or nan2, tol=tol, ok=ok))
-            log(f"check {name}: out {e:.2e} lse {el:.2e} (xla {ex:.2e}) nan {nan or nan2} -> {'OK' if ok else 'FAIL'}")
-        except Exception as ex_:  # noqa: BLE001
-            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
-            log(f"check {name}: ERROR {ex_!r}"[:3000])
-            traceback.print_exc()
-    # the Mosaic GPU attention kernel (bf16 q and kv, 64 heads): duplicates, a window-only request, a ragged
-    # window, one split per CTA pair (batch 64) and several (batch 3 / 8), a partial last top-k block
-    mcases = [dict(b=3, n=4096, k=512, w=128), dict(b=8, n=4096, k=512, w=128), dict(b=64, n=4096, k=512, w=128),
-              dict(b=2, n=2000, k=300, w=100)]
-    for c in mcases:
-        key, sub = jax.random.split(key)
-        q, kv, idx, win, wl, sink = attention_inputs(sub, c["b"], 64, 512, c["n"], c["k"], c["w"], jnp.bfloat16, 0.2)
-        idx = idx.at[0, :17].set(idx[0, 0]).at[-1].set(-1)
-        wl = wl.at[0].set(c["w"] // 3)
-        name = f"attention mosaic b{c['b']} h64 d512 k{c['k']} w{c['w']} bfloat16/bfloat16"
-        try:
-            from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: see attention_case
-            ro, rl = sparse_attention_reference(q, kv, idx, win, wl, sink, scale=512 ** -0.5)
-            mo, ml = jax.jit(functools.partial(sparse_attention_mosaic, scale=512 ** -0.5))(q, kv, idx, win, wl, sink)
-            e, _, nan = rel_err(mo, ro)
-            el, _, nan2 = rel_err(ml, rl)
-            tol = 1e-2
-            ok = e < tol and el < tol and not nan and not nan2
-            res.append(dict(case=name, rel_err=e, lse_rel_err=el, nan=nan or nan2, tol=tol, ok=ok))
-            log(f"check {name}: out {e:.2e} lse {el:.2e} nan {nan or nan2} -> {'OK' if ok else 'FAIL'}")
-        except Exception as ex_:  # noqa: BLE001
-            res.append(dict(case=name, ok=False, error=repr(ex_)[:2000]))
-            log(f"check {name}: ERROR {ex_!r}"[:3000])
-            traceback.print_exc()
+        name = (f"attention {c.get('impl', 'pallas')} b{c['b']} h{c['h']} d{c['d']} k{c['k']} w{c['w']} "
+                f"{kvd if kvd == 'fp8' else jnp.dtype(c['dt']).name}/{jnp.dtype(c['qd']).name}")
+        if "impl" not in c:
+            name += f" splits {c['splits']}{' fused' if c.get('fused') else ''}"
+        _checked(res, name, _attention_measure, c, (q, kv, idx, win, wl, sink), kvd, acfg)
     return res
 
 
@@ -542,29 +543,27 @@ def topk_rows(seed, b, n, k):
     return jnp.asarray(np.stack(out))
 
 
+def _topk_measure(x, k, cfg, ref):
+    """The compiled top-k kernel against lax.top_k's (values, indices): same indices, bitwise-same values."""
+    pv, pi = (np.asarray(a) for a in jax.jit(_topk_fn("pallas", k, cfg))(x))
+    rv, ri = (np.asarray(a) for a in ref)
+    same_idx = bool(np.array_equal(pi, ri))
+    same_val = bool(np.array_equal(pv.view(np.int32), rv.view(np.int32)))
+    bad_rows = [int(r) for r in np.nonzero(np.any(pi != ri, axis=1))[0]]
+    return dict(kernel="topk", same_indices=same_idx, same_values=same_val, bad_rows=bad_rows[:16],
+                ok=same_idx and same_val)
+
+
 def run_topk_checks(cases):
     """The compiled top-k kernel (both digit layouts; int8 one-hots) against lax.top_k: identical indices,
     bitwise-identical values."""
     res = []
     for b, n, k in cases:
         x = topk_rows(b * n + k, b, n, k)
-        rv, ri = jax.lax.top_k(x, k)
+        ref = jax.lax.top_k(x, k)
         for cfg in [dict(digits=d) for d in DIGIT_SETS] + [dict(digits=DIGIT_SETS[1], onehot="int8")]:
             name = f"topk b{b} n{n} k{k} digits {'/'.join(map(str, cfg['digits']))} {cfg.get('onehot', 'bf16')}"
-            try:
-                pv, pi = jax.jit(_topk_fn("pallas", k, cfg))(x)
-                same_idx = bool(np.array_equal(np.asarray(pi), np.asarray(ri)))
-                same_val = bool(np.array_equal(np.asarray(pv).view(np.int32), np.asarray(rv).view(np.int32)))
-                bad_rows = [int(r) for r in np.nonzero(np.any(np.asarray(pi) != np.asarray(ri), axis=1))[0]]
-                ok = same_idx and same_val
-                res.append(dict(case=name, kernel="topk", same_indices=same_idx, same_values=same_val,
-                                bad_rows=bad_rows[:16], ok=ok))
-                log(f"check {name}: indices {same_idx} values {same_val} bad rows {bad_rows[:16]} -> "
-                    f"{'OK' if ok else 'FAIL'}")
-            except Exception as ex_:  # noqa: BLE001
-                res.append(dict(case=name, kernel="topk", ok=False, error=repr(ex_)[:2000]))
-                log(f"check {name}: ERROR {ex_!r}"[:3000])
-                traceback.print_exc()
+            _checked(res, name, _topk_measure, x, k, cfg, ref)
     return res
 
 
