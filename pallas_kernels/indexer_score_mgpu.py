@@ -137,7 +137,10 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
                                         k_bars.at[slot])
             plgpu.copy_gmem_to_smem(scale_rows.at[b, pl.ds(page0, ppb)], s_bytes.at[slot], k_bars.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar)
+    # one TMA per [H, D] query part: a batched [2, H, D] copy with the (8, 64) tiling is a 6-D strided copy at
+    # batch > 1, past TMA's 5 (found by compiling for sm_90a: benchmarks/aot_kernels.py)
+    for i in range(2 if split else 1):
+        plgpu.copy_gmem_to_smem(q_ref.at[b, i] if split else q_ref.at[b], q_smem.at[i] if split else q_smem, q_bar)
     plgpu.copy_gmem_to_smem(w_ref.at[b], w_smem, q_bar)
     for j in range(stages):            # prologue: fill the ring
         issue(j, j)
@@ -247,7 +250,7 @@ def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: 
         k_smem=plgpu.SMEM((st, bn, d), jnp.uint8, transforms=(plgpu.SwizzleTransform(d),)),
         s_smem=s_bytes if interp else plgpu.RefUnion(s_bytes, plgpu.SMEM((st, bn), jnp.float32)),
         o_smem=plgpu.SMEM((2, bn), jnp.float32),
-        q_bar=plgpu.Barrier(num_arrivals=2),
+        q_bar=plgpu.Barrier(num_arrivals=3 if split else 2),              # the q part(s) and the weights
         k_bars=plgpu.Barrier(num_arrivals=ppb + 1, num_barriers=st),   # ppb key copies + 1 scale copy
     )
     if interp:   # the bf16 key tile and q^T (hi, lo) as wgmma operands in SMEM, see the kernel's docstring

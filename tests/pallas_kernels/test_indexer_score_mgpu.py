@@ -90,8 +90,9 @@ def _abstract(b, h, d, p, n, qdtype=jnp.bfloat16):
 
 
 @pytest.mark.parametrize("b,n,qdtype,act", [(1, 65536, jnp.bfloat16, "none"), (8, 65536, jnp.bfloat16, "none"),
-                                            (1, 262144, jnp.bfloat16, "sigmoid"), (1, 65536, jnp.float32, "none")],
-                         ids=["b1_64k", "b8_64k", "b1_256k_sigmoid", "b1_64k_q_f32"])
+                                            (1, 262144, jnp.bfloat16, "sigmoid"), (1, 65536, jnp.float32, "none"),
+                                            (8, 65536, jnp.float32, "none")],
+                         ids=["b1_64k", "b8_64k", "b1_256k_sigmoid", "b1_64k_q_f32", "b8_64k_q_f32"])
 def test_lowers_to_mosaic_gpu_for_v4_shapes(b, n, qdtype, act):
     f = jax.jit(functools.partial(indexer_scores_mosaic, page_entries=64, act=act))
     try:
