@@ -56,15 +56,21 @@ def _choose(op: str, impl: str, interpret: bool, dim: int, rope_dim: int | None 
     return _pick(op, impl, interpret, rope_dim is None and _pow2_dim(dim), impls)
 
 
+def backend() -> str:
+    """The backend the dispatch picks for: JAX's default one. (`benchmarks/aot_kernels.py` compiles the model
+    for a GPU target from a CPU process and points this at "gpu" for that.)"""
+    return jax.default_backend()
+
+
 def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool, impls: tuple = IMPLS) -> str:
     """`kernel_fits`: the shapes suit the Pallas kernel (else "auto" takes the XLA path even on a GPU);
     `impls`: the op's choices. A kernel ("pallas", "mosaic") needs a GPU unless interpreted."""
     if impl not in impls:
         raise ValueError(f"{op}: impl must be one of {impls}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and kernel_fits else "xla"
-    if impl != "xla" and not interpret and jax.default_backend() != "gpu":
-        raise ValueError(f"{op}(impl={impl!r}) needs a GPU backend (found {jax.default_backend()!r}); "
+        return "pallas" if backend() == "gpu" and kernel_fits else "xla"
+    if impl != "xla" and not interpret and backend() != "gpu":
+        raise ValueError(f"{op}(impl={impl!r}) needs a GPU backend (found {backend()!r}); "
                          "pass interpret=True to run the kernel in interpret mode, or impl='xla'")
     return impl
 
