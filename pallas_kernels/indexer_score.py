@@ -48,20 +48,21 @@ def _load_page_block(k_ref, b, start, block_n: int, page_entries: int, d: int, l
     """Entries start .. start + block_n - 1 of page-blocked keys ([B, n_pages, P * (D + 4)]) -> (bf16
     [block_n, D], scale float32 [block_n]). The block is `ppb` whole pages (block_n a multiple of P) or a
     run of `epp` entries inside one page (P a multiple of block_n): either way one contiguous run of fp8
-    bytes per page (16-byte aligned, see `fm_jax.layers.key_pages`) and one of scale bytes. Entries at or
-    past `len_max` (<= N) are not read."""
+    bytes per page (16-byte aligned, see `fm_jax.layers.key_pages`) and one of scale bytes.
+
+    The mask is per page part, not per entry: a part whose first entry is below `len_max` (<= N, so the page
+    exists) is read whole, one past it not at all. A per-entry mask (the byte's entry below `len_max`) made
+    Triton load every byte on its own (132 ``ld.global.b8`` per thread in the sm_90a PTX, against 8
+    ``ld.global.v4.b32`` with this mask: `benchmarks/aot_kernels.py`). The entries of a live part past `len_max`
+    are stale bytes, possibly NaN codes; each only reaches its own output entry, which the caller masks."""
     ppb, epp = max(1, block_n // page_entries), min(block_n, page_entries)
     page0, off = start // page_entries, start % page_entries
     pages = pl.ds(page0, ppb)
+    live = (start + jnp.arange(ppb, dtype=jnp.int32) * epp < len_max)[:, None]     # [ppb, 1]: part is read
 
-    def live(width):   # [ppb, epp * width]: the entry of each byte is below len_max
-        ent = (start + jnp.arange(ppb, dtype=jnp.int32)[:, None] * epp
-               + jnp.arange(epp * width, dtype=jnp.int32)[None, :] // width)
-        return ent < len_max
-
-    kb = compat.load(k_ref.at[b, pages, pl.ds(off * d, epp * d)], mask=live(d), other=0)
+    kb = compat.load(k_ref.at[b, pages, pl.ds(off * d, epp * d)], mask=live, other=0)
     kf = jax.lax.bitcast_convert_type(kb.reshape(block_n, d), FP8).astype(jnp.bfloat16)        # exact
-    sb = compat.load(k_ref.at[b, pages, pl.ds(page_entries * d + off * 4, epp * 4)], mask=live(4), other=0)
+    sb = compat.load(k_ref.at[b, pages, pl.ds(page_entries * d + off * 4, epp * 4)], mask=live, other=0)
     return kf, _scale_from_bytes(sb.reshape(block_n, 4))
 
 

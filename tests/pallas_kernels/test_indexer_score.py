@@ -219,6 +219,28 @@ def test_page_blocked_keys(p, cfg, qdtype):
     assert np.all(np.asarray(out)[2, 41:] == -np.inf) and np.all(np.isfinite(np.asarray(out)[2, :41]))
 
 
+@pytest.mark.parametrize("p,cfg", [(8, dict(block_n=16, blocks_per_program=2)), (64, dict(block_n=32)),
+                                   (16, dict(block_n=16, heads_major=True))], ids=["p8", "p64_half_page", "p16_hm"])
+@pytest.mark.parametrize("act", ["none", "sigmoid"])
+def test_page_blocked_nan_bytes_past_the_length_stay_out(p, cfg, act):
+    # the paged loads read a page part whole once its first entry is live (the kernel's docstring): entries past
+    # a request's length are then read too. Fill them with NaN codes (fp8 0xFF, scale bytes 0xFF) and check
+    # every output equals the reference's, the masked ones included
+    q, w, k, lens = _inputs(40 + p, jnp.bfloat16)
+    k = np.array(k)
+    for r, n_live in enumerate(np.asarray(lens)):
+        k[r, n_live:] = 0xFF
+    pages, rows = _paged(jnp.asarray(k), p)
+    out = _kernel(act, page_entries=p, **cfg)(q, w, pages, lens)
+    ref = _ref(act)(q, w, rows, lens)
+    for r, n_live in enumerate(np.asarray(lens)):
+        masked = np.asarray(out)[r, n_live:]
+        assert np.all(masked == (0.0 if act == "sigmoid" else -np.inf)), r
+        assert np.all(np.isfinite(np.asarray(out)[r, :n_live])), r
+    assert_scores_close(out, ref, RTOL_F32, act=act, ref_logits=_ref("none")(q, w, rows, lens) if act == "sigmoid"
+                        else None)
+
+
 @pytest.mark.parametrize("p", [8, 64])
 def test_page_blocked_multi_query_sigmoid_extremes(p):
     q, w, k, lens = _inputs(20 + p, jnp.float32, multi=3, extremes=True)
