@@ -6,6 +6,7 @@ Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
   because ``jax_pallas_use_mosaic_gpu`` defaults to True in these releases;
 - masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7); atomics and
   the CTA barrier live in the same module.
+- Mosaic GPU's default lowering semantics changed from lane to warpgroup in 0.11 (`mosaic_compiler_params`).
 Also the one small launch helper every kernel wrapper shares (`next_pow2`).
 """
 from __future__ import annotations
@@ -44,6 +45,15 @@ debug_barrier = _pick("debug_barrier")  # a CTA-wide barrier (bar.sync), despite
 def next_pow2(x: int) -> int:
     """The smallest power of two >= x (1 for x <= 1): Triton tile sizes."""
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def mosaic_compiler_params():
+    """Mosaic GPU compiler params shared by the Mosaic kernels: exact math, and *lane* lowering semantics pinned.
+    The default changed from lane (jax 0.10.2) to warpgroup (0.11.2), whose layout inference fails on the
+    attention kernel's padded staging ring (IndexError in `_conjure_transforms_for_smem_ref`, found by compiling
+    for sm_90a under jax 0.11.2: `benchmarks/aot_kernels.py`); the kernels are written and tested for lane."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu   # lazy: Mosaic GPU's import is heavy
+    return plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def gpu_interpret_params():

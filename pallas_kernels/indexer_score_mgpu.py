@@ -262,7 +262,7 @@ def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: 
         grid=(b, cfg["chunks"]),
         grid_names=("batch", "chunk"),
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=False),
+        compiler_params=compat.mosaic_compiler_params(),
         interpret=interpret or None,
     )
     return call(lengths.astype(jnp.int32), weights.astype(jnp.float32), qk, k_rows)

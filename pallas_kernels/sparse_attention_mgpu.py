@@ -326,7 +326,7 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
         num_threads=WARPGROUPS,
         thread_name="wg",
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=False),
+        compiler_params=compat.mosaic_compiler_params(),
         interpret=interpret or None,
     )
     acc, m, l = call(rows, q, kv.reshape(*kv.shape[:2], n_tma, d // n_tma), win.reshape(*win.shape[:2], n_tma, -1))
