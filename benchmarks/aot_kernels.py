@@ -85,6 +85,32 @@ def parse_ptxas(text: str) -> list[dict]:
     return out
 
 
+_PTX_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
+_PTX_GLOBAL = re.compile(r"\b(ld|st)\.global(?:\.nc)?((?:\.v[248])?\.[bfsu](?:8|16|32|64))\b")
+_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\b[^;]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*[,;]")
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """Static counts of the global-memory instructions per entry function of a PTX module: ``ld`` / ``st`` by
+    width (``"ld.b8"``, ``"ld.v4.b32"``, ...), ``cp.async`` by bytes (``"cp.async.16"``) and TMA copies
+    (``"tma"``). Not executed counts (loops run many times), but they show whether a kernel reads its data in
+    16-byte vectors or byte by byte."""
+    out, starts = {}, [(m.start(), m.group(1)) for m in _PTX_ENTRY.finditer(ptx)]
+    for i, (pos, name) in enumerate(starts):
+        body = ptx[pos: starts[i + 1][0] if i + 1 < len(starts) else len(ptx)]
+        counts: dict = {}
+        for op, width in _PTX_GLOBAL.findall(body):
+            key = f"{op}{width}"
+            counts[key] = counts.get(key, 0) + 1
+        for size in _PTX_CP_ASYNC.findall(body):
+            key = f"cp.async.{int(size, 0)}"
+            counts[key] = counts.get(key, 0) + 1
+        if n_tma := len(re.findall(r"\bcp\.async\.bulk\.tensor\b", body)):
+            counts["tma"] = n_tma
+        out[name] = dict(sorted(counts.items()))
+    return out
+
+
 def find_ptxas() -> str:
     """The ptxas of the CUDA wheels beside jax (the one XLA itself uses), else the one on PATH."""
     try:
@@ -193,6 +219,27 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="comma-separated kernel prefixes (default: all)")
     args = ap.parse_args()
     scratch = _setup_env()
+    try:
+        rows = compile_cases([c for c in args.cases.split(",") if c], scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    import jax
+    payload = {"target": "sm_90a (H100 target description, deviceless: nothing ran)",
+               "jax": jax.__version__, "cuda_plugin": _plugin_version(), "ptxas": _ptxas_version(),
+               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+               "note": ("with jax >= 0.11 the Triton kernels have no entries: from 0.11 on Pallas' Triton kernels "
+                        "are compiled to PTX on the device when first run, so here they are only lowered"),
+               "rows": rows}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(payload, fh, indent=1)
+    if not all(r["compiled"] for r in rows):
+        sys.exit(1)
+
+
+def compile_cases(select: list[str], scratch: str) -> list[dict]:
+    """Compile each selected case for the H100 target; one row per case with what ptxas reported per kernel."""
     import jax
     from jax.experimental import topologies
     try:
@@ -200,46 +247,55 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - no plugin, or a jax without deviceless GPU topologies
         sys.exit(f"aot_kernels: no deviceless CUDA topology ({type(e).__name__}: {e}); install the CUDA plugin "
                  f"(module docstring)")
-    sharding = jax.sharding.NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), jax.sharding.PartitionSpec())
+    mesh = topologies.make_mesh(topo, (1,), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # the dispatch picks kernels for the backend it runs on; here that is the CPU, the target a GPU
     from pallas_kernels import dispatch
     dispatch.backend = lambda: "gpu"
-    ptxas = find_ptxas()
-    ptxas_version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    rows, seen_xla, seen_mosaic = [], set(), set()
-    for name, params, fn, abstract in cases([c for c in args.cases.split(",") if c]):
+    rows, seen = [], set()
+    for name, params, fn, abstract in cases(select):
         sharded = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
         row = {"kernel": name, **params}
         try:
-            jax.jit(fn).lower(*sharded).compile()
+            # the abstract mesh names the target device: Pallas' Triton lowering asks it for the compute
+            # capability from jax 0.11 on (it otherwise looks for a local GPU)
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                jax.jit(fn).lower(*sharded).compile()
             row["compiled"] = True
         except Exception as e:  # noqa: BLE001 - the failure is the finding: record it and go on
             row.update(compiled=False, error=f"{type(e).__name__}: {str(e)[:4000]}")
-        entries = []
-        # XLA's modules, Triton kernels included
-        for ptx in _new_files(os.path.join(scratch, "xla", "*.ptx"), seen_xla):
-            entries += [e for e in ptxas_report(ptxas, ptx) if "ptxas_error" in e or not _is_xla_fusion(e["name"])]
-        for rep in _new_files(os.path.join(scratch, "mosaic", "*.ptxas"), seen_mosaic):
-            with open(rep) as fh:
-                entries += parse_ptxas(fh.read())
-        _new_files(os.path.join(scratch, "xla", "*"), seen_xla)
-        _new_files(os.path.join(scratch, "mosaic", "*"), seen_mosaic)
-        row["entries"] = entries
+        row["entries"] = _kernel_reports(scratch, seen)
         rows.append(row)
         summary = ", ".join(f"{e['name']}: {e.get('registers')} regs, {e.get('spill_store_bytes')} B spilled"
-                            for e in entries) or row.get("error", "")[:300]
+                            for e in row["entries"]) or row.get("error", "")[:300]
         print(f"{'OK  ' if row['compiled'] else 'FAIL'} {name} {params}: {summary}", flush=True)
-    payload = {"target": "sm_90a (H100 target description, deviceless: nothing ran)",
-               "jax": jax.__version__, "cuda_plugin": _plugin_version(),
-               "ptxas": ptxas_version[-1] if ptxas_version else None,
-               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(payload, fh, indent=1)
-    shutil.rmtree(scratch, ignore_errors=True)
-    if not all(r["compiled"] for r in rows):
-        sys.exit(1)
+    return rows
+
+
+def _kernel_reports(scratch: str, seen: set) -> list[dict]:
+    """ptxas figures and global-memory instruction counts of the kernels dumped since the last call: Triton
+    kernels from XLA's PTX (XLA's own fusions left out), Mosaic GPU kernels from their ptxas reports."""
+    ptxas = find_ptxas()
+    entries, mem_ops = [], {}
+    for ptx in _new_files(os.path.join(scratch, "xla", "*.ptx"), seen):
+        entries += [e for e in ptxas_report(ptxas, ptx) if "ptxas_error" in e or not _is_xla_fusion(e["name"])]
+        with open(ptx) as fh:
+            mem_ops.update(ptx_memory_ops(fh.read()))
+    for rep in _new_files(os.path.join(scratch, "mosaic", "*.ptxas"), seen):
+        with open(rep) as fh:
+            entries += parse_ptxas(fh.read())
+        with open(rep[: -len(".ptxas")] + ".ptx") as fh:
+            mem_ops.update(ptx_memory_ops(fh.read()))
+    for e in entries:
+        if e.get("name") in mem_ops:
+            e["global_memory_ops"] = mem_ops[e["name"]]
+    _new_files(os.path.join(scratch, "*", "*"), seen)    # the rest of this case's dumps
+    return entries
+
+
+def _ptxas_version() -> str | None:
+    out = subprocess.run([find_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return out[-1] if out else None
 
 
 def _plugin_version() -> str | None:

@@ -47,6 +47,35 @@ def test_parse_ptxas():
     assert got[2]["smem_static_bytes"] == 1
 
 
+PTX_TEXT = """\
+.visible .entry indexer_scores(
+\t.param .u64 .ptr .global .align 16 indexer_scores_param_0
+)
+{
+\tld.global.v4.b32 \t{ %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+\tld.global.v4.b32 \t{ %r5, %r6, %r7, %r8 }, [ %rd2 + 0 ];
+\tld.global.b8 \t{ %rs1 }, [ %rd3 + 0 ];
+\tld.global.nc.b32 \t%r9, [%rd4];
+\tcp.async.cg.shared.global [ %r85 + 0 ], [ %rd256 + 0 ], 0x10, %r86;
+\tst.global.v2.b32 \t[%rd5], {%r1, %r2};
+}
+.visible .entry anonymous_mosaic_gpu_kernel(
+\t.param .u64 .ptr .align 256 anonymous_mosaic_gpu_kernel_param_0
+)
+{
+\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%r5], [%rd1, {%r6, %r7}], [%r8];
+\tcp.async.bulk.global.shared::cta.bulk_group [%rd145], [%rd146], %r859;
+}
+"""
+
+
+def test_ptx_memory_ops():
+    got = aot_kernels.ptx_memory_ops(PTX_TEXT)
+    assert got == {"indexer_scores": {"cp.async.16": 1, "ld.b32": 1, "ld.b8": 1, "ld.v4.b32": 2, "st.v2.b32": 1},
+                   "anonymous_mosaic_gpu_kernel": {"tma": 2}}
+
+
 def test_xla_fusions_are_told_from_kernels():
     for name in ("loop_broadcast_fusion", "sort_16_0", "gemm_fusion_dot_30", "input_reduce_fusion"):
         assert aot_kernels._is_xla_fusion(name), name
