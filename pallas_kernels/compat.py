@@ -6,11 +6,13 @@ Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
   because ``jax_pallas_use_mosaic_gpu`` defaults to True in these releases;
 - masked loads/stores are ``pallas.triton.load/store`` (``pl.load/store`` were deprecated in 0.7); atomics and
   the CTA barrier live in the same module.
-- Mosaic GPU's default lowering semantics changed from lane to warpgroup in 0.11 (`mosaic_compiler_params`).
+- Mosaic GPU's default lowering semantics changed from lane to warpgroup in 0.11 (`mosaic_compiler_params`);
+- lowering Triton kernels for CUDA without a GPU needs an abstract target device from 0.11 (`lower_for_cuda`).
 Also the one small launch helper every kernel wrapper shares (`next_pow2`).
 """
 from __future__ import annotations
 
+import jax
 from jax.experimental import pallas as pl
 
 try:  # jax >= 0.4.34
@@ -52,8 +54,19 @@ def mosaic_compiler_params():
     The default changed from lane (jax 0.10.2) to warpgroup (0.11.2), whose layout inference fails on the
     attention kernel's padded staging ring (IndexError in `_conjure_transforms_for_smem_ref`, found by compiling
     for sm_90a under jax 0.11.2: `benchmarks/aot_kernels.py`); the kernels are written and tested for lane."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu   # lazy: Mosaic GPU's import is heavy
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: Mosaic GPU's import is heavy
     return plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def lower_for_cuda(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """``jax.jit(fn)`` lowered for CUDA from a process without a GPU (CPU tests of the GPU lowering). From jax 0.11
+    Pallas' Triton lowering asks the abstract mesh for the target GPU (before, it left the target to XLA), so the
+    lowering runs under a one-device abstract mesh naming `device_kind`."""
+    target = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    # Auto axes, as a plain jit has (0.11's default for an AbstractMesh is Explicit: sharding in types)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=target)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def gpu_interpret_params():

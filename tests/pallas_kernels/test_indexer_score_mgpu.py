@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fm_jax.layers.key_pages import block_index_keys
+from pallas_kernels import compat
 from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic, plan
 from pallas_kernels.reference import indexer_scores_reference
 from tests.pallas_kernels.test_indexer_score import RTOL_F32, assert_scores_close, packed_keys
@@ -94,9 +95,9 @@ def _abstract(b, h, d, p, n, qdtype=jnp.bfloat16):
                                             (8, 65536, jnp.float32, "none")],
                          ids=["b1_64k", "b8_64k", "b1_256k_sigmoid", "b1_64k_q_f32", "b8_64k_q_f32"])
 def test_lowers_to_mosaic_gpu_for_v4_shapes(b, n, qdtype, act):
-    f = jax.jit(functools.partial(indexer_scores_mosaic, page_entries=64, act=act))
+    f = functools.partial(indexer_scores_mosaic, page_entries=64, act=act)
     try:
-        low = f.trace(*_abstract(b, 64, 128, 64, n, qdtype)).lower(lowering_platforms=("cuda",))
+        low = compat.lower_for_cuda(f, *_abstract(b, 64, 128, 64, n, qdtype))
     except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
         pytest.skip(f"no cross-platform lowering in this jax: {e}")
     assert low.as_text().count("custom_call @mosaic_gpu") == 1

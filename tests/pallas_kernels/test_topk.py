@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, topk, topk_reference, topk_xla
+from pallas_kernels import compat, dispatch, topk, topk_reference, topk_xla
 from pallas_kernels.topk import default_config as topk_config
 from pallas_kernels.topk import topk_pallas
 
@@ -141,9 +141,9 @@ def test_dispatch_choice(monkeypatch):
 def test_lowers_to_triton_without_a_gpu(digits, onehot):
     # the GPU path (masked atomics, no spare column) through Pallas' Triton lowering: catches primitives
     # without a Triton rule in CI (with jaxlib <= 0.10.2 Triton's own compile to PTX happens only on the GPU)
-    f = jax.jit(functools.partial(topk_pallas, k=512, digits=digits, onehot=onehot))
+    f = functools.partial(topk_pallas, k=512, digits=digits, onehot=onehot)
     try:
-        low = f.trace(jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32)).lower(lowering_platforms=("cuda",))
+        low = compat.lower_for_cuda(f, jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32))
     except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
         pytest.skip(f"no cross-platform lowering in this jax: {e}")
     text = low.as_text()   # jaxlib <= 0.10.2 leaves the Triton compile to XLA, later ones compile here
@@ -157,9 +157,9 @@ def test_no_integer_vector_atomics_in_the_triton_ir(monkeypatch, capsys):
     from jax.experimental import pallas as pl
     topk_mod = importlib.import_module("pallas_kernels.topk")
     monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))   # prints the TTIR
-    f = jax.jit(functools.partial(topk_mod.topk_pallas, k=512))
+    f = functools.partial(topk_mod.topk_pallas, k=512)
     try:
-        f.trace(jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32)).lower(lowering_platforms=("cuda",))
+        compat.lower_for_cuda(f, jax.ShapeDtypeStruct((3, 20000 + 37), jnp.float32))
     except TypeError as e:  # pragma: no cover - a jax without cross-platform lowering
         pytest.skip(f"no cross-platform lowering in this jax: {e}")
     atomics = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
