@@ -52,8 +52,8 @@ def _load_page_block(k_ref, b, start, block_n: int, page_entries: int, d: int, l
 
     The mask is per page part, not per entry: a part whose first entry is below `len_max` (<= N, so the page
     exists) is read whole, one past it not at all. A per-entry mask (the byte's entry below `len_max`) made
-    Triton load every byte on its own (132 ``ld.global.b8`` per thread in the sm_90a PTX, against 8
-    ``ld.global.v4.b32`` with this mask: `benchmarks/aot_kernels.py`). The entries of a live part past `len_max`
+    Triton load every byte on its own (132 ``ld.global.b8`` per thread in the sm_90a PTX; with this mask the
+    keys come in 16-byte loads: `benchmarks/aot_kernels.py`). The entries of a live part past `len_max`
     are stale bytes, possibly NaN codes; each only reaches its own output entry, which the caller masks."""
     ppb, epp = max(1, block_n // page_entries), min(block_n, page_entries)
     page0, off = start // page_entries, start % page_entries

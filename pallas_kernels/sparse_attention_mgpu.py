@@ -43,8 +43,10 @@ and the row list and the merge are two small
 XLA fusions around the kernel.
 
 Status: checked against the reference in Mosaic GPU interpret mode (CPU; `_kernel`'s ``interp`` variant) and by
-lowering the GPU variant to CUDA for the V4 shapes; not yet compiled or run on a GPU, so the dispatch runs it only
-on request (``sparse_attention(impl="mosaic")``), never under ``impl="auto"``.
+lowering the GPU variant to CUDA for the V4 shapes, and compiled for sm_90a on a CPU with jax 0.10.2 and 0.11.2
+(`benchmarks/results/aot-kernels-sm90a-*.json`: 174 registers with one block per CTA; with several, as the batch-64
+plan has, 255 and a ~0.5 KB spill of the hoisted wgmma descriptors); not yet run on a GPU, so the dispatch runs it
+only on request (``sparse_attention(impl="mosaic")``), never under ``impl="auto"``.
 """
 from __future__ import annotations
 
