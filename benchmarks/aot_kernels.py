@@ -175,7 +175,7 @@ def cases(select: list[str]):
         out.append(("score_triton", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=p),
                     functools.partial(indexer_scores_pallas, page_entries=p), scoring(b, n, qd, p)))
     for b, n, qd, act in [(1, 65536, bf16, "none"), (8, 65536, bf16, "none"), (1, 262144, bf16, "sigmoid"),
-                          (1, 65536, f32, "none"), (8, 65536, f32, "none")]:
+                          (8, 262144, bf16, "none"), (1, 65536, f32, "none"), (8, 65536, f32, "none")]:
         out.append(("score_mosaic", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=64, act=act),
                     functools.partial(indexer_scores_mosaic, page_entries=64, act=act), scoring(b, n, qd, 64)))
     fp8_width = kv_fp8.entry_bytes(512, 64)
@@ -185,7 +185,7 @@ def cases(select: list[str]):
         out.append(("attn_triton", dict(batch=b, kv_dtype="fp8"),
                     functools.partial(sparse_attention_pallas, scale=512 ** -0.5, rope_dim=64),
                     attention(b, width=fp8_width)))
-    for b, d, cfg in [(1, 512, {}), (8, 512, {}), (64, 512, {}), (8, 128, dict(splits=1, stages=3))]:
+    for b, d, cfg in [(1, 512, {}), (8, 512, {}), (32, 512, {}), (64, 512, {}), (8, 128, dict(splits=1, stages=3))]:
         out.append(("attn_mosaic", dict(batch=b, dim=d, kv_dtype="bf16", **cfg),
                     functools.partial(sparse_attention_mosaic, scale=d ** -0.5, **cfg), attention(b, d=d)))
     for b, ctx, kv_dtype, impl in [(1, 65536, "fp8", "pallas"), (8, 65536, "fp8", "pallas"),
