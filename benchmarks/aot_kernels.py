@@ -11,8 +11,8 @@ Needs the CUDA plugin next to jax (a separate environment: it pulls in ~5 GB of 
 dependency of the package or of CI):
 
     python3 -m venv /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
-    pip install "jax[cuda12]==$(python3 -c 'import jax; print(jax.__version__)')" absl-py numpy
-    PYTHONPATH=$PWD python3 benchmarks/aot_kernels.py --out benchmarks/results/aot-kernels-sm90a.json
+    pip install "jax[cuda12]==0.10.2" absl-py numpy        # 0.11.2, the GPU machine's, needs Python >= 3.12
+    PYTHONPATH=$PWD python3 benchmarks/aot_kernels.py --out benchmarks/results/aot-kernels-sm90a-jax0.10.2.json
 
 The script sets the environment it needs (CPU as JAX's default platform, the plugin's CUDA version check off,
 XLA and Mosaic GPU dumping into a scratch folder) before jax is imported. ``--cases`` picks kernels by prefix
