@@ -161,22 +161,26 @@ def cases(select: list[str]):
         keys = s((b, n // p, p * 132), u8) if p else s((b, n, 132), u8)
         return s((b, 64, 128), qd), s((b, 64), f32), keys, s((b,), i32)
 
-    def attention(b, d=512, n=65536, width=None):
-        dt = u8 if width else bf16
-        return (s((b, 64, d), bf16), s((b, n, width or d), dt), s((b, 512), i32), s((b, 128, width or d), dt),
-                s((b,), i32), s((64,), f32))
+    def attention(b, d=512, n=65536, k=512, w=128, width=None, qd=bf16, kvd=bf16, h=64):
+        dt = u8 if width else kvd
+        return (s((b, h, d), qd), s((b, n, width or d), dt), s((b, k), i32), s((b, w, width or d), dt),
+                s((b,), i32), s((h,), f32))
 
+    # V4's shapes, then (marked ragged=True) the awkward shapes of `bench_kernels.py`'s on-device checks
     out = []
-    for b, n in [(1, 65536), (8, 65536), (8, 262144)]:
-        out.append(("topk", dict(batch=b, n_entries=n, topk=512), functools.partial(topk_pallas, k=512),
-                    (s((b, n), f32),)))
+    for b, n, k in [(1, 65536, 512), (8, 65536, 512), (8, 262144, 512), (6, 20037, 512), (3, 300, 64)]:
+        out.append(("topk", dict(batch=b, n_entries=n, topk=k, **_ragged(k != 512 or n % 1024)),
+                    functools.partial(topk_pallas, k=k), (s((b, n), f32),)))
     for b, n, qd, p in [(1, 65536, bf16, 64), (8, 65536, bf16, 64), (1, 262144, bf16, 64), (1, 65536, f32, 64),
-                        (8, 65536, bf16, None)]:
-        out.append(("score_triton", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=p),
+                        (8, 65536, bf16, None), (2, 65600, bf16, 64)]:
+        out.append(("score_triton", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=p,
+                                         **_ragged(n % 1024)),
                     functools.partial(indexer_scores_pallas, page_entries=p), scoring(b, n, qd, p)))
     for b, n, qd, act in [(1, 65536, bf16, "none"), (8, 65536, bf16, "none"), (1, 262144, bf16, "sigmoid"),
-                          (8, 262144, bf16, "none"), (1, 65536, f32, "none"), (8, 65536, f32, "none")]:
-        out.append(("score_mosaic", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=64, act=act),
+                          (8, 262144, bf16, "none"), (1, 65536, f32, "none"), (8, 65536, f32, "none"),
+                          (3, 37 * 64, f32, "sigmoid"), (2, 65600, bf16, "none")]:
+        out.append(("score_mosaic", dict(batch=b, n_entries=n, q_dtype=jnp.dtype(qd).name, page_entries=64, act=act,
+                                         **_ragged(n % 1024)),
                     functools.partial(indexer_scores_mosaic, page_entries=64, act=act), scoring(b, n, qd, 64)))
     fp8_width = kv_fp8.entry_bytes(512, 64)
     for b in (1, 8, 64):
@@ -185,14 +189,25 @@ def cases(select: list[str]):
         out.append(("attn_triton", dict(batch=b, kv_dtype="fp8"),
                     functools.partial(sparse_attention_pallas, scale=512 ** -0.5, rope_dim=64),
                     attention(b, width=fp8_width)))
+    for qd, kvd, h, d, k, w in [(f32, bf16, 64, 512, 300, 100), (f32, f32, 20, 64, 70, 33)]:
+        out.append(("attn_triton", dict(batch=2, heads=h, dim=d, topk=k, window=w, q_dtype=jnp.dtype(qd).name,
+                                        kv_dtype=jnp.dtype(kvd).name, ragged=True),
+                    functools.partial(sparse_attention_pallas, scale=d ** -0.5),
+                    attention(2, d=d, n=2000, k=k, w=w, qd=qd, kvd=kvd, h=h)))
     for b, d, cfg in [(1, 512, {}), (8, 512, {}), (32, 512, {}), (64, 512, {}), (8, 128, dict(splits=1, stages=3))]:
         out.append(("attn_mosaic", dict(batch=b, dim=d, kv_dtype="bf16", **cfg),
                     functools.partial(sparse_attention_mosaic, scale=d ** -0.5, **cfg), attention(b, d=d)))
+    out.append(("attn_mosaic", dict(batch=2, dim=512, topk=300, window=100, kv_dtype="bf16", ragged=True),
+                functools.partial(sparse_attention_mosaic, scale=512 ** -0.5), attention(2, n=2000, k=300, w=100)))
     for b, ctx, kv_dtype, impl in [(1, 65536, "fp8", "pallas"), (8, 65536, "fp8", "pallas"),
                                    (1, 65536, "bf16", "mosaic"), (8, 65536, "bf16", "mosaic")]:
         out.append(("decode_step", dict(batch=b, context=ctx, kv_dtype=kv_dtype, impl=impl, topk_impl="pallas"),
                     *_decode_step(b, ctx, kv_dtype, impl)))
     return [c for c in out if not select or any(c[0].startswith(p) for p in select)]
+
+
+def _ragged(flag) -> dict:
+    return {"ragged": True} if flag else {}
 
 
 def _decode_step(batch: int, context: int, kv_dtype: str, impl: str):
