@@ -11,7 +11,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from fm_jax.layers import kv_fp8
+from fm_jax.layers import key_pages, kv_fp8
 
 KIND_WINDOW, KIND_CSA, KIND_HCA = "window", "csa", "hca"
 
@@ -131,7 +131,7 @@ class ModelConfig:
     def index_page_bytes(self) -> int:
         """Bytes of one page of index keys in the cache's page-blocked layout (`fm_jax.layers.key_pages`):
         page_entries * (index_head_dim + 4), the fp8 values of every entry, then every scale."""
-        return self.page_entries * self.index_key_bytes
+        return key_pages.index_page_bytes(self.page_entries, self.index_head_dim)
 
     @property
     def kv_entry_bytes(self) -> int:

@@ -256,8 +256,7 @@ def prefill_chunked(params, config, tokens, max_len: int, *, chunk: int, lengths
 
     `csa_store` (optional) owns the CSA entries instead of the state: `csa_store.take(layer, start)`
     returns (comp_kv [B, N, kv_row], index_keys [B, N // P, P * (D + 4)]) buffers holding every entry before
-    `start`, and
-    `csa_store.give(layer, start, comp_kv, index_keys)` receives them after the layer wrote the chunk's
+    `start`, and `csa_store.give(layer, start, comp_kv, index_keys)` receives them after the layer wrote the chunk's
     entries. The cache then holds what `csa_store.finish(layers)` leaves in the CSA layers.
     `on_chunk(start, h)` (optional) is called after every chunk with its output residual (benchmarks).
     """

@@ -8,7 +8,7 @@ Checked against jax 0.10.2 (CPU CI) and jax 0.11.2 (the GPU machine):
   the CTA barrier live in the same module.
 - Mosaic GPU's default lowering semantics changed from lane to warpgroup in 0.11 (`mosaic_compiler_params`);
 - lowering Triton kernels for CUDA without a GPU needs an abstract target device from 0.11 (`lower_for_cuda`).
-Also the one small launch helper every kernel wrapper shares (`next_pow2`).
+Also the small helpers the kernel wrappers share (`next_pow2`, the Mosaic kernels' `swizzled_smem`).
 """
 from __future__ import annotations
 
@@ -56,6 +56,16 @@ def mosaic_compiler_params():
     for sm_90a under jax 0.11.2: `benchmarks/aot_kernels.py`); the kernels are written and tested for lane."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: Mosaic GPU's import is heavy
     return plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def swizzled_smem(shape, dtype):
+    """A Mosaic GPU shared-memory tile in the (tiling, swizzle) form TMA writes and wgmma reads: rows swizzled
+    in 128-byte atoms, or the row width when it is narrower."""
+    import jax.numpy as jnp
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: Mosaic GPU's import is heavy
+    sw = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, sw // jnp.dtype(dtype).itemsize)),
+                                                plgpu.SwizzleTransform(sw)))
 
 
 def lower_for_cuda(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):

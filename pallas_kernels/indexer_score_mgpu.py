@@ -45,11 +45,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from fm_jax.layers.key_pages import SCALE_BYTES
 from pallas_kernels import compat
+from pallas_kernels.indexer_score import FP8
 from pallas_kernels.reference import check_indexer_inputs, split_bf16
 
-FP8 = jnp.float8_e4m3fn
-SCALE_BYTES = 4
 TARGET_CTAS = 264   # ~2 CTAs per SM of an H100 / H200 (132 SMs): enough parallel TMA streams at batch 1
 
 
@@ -80,13 +80,6 @@ def plan(batch: int, heads: int, dim: int, n_pages: int, page_entries: int, *, b
     bpc = min(bpc, n_blocks)
     st = max(1, min(stages or 4, bpc))
     return dict(ppb=ppb, block_n=bn, n_blocks=n_blocks, blocks_per_cta=bpc, chunks=-(-n_blocks // bpc), stages=st)
-
-
-def _swizzled(shape, dtype, row_bytes: int):
-    """An SMEM tile in the (tiling, swizzle) form TMA writes and wgmma reads."""
-    sw = min(128, row_bytes)
-    elems = sw // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(sw)))
 
 
 def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, rows_per_page, ppb, n_blocks, bpc,
@@ -232,10 +225,10 @@ def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: 
     if split:   # float32 query: hi + lo bf16 parts (the same split as the XLA path / Triton kernel)
         hi, lo = split_bf16(q)
         qk = jnp.stack([hi, lo], axis=1)                             # [B, 2, H, D]
-        q_scratch = _swizzled((2, h, d), jnp.bfloat16, 2 * d)
+        q_scratch = compat.swizzled_smem((2, h, d), jnp.bfloat16)
     else:
         qk = q
-        q_scratch = _swizzled((h, d), jnp.bfloat16, 2 * d)
+        q_scratch = compat.swizzled_smem((h, d), jnp.bfloat16)
     st, bn, ppb = cfg["stages"], cfg["block_n"], cfg["ppb"]
     srows = rows_per_page - p
     if interpret is True:

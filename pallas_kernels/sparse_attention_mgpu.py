@@ -298,10 +298,7 @@ def sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, *, 
     kernel = functools.partial(_kernel, d=d, dv=dv, n_wg=WARPGROUPS, bk=bk, bps=bps, stages=st, n_wb=cfg["n_wblocks"],
                                scale=scale, interp=interp)
 
-    def tiled(shape):      # the (tiling, swizzle) form wgmma reads: 128-byte swizzle, or the row width if narrower
-        sw = min(128, 2 * shape[-1])
-        return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, sw // 2)),
-                                                           plgpu.SwizzleTransform(sw)))
+    tiled = functools.partial(compat.swizzled_smem, dtype=jnp.bfloat16)   # wgmma operands
     scratch = dict(
         rows_smem=plgpu.SMEM((bps, bk), jnp.int32),
         q_smem=tiled((h, d)),
