@@ -631,6 +631,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few sizes (smoke run)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
+    ap.add_argument("--topk-sweep", action="store_true", help="top-k's alternative configs also under --quick")
+    ap.add_argument("--attention-impls", default="pallas,xla,mosaic",
+                    help="attention rows: which of pallas, xla, mosaic (a kernel that faults poisons the process)")
     ap.add_argument("--kv-dtypes", default="bf16,fp8", help="attention rows: bf16 and/or fp8 (packed 584-byte rows)")
     ap.add_argument("--step-cases", default="1:32768,1:131072,8:32768,8:131072",
                     help="step section: batch:context pairs, comma separated")
@@ -722,15 +725,20 @@ def main():
         save()
 
     if "attention" in sections:
+        attn_impls = set(args.attention_impls.split(","))
+        if attn_impls - {"pallas", "xla", "mosaic"}:
+            raise SystemExit(f"--attention-impls: unknown {sorted(attn_impls - {'pallas', 'xla', 'mosaic'})}")
         bs = (1, 8, 32, 64) if not args.quick else (8, 64)
         for kvd in args.kv_dtypes.split(","):
             if kvd not in ("bf16", "fp8"):
                 raise SystemExit(f"--kv-dtypes: unknown kv dtype {kvd!r} (bf16, fp8)")
             for b in bs:
-                add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"],
-                    kv_dtype=kvd)
-                add(attention_case, b, "xla", kv_dtype=kvd)
-                if kvd == "bf16":   # the Mosaic GPU kernel (bf16 kv only; explicit opt-in, impl="mosaic")
+                if "pallas" in attn_impls:
+                    add(attention_case, b, "pallas", cfg=chosen["attention_small" if b <= 8 else "attention_large"],
+                        kv_dtype=kvd)
+                if "xla" in attn_impls:
+                    add(attention_case, b, "xla", kv_dtype=kvd)
+                if kvd == "bf16" and "mosaic" in attn_impls:   # the Mosaic GPU kernel (bf16 kv only)
                     add(attention_case, b, "mosaic", kv_dtype=kvd)
     if "indexer" in sections:
         hs, ns, bs = (64, 128), (16384, 65536, 262144), (1, 8, 32)
@@ -779,7 +787,7 @@ def main():
         shapes = [(b, n) for n in (8192, 65536, 262144) for b in (1, 8, 32)]
         checks = [(1, 65536, 512), (8, 65536, 512), (8, 262144, 512), (6, 20000 + 37, 512), (3, 300, 64),
                   (2, 200, 64), (32, 8192, 512), (32, 262144, 512)]     # (2, 200): one program per row
-        sweep = not args.quick
+        sweep = not args.quick or args.topk_sweep
         if args.quick:                # the three target shapes
             shapes, checks = [(1, 65536), (8, 65536), (8, 262144)], checks[:4]
         if args.tiny or jax.default_backend() != "gpu":   # CPU dry run: the kernel in interpret mode

@@ -9,16 +9,18 @@ block (4x at H = 64), and it reaches ~0.33 of the roofline at batch 64. Here one
 tile) and reads each row of its share once.
 
 Gather. Hopper has no TMA gather, so each row moves by its own TMA copy (a TMA box has at most 256 elements per
-dimension, so the row is viewed as a ``[D / 256, 256]`` box) into a *staging* ring slot ``[block_k, D + 8]``. A
+dimension, so the row is viewed as a ``[D / 256, 256]`` box) into a *staging* ring slot ``[block_k, D + 64]``. A
 TMA box lands densely, so no copy can produce the wgmma operand layout (its 8-row x 128-byte swizzle atoms hold 8
 different rows). Per block the CTA therefore loads the staged rows into registers in 64-column chunks (WGMMA layout)
 and stores them into one tiled, 128-byte swizzled ``k_tile [block_k, D]``, which both matmuls read from SMEM:
 ``S = q [H, D] . k_tile^T`` and ``acc += P [H, block_k] . k_tile[:, dv slice]`` (P goes through SMEM as bf16).
-The row pad of 8 bf16 (16 bytes) staggers the staged rows over the SMEM banks: without it every row starts on
-the same bank and Mosaic finds no bank-conflict-free transfer for a column chunk (a swizzled staging buffer would
-need rows of exactly 128 bytes). Pipelining: ``k_tile`` is the second buffer, so as soon as a block is moved out
-of its staging slot the slot is refilled with block ``t + stages`` while the CTA computes on ``k_tile``; at
-D = 512 shared memory holds q (64 KB), k_tile (64 KB) and one 66.5 KB staging slot, so ``stages = 1`` there.
+The row pad is 64 bf16 (128 bytes): a TMA tensor copy needs a 128-byte aligned SMEM destination (the first GPU
+run, with a 16-byte pad that staggered the rows over the banks, faulted with CUDA_ERROR_MISALIGNED_ADDRESS). So
+every staged row starts on the same bank, no bank-conflict-free plan exists for a column chunk, and that move is
+compiled unoptimised (``optimized=False``: 8-way conflicts, a known cost). Pipelining: ``k_tile`` is the second
+buffer, so as soon as a block is moved out of its staging slot the slot is refilled with block ``t + stages``
+while the CTA computes on ``k_tile``; at D = 512 shared memory holds q (64 KB), k_tile (64 KB) and one 72 KB
+staging slot, so ``stages = 1`` there.
 
 Rows. The wrapper builds one int32 row list per request (a tiny XLA fusion): the window positions (``-1`` past the
 window length), then the top-k indices (``-1`` when out of range), then ``-1`` up to the padded block count. A CTA
@@ -63,7 +65,7 @@ from pallas_kernels.sparse_attention import NEG, combine_splits
 
 HEADS = 64        # one warpgroup's wgmma M tile: the kernel holds exactly this many heads
 TMA_ELEMS = 256   # a TMA box moves at most 256 elements along each dimension
-ROW_PAD = 8       # bf16 pad per staged row (16 bytes): staggers the rows over the SMEM banks (module docstring)
+ROW_PAD = 64      # bf16 pad per staged row (128 bytes): a TMA tensor copy needs a 128-byte aligned SMEM destination
 CHUNK = 64        # columns per staging -> k_tile move: one 128-byte swizzle atom wide
 WARPGROUPS = 2    # consumer warpgroups per CTA, each accumulating D / 2 output columns
 SMS = 132         # H100 / H200; at D = 512 a CTA takes most of an SM's shared memory, so one CTA per SM
@@ -140,10 +142,10 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, n
     n_tma = max(1, d // TMA_ELEMS)
     tma_w = d // n_tma
     if interp:
-        load = lambda ref, layout: ref[...]
+        load = lambda ref, layout, optimized=True: ref[...]
         cast = lambda x, layout: x
     else:
-        load = lambda ref, layout: plgpu.load(ref, (), layout=layout)
+        load = lambda ref, layout, optimized=True: plgpu.load(ref, (), layout=layout, optimized=optimized)
         cast = plgpu.layout_cast
 
     def issue(t, slot):                # the TMA copies of block t's rows into staging slot `slot` (warpgroup 0)
@@ -197,7 +199,8 @@ def _kernel(rows_ref, q_ref, kv_ref, win_ref, acc_ref, m_ref, l_ref, *, d, dv, n
             def move(i=i):
                 for ch in range(i * dv // CHUNK, (i + 1) * dv // CHUNK):
                     cols = pl.ds(ch * CHUNK, CHUNK)
-                    k_tile[:, cols] = load(st_smem.at[slot, :, cols], plgpu.Layout.WGMMA)
+                    # staged rows start on the same bank (128-byte stride): no conflict-free plan exists
+                    k_tile[:, cols] = load(st_smem.at[slot, :, cols], plgpu.Layout.WGMMA, optimized=False)
             pl.when(c == i)(move)
         plgpu.commit_smem()            # the register stores are visible to the wgmmas (async proxy)
         sync(k_ready)                  # every column of k_tile is in place, the staging slot fully read
