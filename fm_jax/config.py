@@ -59,9 +59,10 @@ class ModelConfig:
     # "dense" = every expert on every token, unrouted ones weighted 0; "sparse" = each expert on its routed
     # tokens only (sort by expert + grouped matmul, expert parallel over the mesh axis `model`)
     moe_impl: Literal["dense", "sparse"] = "dense"
-    # the Lightning Indexer's top-k (`pallas_kernels.dispatch.topk`): "auto" = the dispatch's choice (today
-    # `lax.top_k` on every backend), "pallas" = the radix-select kernel (GPU), "xla" = `lax.top_k`. A knob of
-    # its own, not the scoring/attention `impl`, so the kernel is opted into on its own (same picks either way)
+    # the Lightning Indexer's top-k (`pallas_kernels.dispatch.topk`): "auto" = the dispatch's choice (the
+    # radix-select kernel on a GPU where it was measured faster than `lax.top_k`, else `lax.top_k`), "pallas" =
+    # the kernel (GPU), "xla" = `lax.top_k`. A knob of its own, not the scoring/attention `impl` (same picks
+    # either way)
     topk_impl: Literal["auto", "pallas", "xla"] = "auto"
     # MoE routing (SPEC §9): routed weights = renormalised sqrt(softplus) scores x routed_scaling_factor
     # (V4's 1.5 in every preset); layers l < n_hash_layers route by token id (tid2eid) instead of top-k

@@ -1,28 +1,28 @@
 """The one entry point per op that model code calls: ``impl="pallas" | "xla" | "auto"``.
 
 ``auto`` runs the Pallas kernel when ``jax.default_backend() == "gpu"`` (and the shapes suit it: head dim a
-power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Three exceptions,
-where ``auto`` takes the XLA path on every backend and ``impl="pallas"`` still runs the kernel:
-* packed fp8 KV rows: the packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads
-  (`kernels-h100.json`, run 'c') and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200
-  (`kernels-h200-fp8.json`);
-* top-k: the compiled top-k kernel's first version failed every on-device check on the H200
-  (`kernels-h200-topk-quick.json`: Pallas lowered its int32 vector atomics as float adds), and the fixed one
-  has not run on a GPU yet; it stays opt-in until ``pytest -m gpu tests/pallas_kernels/test_topk.py`` and the
-  checks of ``bench_kernels.py --sections topk`` pass. The model opts in with ``ModelConfig(topk_impl="pallas")``
-  (its Lightning Indexer calls ``topk`` with that knob, not with the scoring / attention ``impl``);
-* page-blocked index keys (``indexer_scores(page_entries=)``, the decode cache's layout since issue 12): the
-  scoring kernel's paged loads have run in interpret mode and lowered to Triton, not yet on a GPU; ``auto``
-  takes XLA for them until ``pytest -m gpu tests/pallas_kernels/test_indexer_score.py`` passes there and
-  ``bench_kernels.py`` times them (the row-layout kernel, measured on the H100 and H200, is unchanged).
+power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users still run. Results are under
+``benchmarks/results/``. Two exceptions:
+* packed fp8 KV rows: ``auto`` takes the XLA path on every backend (``impl="pallas"`` still runs the kernel): the
+  packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads (`kernels-h100.json`, run 'c')
+  and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200 (`kernels-h200-fp8.json`);
+* top-k: ``auto`` runs the radix-select kernel only where it was measured faster than ``lax.top_k`` on the H200
+  (``_topk_kernel_measured_faster``: batch <= 8 with N >= 32K; 1.8x at batch 1, N = 64K, 3.2x at batch 8,
+  N = 256K, `kernels-h200-topk-sweep.json`; in the model's decode step at batch 8, N = 32K, 126 µs of top-k
+  against 197, `kernels-h200-step-topk.json`), ``lax.top_k`` elsewhere. The model's Lightning Indexer calls
+  ``topk`` with ``ModelConfig.topk_impl``, not with the scoring / attention ``impl``.
+Page-blocked index keys (``indexer_scores(page_entries=)``, the decode cache's layout since issue 12) take the
+paged Triton kernel under ``auto``: it passed ``pytest -m gpu`` and the on-device checks on the H200 and took
+8.4 µs against XLA's 30.3 at batch 1, N = 64K (`kernels-h200-scoring-pages.json`).
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``
 (and ``"mosaic"``).
 ``indexer_scores(impl="mosaic")`` is the Mosaic GPU (Hopper TMA + wgmma) scoring kernel, explicit opt-in only:
-page-blocked keys, one query per request, unmeasured on a GPU so far, so ``auto`` never picks it; shapes it does
-not support raise ValueError (``pallas_kernels.indexer_score_mgpu.plan``).
+page-blocked keys, one query per request; it passed the GPU checks and took 6.4 µs at batch 1, N = 64K (1.3x the
+paged Triton kernel), but that is its only timed shape and it has not run inside the model on a GPU, so ``auto``
+does not pick it yet; shapes it does not support raise ValueError (``pallas_kernels.indexer_score_mgpu.plan``).
 ``sparse_attention(impl="mosaic")`` likewise: the Mosaic GPU attention kernel (one CTA per 64 heads, per-row TMA
-gather, split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``),
-unmeasured on a GPU so far, never picked by ``auto``.
+gather, split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``);
+its GPU tests at batch 1 / 8 / 64 passed but it is not yet timed, so ``auto`` never picks it.
 """
 from __future__ import annotations
 
@@ -82,8 +82,7 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     with ``page_entries=P`` page-blocked uint8 [B, n_pages, P * (D + 4)] (N = n_pages * P);
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]. impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
-    # page-blocked keys: XLA under "auto" until the paged kernel has run on a GPU (module docstring)
-    choice = _pick("indexer_scores", impl, interpret, _pow2_dim(info.dim) and page_entries is None, MOSAIC_IMPLS)
+    choice = _pick("indexer_scores", impl, interpret, _pow2_dim(info.dim), MOSAIC_IMPLS)
     if choice == "mosaic":   # explicit opt-in only (module docstring)
         from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: Mosaic GPU's import is heavy
         return indexer_scores_mosaic(q, weights, keys, lengths, act=act, page_entries=page_entries,
@@ -111,13 +110,20 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
     return sparse_attention_xla(q, kv, indices, window_kv, window_lengths, sink, scale=scale, rope_dim=rope_dim)
 
 
+def _topk_kernel_measured_faster(batch: int, n_entries: int, k: int) -> bool:
+    """The shapes where the radix-select kernel beat ``lax.top_k`` on the H200 (module docstring): up to 8 rows
+    of at least 32K entries, k <= 512. Elsewhere (more rows, short rows) it is untimed, so "auto" keeps XLA."""
+    return batch <= 8 and n_entries >= 32768 and k <= 512
+
+
 def topk(scores, k: int, *, impl: str = "auto", interpret: bool = False):
     """Exact top-k over the last axis, identical to ``jax.lax.top_k`` (ties to the lower index) with k clipped
     to N. scores float [..., N] (no NaN; -inf = not a candidate). Returns (values [..., k], indices int32
     [..., k]). The Pallas kernel reads float32 (other float dtypes are cast, exactly)."""
     k = check_topk_inputs(scores, k)
-    if k == 0 or _pick("topk", impl, interpret, False) == "xla":   # False: never under "auto" (module doc)
-        return topk_xla(scores, k)
     lead = scores.shape[:-1]
+    fits = _topk_kernel_measured_faster(math.prod(lead), scores.shape[-1], k)
+    if k == 0 or _pick("topk", impl, interpret, fits) == "xla":
+        return topk_xla(scores, k)
     vals, idx = topk_pallas(scores.reshape(math.prod(lead), scores.shape[-1]), k, interpret=interpret)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)

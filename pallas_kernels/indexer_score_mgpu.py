@@ -33,8 +33,11 @@ accumulator), as the Triton kernel does.
 
 Status: checked against the reference in Mosaic GPU interpret mode (CPU; the interpreter's variant, see
 `_kernel`), by lowering the GPU variant to CUDA for the V4 shapes, and compiled for sm_90a on a CPU with jax 0.10.2
-and 0.11.2 (163-184 registers, no spills: `benchmarks/results/aot-kernels-sm90a-*.json`); not yet run on a GPU,
-so the dispatch runs it only on request (``indexer_scores(impl="mosaic")``), never under ``impl="auto"``.
+and 0.11.2 (163-184 registers, no spills: `benchmarks/results/aot-kernels-sm90a-*.json`). On the H200 (jax
+0.11.2, 2026-12-05) it passed ``pytest -m gpu`` and the on-device checks (batch 1-8, ragged lengths, a partial
+last page, f32 q) and took 6.4 µs at batch 1, N = 64K: 0.33 of the HBM roofline, against 8.4 µs for the paged
+Triton kernel and 30.3 for XLA (`kernels-h200-scoring-pages.json`); its other shapes are untimed, so the dispatch
+runs it only on request (``indexer_scores(impl="mosaic")``), never under ``impl="auto"``.
 """
 from __future__ import annotations
 

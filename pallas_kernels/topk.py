@@ -32,9 +32,13 @@ element type of scalars only; a scalar int32 atomic gets ``add``), which on the 
 floats. Every value stored there is exact in float32: counts and the slot counter below 2^24, ``need <= k``, and
 the prefixes have at most 24 bits (3 x 8 or 2 x 11 digits before the last).
 
-Status: exact against ``lax.top_k`` in interpret mode (CPU tests). The version with an int32 buffer failed every
-on-device check on the H200 (jax 0.11.2; `kernels-h200-topk-quick.json`, `probe-topk-h200.json`): the fadd
-above. This float32 version has not run on a GPU yet, so the dispatch does not pick it under ``impl="auto"``.
+Status: exact against ``lax.top_k`` in interpret mode (CPU tests) and on the H200 (jax 0.11.2, 2026-12-05:
+``pytest -m gpu`` and 12 on-device checks at batch 1 / 6 / 8, N = 20,037 / 64K / 256K, both digit sets and both
+one-hot types; `kernels-h200-topk-radix.json`). The earlier int32-buffer version failed every check there
+(`kernels-h200-topk-quick.json`): the fadd above. Device time at k = 512 (`kernels-h200-topk-sweep.json`),
+against ``lax.top_k``: 26.7 µs vs 48.5 at batch 1, N = 64K; 52.3 vs 97.9 at batch 8, N = 64K; 137.2 vs 440.5
+at batch 8, N = 256K (8/8/8/8 digits; 11/11/10 took 34.5, 102.0 and 288.0). The dispatch's ``auto`` picks it
+where it was measured faster (`pallas_kernels.dispatch.topk`).
 
 Launches per call: one zero fill of the ``[batch, digits + 1, 32, 64]`` float32 histogram buffer, one histogram
 kernel per digit (3 or 4), the select kernel and the sort: 6 or 7.
@@ -222,12 +226,13 @@ def _select_kernel(x_ref, hist_in_ref, part_ref, hist_ref, idx_ref, val_ref, key
 def default_config(batch: int, n_entries: int) -> dict:
     """256-entry chunks (the one-hot operands then stay small, e.g. [32, 256] and [256, 64] bf16) and about 512
     programs per call, so that even batch 1 fills the GPU while each program's histogram atomics are amortised
-    over as many keys as the shape allows. Digits: 11/11/10 (one launch fewer) while the one-hot work is small,
-    8/8/8/8 (a third of the one-hot work per key) above 2^20 keys per call."""
+    over as many keys as the shape allows. Digits 8/8/8/8: on the H200 they beat 11/11/10 (one launch fewer, but
+    five times the one-hot columns per key: 2048 + 2048 + 1024 against 4 x 256) at every timed shape, by 1.3x at
+    batch 1, N = 64K to 2.1x at batch 8, N = 256K (`benchmarks/results/kernels-h200-topk-sweep.json`)."""
     chunk = min(256, max(32, compat.next_pow2(n_entries)))
     per_row = max(1, -(-512 // max(batch, 1)))
     chunks = max(1, min(64, compat.next_pow2(-(-n_entries // (chunk * per_row)))))
-    digits = DIGIT_SETS[0] if batch * n_entries <= (1 << 20) else DIGIT_SETS[1]
+    digits = DIGIT_SETS[1]
     return dict(chunk=chunk, chunks_per_program=chunks, digits=digits, onehot="bf16", skip_empty=True, num_warps=4,
                 num_stages=2)
 

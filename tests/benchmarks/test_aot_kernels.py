@@ -109,7 +109,8 @@ def test_every_case_lowers_for_cuda(case, monkeypatch):
         c = v4_attention_stack()
         n_csa = sum(c.layer_kind(i) == KIND_CSA for i in range(c.n_layers))
         attention_and_scoring = c.n_layers + n_csa        # attention in every layer, scoring in the CSA layers
-        topk = n_csa * 4                                  # 3 digit histograms + the select kernel (11/11/10 bits)
+        from pallas_kernels.topk import default_config as topk_config
+        topk = n_csa * (len(topk_config(params["batch"], 4096)["digits"]) + 1)   # a histogram per digit + select
         mosaic = params["impl"] == "mosaic"
         assert text.count("custom_call @mosaic_gpu") == (attention_and_scoring if mosaic else 0)
         assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == topk + (
