@@ -6,8 +6,8 @@
 # Parts 1-3 fit one 10-minute device call, 4-5 a second: PARTS="1 2 3" bash ..., then PARTS="4 5" bash ...
 # (default: all five, most important first; each part has its own timeout). Checks and timings run in separate
 # processes: a kernel that faults on the GPU poisons its process's CUDA context, and every later row fails
-# (2026-12-05, `results/kernels-h200-checks-mosaic-fault.json`). Inputs at N = 256K take a while to build: the
-# scoring part needs well over 90 s.
+# (2026-12-05, `results/kernels-h200-checks-mosaic-fault.json`). Each timing row builds up to 32 input sets and
+# compiles one function over all of them: the scoring part needs well over 90 s (in 90 s only its first 3 rows ran).
 # Afterwards: commit the JSON under benchmarks/results/; where a kernel's checks pass and it beats XLA, let
 # `auto` pick it (pallas_kernels/dispatch.py, tests/pallas_kernels/test_kernel_dispatch.py, README).
 set -u

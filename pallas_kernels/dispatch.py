@@ -7,7 +7,7 @@ power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users
   packed-row kernel measured 0.36-0.47x the XLA path on the H100 with byte loads (`kernels-h100.json`, run 'c')
   and 0.75x / 0.56x at batch 8 / 64 with word loads on the H200 (`kernels-h200-fp8.json`);
 * top-k: ``auto`` runs the radix-select kernel only where it was measured faster than ``lax.top_k`` on the H200
-  (``_topk_kernel_measured_faster``: batch <= 8 with N >= 32K; 1.8x at batch 1, N = 64K, 3.2x at batch 8,
+  (``_topk_kernel_measured_faster``: batch <= 8, N >= 32K, k <= 512; 1.8x at batch 1, N = 64K, 3.2x at batch 8,
   N = 256K, `kernels-h200-topk-sweep.json`; in the model's decode step at batch 8, N = 32K, 126 µs of top-k
   against 197, `kernels-h200-step-topk.json`), ``lax.top_k`` elsewhere. The model's Lightning Indexer calls
   ``topk`` with ``ModelConfig.topk_impl``, not with the scoring / attention ``impl``.
