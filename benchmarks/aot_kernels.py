@@ -236,13 +236,14 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="comma-separated kernel prefixes (default: all)")
     args = ap.parse_args()
     scratch = _setup_env()
+    ptxas = find_ptxas()
     try:
-        rows = compile_cases([c for c in args.cases.split(",") if c], scratch)
+        rows = compile_cases([c for c in args.cases.split(",") if c], scratch, ptxas)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     import jax
     payload = {"target": "sm_90a (H100 target description, deviceless: nothing ran)",
-               "jax": jax.__version__, "cuda_plugin": _plugin_version(), "ptxas": _ptxas_version(),
+               "jax": jax.__version__, "cuda_plugin": _plugin_version(), "ptxas": _ptxas_version(ptxas),
                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                "note": ("with jax >= 0.11 the Triton kernels have no entries: from 0.11 on Pallas' Triton kernels "
@@ -255,8 +256,8 @@ def main() -> None:
         sys.exit(1)
 
 
-def compile_cases(select: list[str], scratch: str) -> list[dict]:
-    """Compile each selected case for the H100 target; one row per case with what ptxas reported per kernel."""
+def compile_cases(select: list[str], scratch: str, ptxas: str) -> list[dict]:
+    """Compile each selected case for the H100 target; one row per case with what `ptxas` reported per kernel."""
     import jax
     from jax.experimental import topologies
     try:
@@ -281,7 +282,7 @@ def compile_cases(select: list[str], scratch: str) -> list[dict]:
             row["compiled"] = True
         except Exception as e:  # noqa: BLE001 - the failure is the finding: record it and go on
             row.update(compiled=False, error=f"{type(e).__name__}: {str(e)[:4000]}")
-        row["entries"] = _kernel_reports(scratch, seen)
+        row["entries"] = _kernel_reports(scratch, seen, ptxas)
         rows.append(row)
         summary = ", ".join(f"{e['name']}: {e.get('registers')} regs, {e.get('spill_store_bytes')} B spilled"
                             for e in row["entries"]) or row.get("error", "")[:300]
@@ -289,10 +290,9 @@ def compile_cases(select: list[str], scratch: str) -> list[dict]:
     return rows
 
 
-def _kernel_reports(scratch: str, seen: set) -> list[dict]:
+def _kernel_reports(scratch: str, seen: set, ptxas: str) -> list[dict]:
     """ptxas figures and global-memory instruction counts of the kernels dumped since the last call: Triton
     kernels from XLA's PTX (XLA's own fusions left out), Mosaic GPU kernels from their ptxas reports."""
-    ptxas = find_ptxas()
     entries, mem_ops = [], {}
     for ptx in _new_files(os.path.join(scratch, "xla", "*.ptx"), seen):
         entries += [e for e in ptxas_report(ptxas, ptx) if "ptxas_error" in e or not _is_xla_fusion(e["name"])]
@@ -310,8 +310,8 @@ def _kernel_reports(scratch: str, seen: set) -> list[dict]:
     return entries
 
 
-def _ptxas_version() -> str | None:
-    out = subprocess.run([find_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+def _ptxas_version(ptxas: str) -> str | None:
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     return out[-1] if out else None
 
 

@@ -726,8 +726,8 @@ def main():
 
     if "attention" in sections:
         attn_impls = set(args.attention_impls.split(","))
-        if attn_impls - {"pallas", "xla", "mosaic"}:
-            raise SystemExit(f"--attention-impls: unknown {sorted(attn_impls - {'pallas', 'xla', 'mosaic'})}")
+        if unknown := attn_impls - {"pallas", "xla", "mosaic"}:
+            raise SystemExit(f"--attention-impls: unknown {sorted(unknown)} (pallas, xla, mosaic)")
         bs = (1, 8, 32, 64) if not args.quick else (8, 64)
         for kvd in args.kv_dtypes.split(","):
             if kvd not in ("bf16", "fp8"):

@@ -121,9 +121,9 @@ def topk(scores, k: int, *, impl: str = "auto", interpret: bool = False):
     to N. scores float [..., N] (no NaN; -inf = not a candidate). Returns (values [..., k], indices int32
     [..., k]). The Pallas kernel reads float32 (other float dtypes are cast, exactly)."""
     k = check_topk_inputs(scores, k)
-    lead = scores.shape[:-1]
-    fits = _topk_kernel_measured_faster(math.prod(lead), scores.shape[-1], k)
-    if k == 0 or _pick("topk", impl, interpret, fits) == "xla":
+    lead, n = scores.shape[:-1], scores.shape[-1]
+    rows = math.prod(lead)
+    if k == 0 or _pick("topk", impl, interpret, _topk_kernel_measured_faster(rows, n, k)) == "xla":
         return topk_xla(scores, k)
-    vals, idx = topk_pallas(scores.reshape(math.prod(lead), scores.shape[-1]), k, interpret=interpret)
+    vals, idx = topk_pallas(scores.reshape(rows, n), k, interpret=interpret)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)

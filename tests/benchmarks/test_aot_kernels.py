@@ -110,7 +110,8 @@ def test_every_case_lowers_for_cuda(case, monkeypatch):
         n_csa = sum(c.layer_kind(i) == KIND_CSA for i in range(c.n_layers))
         attention_and_scoring = c.n_layers + n_csa        # attention in every layer, scoring in the CSA layers
         from pallas_kernels.topk import default_config as topk_config
-        topk = n_csa * (len(topk_config(params["batch"], 4096)["digits"]) + 1)   # a histogram per digit + select
+        n_entries = params["context"] // c.csa_ratio
+        topk = n_csa * (len(topk_config(params["batch"], n_entries)["digits"]) + 1)   # a histogram per digit + select
         mosaic = params["impl"] == "mosaic"
         assert text.count("custom_call @mosaic_gpu") == (attention_and_scoring if mosaic else 0)
         assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == topk + (
