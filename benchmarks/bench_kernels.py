@@ -436,10 +436,10 @@ def stream_case(ceil, b, n, d=128):
 
 
 def add_stream_ratios(rows):
-    """Pallas scoring rows get ``stream_us`` (the size-matched streaming time) and ``vs_stream``."""
+    """Kernel scoring rows (Triton, Mosaic) get ``stream_us`` (the size-matched streaming time) and ``vs_stream``."""
     stream = {(r["batch"], r["n_entries"]): r["time_us"] for r in rows if r.get("kernel") == "stream_rowsum"}
     for r in rows:
-        if r.get("kernel") == "indexer_scores" and r.get("impl") == "pallas" and "time_us" in r:
+        if r.get("kernel") == "indexer_scores" and r.get("impl") in ("pallas", "mosaic") and "time_us" in r:
             t = stream.get((r["batch"], r["n_entries"]))
             r["stream_us"] = t
             r["vs_stream"] = (t / r["time_us"]) if t else None
@@ -632,6 +632,10 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the harness: sizes / 64")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
     ap.add_argument("--topk-sweep", action="store_true", help="top-k's alternative configs also under --quick")
+    ap.add_argument("--ceilings-from", default="",
+                    help="without the ceilings section: take them from this earlier result JSON (same machine)")
+    ap.add_argument("--mgpu-q-dtypes", default="bfloat16,float32",
+                    help="indexer_mgpu: query dtypes to time (comma separated: bfloat16, float32)")
     ap.add_argument("--attention-impls", default="pallas,xla,mosaic",
                     help="attention rows: which of pallas, xla, mosaic (a kernel that faults poisons the process)")
     ap.add_argument("--kv-dtypes", default="bf16,fp8", help="attention rows: bf16 and/or fp8 (packed 584-byte rows)")
@@ -663,6 +667,11 @@ def main():
     ceil = dict(hbm_copy_gbps=3000.0, bf16_matmul_tflops=800.0)
     if "ceilings" in sections:
         ceil = measure_ceilings()
+    elif args.ceilings_from:   # a run on the same machine measured them (saves ~50 s of a device call)
+        with open(args.ceilings_from) as f:
+            ceil = json.load(f)["ceilings"] | dict(source=args.ceilings_from)
+        log(f"ceilings from {args.ceilings_from}: copy {ceil['hbm_copy_gbps']:.0f} GB/s, "
+            f"bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s")
     result["ceilings"] = ceil
     save()
 
@@ -758,11 +767,12 @@ def main():
         shapes = [(1, 65536), (1, 262144), (8, 65536), (8, 262144)]
         if args.tiny:
             shapes = [(1, 1024), (8, 1024)]
-        for b, n in shapes:
-            add(indexer_case, b, 64, n, "mosaic")
-            add(indexer_case, b, 64, n, "pallas", page_entries=64)
-            add(indexer_case, b, 64, n, "xla", page_entries=64)   # the decode step's path under "auto" today
-        add(indexer_case, 1, 64, 65536, "mosaic", qdtype=jnp.float32)
+        for qname in args.mgpu_q_dtypes.split(","):   # the model's index query is float32 (hi + lo bf16 parts)
+            qdt = jnp.dtype(qname)
+            for b, n in shapes:
+                add(indexer_case, b, 64, n, "mosaic", qdtype=qdt)
+                add(indexer_case, b, 64, n, "pallas", qdtype=qdt, page_entries=64)
+                add(indexer_case, b, 64, n, "xla", qdtype=qdt, page_entries=64)
         if "sweep" in sections or args.sweep:   # launch plans of the Mosaic kernel (`indexer_score_mgpu.plan`)
             for cfg in (dict(blocks_per_cta=1), dict(blocks_per_cta=4), dict(blocks_per_cta=8, stages=4),
                         dict(blocks_per_cta=16, stages=6), dict(block_n=64, blocks_per_cta=4),
