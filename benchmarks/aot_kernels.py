@@ -202,7 +202,8 @@ def cases(select: list[str]):
     want = lambda name: not select or any(name.startswith(p) for p in select)   # noqa: E731
     if want("decode_step"):   # (building the model's abstract params and cache is the costly part)
         for b, ctx, kv_dtype, impl in [(1, 65536, "fp8", "pallas"), (8, 65536, "fp8", "pallas"),
-                                       (1, 65536, "bf16", "mosaic"), (8, 65536, "bf16", "mosaic")]:
+                                       (1, 65536, "bf16", "mosaic"), (8, 65536, "bf16", "mosaic"),
+                                       (8, 65536, "bf16", "auto")]:   # auto: Mosaic scoring, Triton attention
             out.append(("decode_step", dict(batch=b, context=ctx, kv_dtype=kv_dtype, impl=impl, topk_impl="pallas"),
                         *_decode_step(b, ctx, kv_dtype, impl)))
     return [c for c in out if want(c[0])]

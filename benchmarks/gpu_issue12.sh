@@ -3,8 +3,8 @@
 # for CUDA on a CPU: the radix-select top-k (float32 histograms since its first, failed, GPU run), the Triton
 # scoring kernel over page-blocked keys, and the Mosaic GPU scoring and sparse-attention kernels.
 #   run (repo root, device machine):  bash benchmarks/gpu_issue12.sh        -> $OUT/*.json, $OUT/*.log
-# Parts 1-3 fit one 10-minute device call, 4-5 a second: PARTS="1 2 3" bash ..., then PARTS="4 5" bash ...
-# (default: all five, most important first; each part has its own timeout). Checks and timings run in separate
+# Each part has its own timeout; pick parts whose timeouts sum to under a device call's 10 minutes, e.g.
+# PARTS="1 3" bash ..., then PARTS="2", then PARTS="4 5" (default: all five, most important first). Checks and timings run in separate
 # processes: a kernel that faults on the GPU poisons its process's CUDA context, and every later row fails
 # (2026-12-05, `results/kernels-h200-checks-mosaic-fault.json`). Each timing row builds up to 32 input sets and
 # compiles one function over all of them: the scoring part needs well over 90 s (in 90 s only its first 3 rows ran).
@@ -24,11 +24,11 @@ for part in $PARTS; do case $part in
       tests/fm_jax/test_model.py > "$OUT/gpu_tests.log" 2>&1
     tail -5 "$OUT/gpu_tests.log" ;;
 2)  # on-device checks of every kernel, then scoring over V4's 64-entry key pages: Mosaic vs Triton vs XLA at
-    # batch 1 / 8, N 64K / 256K
-    timeout 100 $BENCH --sections check --out "$OUT/kernels-checks.json" > "$OUT/checks.log" 2>&1
+    # batch 1 / 8, N 64K / 256K, bf16 and float32 q, and XLA's size-matched row sum (`stream`)
+    timeout 150 $BENCH --sections check --out "$OUT/kernels-checks.json" > "$OUT/checks.log" 2>&1
     grep -E "^check" "$OUT/checks.log" | tail -30
-    timeout 200 $BENCH --sections ceilings,indexer_mgpu --out "$OUT/kernels-scoring-pages.json" > "$OUT/scoring.log" 2>&1
-    tail -20 "$OUT/scoring.log" ;;
+    timeout 330 $BENCH --sections ceilings,indexer_mgpu,stream --out "$OUT/kernels-scoring-pages.json" > "$OUT/scoring.log" 2>&1
+    tail -30 "$OUT/scoring.log" ;;
 3)  # top-k: awkward-row checks and the three target shapes against lax.top_k
     timeout 150 $BENCH --sections topk --quick --out "$OUT/kernels-topk.json" > "$OUT/topk.log" 2>&1
     tail -12 "$OUT/topk.log" ;;

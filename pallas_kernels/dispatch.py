@@ -12,17 +12,18 @@ power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users
   against 197, `kernels-h200-step-topk.json`), ``lax.top_k`` elsewhere. The model's Lightning Indexer calls
   ``topk`` with ``ModelConfig.topk_impl``, not with the scoring / attention ``impl``.
 Page-blocked index keys (``indexer_scores(page_entries=)``, the decode cache's layout since issue 12) take the
-paged Triton kernel under ``auto``: it passed ``pytest -m gpu`` and the on-device checks on the H200 and took
-8.4 µs against XLA's 30.3 at batch 1, N = 64K (`kernels-h200-scoring-pages.json`).
+Mosaic GPU (Hopper TMA + wgmma) scoring kernel under ``auto`` where its launch plan fits (one query per request;
+head dim 64 / 128, 32-256 heads, pages of a multiple of 32 entries: ``pallas_kernels.indexer_score_mgpu.plan``),
+else the paged Triton kernel (several queries per request, as in prefill, or other shapes). On the H200 the Mosaic
+kernel beat the paged Triton kernel at all eight timed shapes (batch 1 / 8, N = 64K / 256K, bf16 and float32 q:
+1.13-1.59x; 4.7-8.4x XLA; `kernels-h200-scoring-pages.json`, `kernels-h200-scoring-f32.json`), and the model's
+prefill + decode under ``auto`` matched ``impl="xla"`` there (`kernels-h200-gpu-tests.json`).
+``sparse_attention(impl="mosaic")`` is the Mosaic GPU attention kernel (one CTA per 64 heads, per-row TMA gather,
+split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``), explicit
+opt-in only: it passed its GPU tests but was slower than the Triton kernel at every timed batch (21.4 / 23.9 / 79.6
+µs against 10.8 / 17.0 / 52.7 at batch 1 / 8 / 64, `kernels-h200-attention-mgpu.json`, `-b64.json`).
 ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests); it only matters for ``impl="pallas"``
-(and ``"mosaic"``).
-``indexer_scores(impl="mosaic")`` is the Mosaic GPU (Hopper TMA + wgmma) scoring kernel, explicit opt-in only:
-page-blocked keys, one query per request; it passed the GPU checks and took 6.4 µs at batch 1, N = 64K (1.3x the
-paged Triton kernel), but that is its only timed shape and it has not run inside the model on a GPU, so ``auto``
-does not pick it yet; shapes it does not support raise ValueError (``pallas_kernels.indexer_score_mgpu.plan``).
-``sparse_attention(impl="mosaic")`` likewise: the Mosaic GPU attention kernel (one CTA per 64 heads, per-row TMA
-gather, split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``);
-its GPU tests at batch 1 / 8 / 64 passed but it is not yet timed, so ``auto`` never picks it.
+and ``"mosaic"``.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from pallas_kernels.sparse_attention import sparse_attention_pallas
 from pallas_kernels.topk import topk_pallas
 
 IMPLS = ("auto", "pallas", "xla")
-MOSAIC_IMPLS = IMPLS + ("mosaic",)   # scoring and attention also have a Mosaic GPU kernel (explicit opt-in)
+MOSAIC_IMPLS = IMPLS + ("mosaic",)   # scoring and attention also have a Mosaic GPU kernel
 
 
 def _pow2_dim(d: int) -> bool:
@@ -75,6 +76,19 @@ def _pick(op: str, impl: str, interpret: bool, kernel_fits: bool, impls: tuple =
     return impl
 
 
+def _mosaic_scoring_fits(info, keys, page_entries) -> bool:
+    """Whether "auto" runs the Mosaic GPU scoring kernel: page-blocked keys, one query per request, and a shape
+    its launch plan supports (elsewhere the paged Triton kernel, which handles every shape)."""
+    if page_entries is None or info.multi:
+        return False
+    from pallas_kernels.indexer_score_mgpu import plan  # lazy: Mosaic GPU's import is heavy
+    try:
+        plan(info.batch, info.heads, info.dim, keys.shape[1], page_entries)
+    except ValueError:
+        return False
+    return True
+
+
 def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = "auto", interpret: bool = False,
                    page_entries: int | None = None):
     """Indexer logits ``sum_h w[h] relu(q[h] . k[s])`` (act="none", masked -> -inf) or their sigmoid
@@ -83,7 +97,9 @@ def indexer_scores(q, weights, keys, lengths, *, act: str = "none", impl: str = 
     lengths [B] | [B, M]. Returns float32 [B, N] | [B, M, N]. impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
     choice = _pick("indexer_scores", impl, interpret, _pow2_dim(info.dim), MOSAIC_IMPLS)
-    if choice == "mosaic":   # explicit opt-in only (module docstring)
+    if impl == "auto" and choice == "pallas" and _mosaic_scoring_fits(info, keys, page_entries):
+        choice = "mosaic"
+    if choice == "mosaic":
         from pallas_kernels.indexer_score_mgpu import indexer_scores_mosaic  # lazy: Mosaic GPU's import is heavy
         return indexer_scores_mosaic(q, weights, keys, lengths, act=act, page_entries=page_entries,
                                      interpret=interpret)
@@ -100,7 +116,7 @@ def sparse_attention(q, kv, indices, window_kv, window_lengths, sink, *, scale, 
     Returns (out float32 [B, H, D], lse float32 [B, H]). impl: "auto" | "pallas" | "xla" | "mosaic"."""
     info = check_attention_inputs(q, kv, indices, window_kv, window_lengths, sink, rope_dim)
     choice = _choose("sparse_attention", impl, interpret, info.dim, info.rope_dim, MOSAIC_IMPLS)
-    if choice == "mosaic":   # explicit opt-in only (module docstring)
+    if choice == "mosaic":
         from pallas_kernels.sparse_attention_mgpu import sparse_attention_mosaic  # lazy: heavy Mosaic GPU import
         return sparse_attention_mosaic(q, kv, indices, window_kv, window_lengths, sink, scale=scale,
                                        rope_dim=rope_dim, interpret=interpret)

@@ -35,9 +35,12 @@ Status: checked against the reference in Mosaic GPU interpret mode (CPU; the int
 `_kernel`), by lowering the GPU variant to CUDA for the V4 shapes, and compiled for sm_90a on a CPU with jax 0.10.2
 and 0.11.2 (163-184 registers, no spills: `benchmarks/results/aot-kernels-sm90a-*.json`). On the H200 (jax
 0.11.2, 2026-12-05) it passed ``pytest -m gpu`` and the on-device checks (batch 1-8, ragged lengths, a partial
-last page, f32 q) and took 6.4 µs at batch 1, N = 64K: 0.33 of the HBM roofline, against 8.4 µs for the paged
-Triton kernel and 30.3 for XLA (`kernels-h200-scoring-pages.json`); its other shapes are untimed, so the dispatch
-runs it only on request (``indexer_scores(impl="mosaic")``), never under ``impl="auto"``.
+last page, f32 q), and inside the model (prefill + decode under ``impl="auto"`` against ``impl="xla"``). Device time
+(`kernels-h200-scoring-pages.json`, bf16 q / `kernels-h200-scoring-f32.json`, float32 q), fraction of the HBM roofline:
+batch 1, N = 64K: 6.4 µs (0.32) / 8.9; batch 1, 256K: 15.8 (0.53) / 20.8; batch 8, 64K: 27.5 (0.60) / 36.0; batch 8,
+256K: 96.8 (0.69) / 128.6: 1.13-1.59x the paged Triton kernel, so ``impl="auto"`` runs it wherever `plan` fits.
+The short rows are latency bound: XLA's size-matched row sum over the same bytes (a streaming reference, not an
+upper bound) took 5.8 µs at batch 1, N = 64K and 124.9 at batch 8, 256K.
 """
 from __future__ import annotations
 

@@ -108,14 +108,15 @@ def test_every_case_lowers_for_cuda(case, monkeypatch):
         from fm_jax.config import KIND_CSA
         c = v4_attention_stack()
         n_csa = sum(c.layer_kind(i) == KIND_CSA for i in range(c.n_layers))
-        attention_and_scoring = c.n_layers + n_csa        # attention in every layer, scoring in the CSA layers
+        # attention in every layer, scoring in the CSA layers; "auto" (bf16 kv): Mosaic scoring, Triton attention
         from pallas_kernels.topk import default_config as topk_config
         n_entries = params["context"] // c.csa_ratio
         topk = n_csa * (len(topk_config(params["batch"], n_entries)["digits"]) + 1)   # a histogram per digit + select
-        mosaic = params["impl"] == "mosaic"
-        assert text.count("custom_call @mosaic_gpu") == (attention_and_scoring if mosaic else 0)
-        assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == topk + (
-            0 if mosaic else attention_and_scoring)
+        impl = params["impl"]
+        mosaic = n_csa * (impl in ("mosaic", "auto")) + c.n_layers * (impl == "mosaic")
+        triton = n_csa * (impl == "pallas") + c.n_layers * (impl in ("pallas", "auto"))
+        assert text.count("custom_call @mosaic_gpu") == mosaic
+        assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == topk + triton
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_plugins") is not None

@@ -236,3 +236,28 @@ def test_topk_kernel_gives_the_same_decode_as_lax_top_k(small_model):
         out[impl] = steps
     for a, b in zip(out["xla"], out["pallas"]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_auto_kernels_give_the_decode_of_the_xla_path():
+    """On a GPU, impl="auto" runs the Mosaic GPU scoring kernel over the page-blocked index keys where its plan
+    fits (here: 32 index heads of dim 64, 32-entry pages, one query per request) and the Pallas attention kernel;
+    prefill + decode logits must match the plain-XLA path to float32 summation-order noise (scores differ only
+    in summation order; the index query is float32, split into exact bf16 parts)."""
+    from pallas_kernels.indexer_score_mgpu import plan
+    c = get_config("tiny").replace(n_index_heads=32, index_head_dim=64, page_entries=32)
+    params = random_params(c, seed=5)
+    t = 4 * c.csa_ratio * c.page_entries + 16              # 4 pages and more of compressed entries
+    n_pages = next(lc["index_keys"].shape[1] for lc in init_cache(c, 2, t + 8)["layers"] if "index_keys" in lc)
+    plan(2, c.n_index_heads, c.index_head_dim, n_pages, c.page_entries)   # raises if "auto" would not take it
+    toks = jnp.asarray(np.random.default_rng(6).integers(0, c.vocab_size, (2, t)), jnp.int32)
+    out = {}
+    for impl in ("xla", "auto"):
+        logits, cache = model.prefill(params, c, toks, t + 8, impl=impl)
+        steps = [np.asarray(logits)]
+        for i in range(4):
+            lg, cache = model.decode_step(params, c, cache, toks[:, i], impl=impl)
+            steps.append(np.asarray(lg))
+        out[impl] = steps
+    for a, b in zip(out["xla"], out["auto"]):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)

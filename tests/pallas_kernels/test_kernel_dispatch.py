@@ -17,6 +17,7 @@ from pallas_kernels import (
     sparse_attention_reference,
     sparse_attention_xla,
 )
+from tests.pallas_kernels.test_indexer_score import RTOL_F32, assert_scores_close
 
 
 def _indexer_args(b=2, h=4, d=16, n=20, multi=0):
@@ -145,26 +146,36 @@ def test_auto_falls_back_to_xla_for_kernel_unfriendly_dims(monkeypatch):
     assert dispatch._choose("indexer_scores", "auto", False, 128) == "pallas"
 
 
-def test_auto_picks_the_paged_kernel_on_a_gpu(monkeypatch):
-    """The paged scoring kernel passed its GPU checks and beat XLA on the H200: "auto" picks it there for
-    page-blocked keys as for rows (dispatch docstring); never the Mosaic kernel, which stays opt-in."""
+def test_auto_picks_the_page_kernels_on_a_gpu(monkeypatch):
+    """Page-blocked keys on a GPU under "auto": the Mosaic GPU kernel where its plan fits one query per request
+    (it beat the paged Triton kernel at every timed shape on the H200), else the paged Triton kernel (a head dim
+    Mosaic does not take, or several queries per request); rows take the row kernel (dispatch docstring)."""
+    import pallas_kernels.indexer_score_mgpu as mgpu
     from fm_jax.layers.key_pages import block_index_keys
 
     calls = []
-    kernel = dispatch.indexer_scores_pallas
 
-    def spy(*a, **k):
-        calls.append(k.get("page_entries"))
-        return kernel(*a, **{**k, "interpret": True})
+    def spy(name, kernel):
+        def run(*a, **k):
+            calls.append((name, k.get("page_entries")))
+            return kernel(*a, **{**k, "interpret": True})
+        return run
 
-    monkeypatch.setattr(dispatch, "indexer_scores_pallas", spy)
+    monkeypatch.setattr(dispatch, "indexer_scores_pallas", spy("pallas", dispatch.indexer_scores_pallas))
+    monkeypatch.setattr(mgpu, "indexer_scores_mosaic", spy("mosaic", mgpu.indexer_scores_mosaic))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    q, w, keys, lens = _indexer_args(d=16, n=32)
-    pages = block_index_keys(keys, 16)
-    got = indexer_scores(q, w, pages, lens, page_entries=16)
-    assert calls == [16]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(indexer_scores_xla(q, w, pages, lens, page_entries=16)),
-                               rtol=1e-5, atol=1e-6)
+    for h, d, p, n, multi, want in ((4, 16, 16, 32, 0, "pallas"),      # D = 16: not a Mosaic shape
+                                    (32, 64, 32, 128, 0, "mosaic"),
+                                    (32, 64, 32, 128, 2, "pallas")):    # several queries per request
+        q, w, keys, lens = _indexer_args(h=h, d=d, n=n, multi=multi)
+        if multi:
+            lens = jnp.broadcast_to(lens[:, None], (2, multi))
+        pages = block_index_keys(keys, p)
+        calls.clear()
+        got = indexer_scores(q, w, pages, lens, page_entries=p)
+        assert calls == [(want, p)]
+        assert_scores_close(got, indexer_scores_xla(q, w, pages, lens, page_entries=p), RTOL_F32)
+    calls.clear()
     indexer_scores(q, w, keys, lens)                                   # rows
-    indexer_scores(q, w, pages, lens, page_entries=16, impl="xla")
-    assert calls == [16, None]
+    indexer_scores(q, w, pages, lens, page_entries=p, impl="xla")
+    assert calls == [("pallas", None)]
