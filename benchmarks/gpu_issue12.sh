@@ -4,10 +4,10 @@
 # scoring kernel over page-blocked keys, and the Mosaic GPU scoring and sparse-attention kernels.
 #   run (repo root, device machine):  bash benchmarks/gpu_issue12.sh        -> $OUT/*.json, $OUT/*.log
 # Each part has its own timeout; pick parts whose timeouts sum to under a device call's 10 minutes, e.g.
-# PARTS="1 3" bash ..., then PARTS="2", then PARTS="4 5" (default: all five, most important first). Checks and timings run in separate
-# processes: a kernel that faults on the GPU poisons its process's CUDA context, and every later row fails
-# (2026-12-05, `results/kernels-h200-checks-mosaic-fault.json`). Each timing row builds up to 32 input sets and
-# compiles one function over all of them: the scoring part needs well over 90 s (in 90 s only its first 3 rows ran).
+# PARTS="1 3" bash ..., then PARTS="2", then PARTS="4 5" (default: all five, most important first). Checks and
+# timings run in separate processes: a kernel that faults on the GPU poisons its process's CUDA context, and every
+# later row fails (2026-12-05, `results/kernels-h200-checks-mosaic-fault.json`). Each timing row builds up to 32
+# input sets and compiles one function over all of them (~9 s per scoring row, ~25 s per attention row on the H200).
 # Afterwards: commit the JSON under benchmarks/results/; where a kernel's checks pass and it beats XLA, let
 # `auto` pick it (pallas_kernels/dispatch.py, tests/pallas_kernels/test_kernel_dispatch.py, README).
 set -u

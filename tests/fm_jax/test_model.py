@@ -240,10 +240,10 @@ def test_topk_kernel_gives_the_same_decode_as_lax_top_k(small_model):
 
 @pytest.mark.gpu
 def test_auto_kernels_give_the_decode_of_the_xla_path():
-    """On a GPU, impl="auto" runs the Mosaic GPU scoring kernel over the page-blocked index keys where its plan
-    fits (here: 32 index heads of dim 64, 32-entry pages, one query per request) and the Pallas attention kernel;
-    prefill + decode logits must match the plain-XLA path to float32 summation-order noise (scores differ only
-    in summation order; the index query is float32, split into exact bf16 parts)."""
+    """On a (Hopper) GPU, impl="auto" runs the Mosaic GPU scoring kernel over the page-blocked index keys in the
+    decode step where its plan fits (here: 32 index heads of dim 64, 32-entry pages, one query per request), the
+    paged Triton kernel in prefill and the attention the dispatch picks; prefill + decode logits must match the
+    plain-XLA path within 2e-2 (the kernels sum in another order, so exact equality is not expected)."""
     from pallas_kernels.indexer_score_mgpu import plan
     c = get_config("tiny").replace(n_index_heads=32, index_head_dim=64, page_entries=32)
     params = random_params(c, seed=5)

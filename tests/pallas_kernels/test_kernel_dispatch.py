@@ -1,5 +1,6 @@
 """The dispatch (impl="auto" | "xla" | "pallas") and the input checks of both public ops."""
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +176,13 @@ def test_auto_picks_the_page_kernels_on_a_gpu(monkeypatch):
         got = indexer_scores(q, w, pages, lens, page_entries=p)
         assert calls == [(want, p)]
         assert_scores_close(got, indexer_scores_xla(q, w, pages, lens, page_entries=p), RTOL_F32)
+    q, w, keys, lens = _indexer_args(h=32, d=64, n=128)                # a Mosaic shape on a pre-Hopper GPU
+    pages = block_index_keys(keys, 32)
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(compute_capability="8.0")])
+    calls.clear()
+    indexer_scores(q, w, pages, lens, page_entries=32)
+    assert calls == [("pallas", 32)]
     calls.clear()
     indexer_scores(q, w, keys, lens)                                   # rows
-    indexer_scores(q, w, pages, lens, page_entries=p, impl="xla")
+    indexer_scores(q, w, pages, lens, page_entries=32, impl="xla")
     assert calls == [("pallas", None)]
