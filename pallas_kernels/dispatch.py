@@ -12,12 +12,13 @@ power of two >= 16) and the plain-XLA path everywhere else, so CPU and TPU users
   against 197, `kernels-h200-step-topk.json`), ``lax.top_k`` elsewhere. The model's Lightning Indexer calls
   ``topk`` with ``ModelConfig.topk_impl``, not with the scoring / attention ``impl``.
 Page-blocked index keys (``indexer_scores(page_entries=)``, the decode cache's layout since issue 12) take the
-Mosaic GPU (TMA + wgmma) scoring kernel under ``auto`` on a Hopper GPU where its launch plan fits (one query per
-request; head dim 64 / 128, 32-256 heads, pages of a multiple of 32 entries: ``indexer_score_mgpu.plan``), else
-the paged Triton kernel (other GPUs, several queries per request as in prefill, or other shapes). On the H200 the Mosaic
-kernel beat the paged Triton kernel at all eight timed shapes (batch 1 / 8, N = 64K / 256K, bf16 and float32 q:
-1.13-1.59x; 4.7-8.4x XLA; `kernels-h200-scoring-pages.json`, `kernels-h200-scoring-f32.json`), and the model's
-prefill + decode under ``auto`` matched ``impl="xla"`` there (`kernels-h200-gpu-tests.json`).
+Mosaic GPU (TMA + wgmma) scoring kernel under ``auto`` on a Hopper GPU where its launch plan fits (one query
+per request; head dim 64 / 128, 32-256 heads, pages of a multiple of 32 entries:
+``indexer_score_mgpu.input_plan``), else the paged Triton kernel (other GPUs, several queries per request as in
+prefill, or other shapes). On the H200 the Mosaic kernel beat the paged Triton kernel at all eight timed shapes
+(batch 1 / 8, N = 64K / 256K, bf16 and float32 q: 1.13-1.59x; 4.7-8.4x XLA; `kernels-h200-scoring-pages.json`,
+`kernels-h200-scoring-f32.json`), and the model's prefill + decode under ``auto`` matched ``impl="xla"`` there
+(`kernels-h200-gpu-tests.json`).
 ``sparse_attention(impl="mosaic")`` is the Mosaic GPU attention kernel (one CTA per 64 heads, per-row TMA gather,
 split-K), bf16 q and kv with 64 heads only (else ValueError: ``pallas_kernels.sparse_attention_mgpu.plan``), explicit
 opt-in only: it passed its GPU tests but was slower than the Triton kernel at every timed batch (21.4 / 23.9 / 79.6
@@ -90,11 +91,11 @@ def _hopper_gpu() -> bool:
 def _mosaic_scoring_fits(info, keys, page_entries) -> bool:
     """Whether "auto" runs the Mosaic GPU scoring kernel: a Hopper GPU, page-blocked keys, one query per request,
     and a shape its launch plan supports (elsewhere the paged Triton kernel, which handles every shape)."""
-    if page_entries is None or info.multi or not _hopper_gpu():
+    if page_entries is None or not _hopper_gpu():
         return False
-    from pallas_kernels.indexer_score_mgpu import plan  # lazy: Mosaic GPU's import is heavy
+    from pallas_kernels.indexer_score_mgpu import input_plan  # lazy: Mosaic GPU's import is heavy
     try:
-        plan(info.batch, info.heads, info.dim, keys.shape[1], page_entries)
+        input_plan(info, keys, page_entries)
     except ValueError:
         return False
     return True

@@ -210,6 +210,16 @@ def _kernel(len_ref, w_ref, q_ref, k_ref, o_ref, *, n, n_pages, page_entries, ro
     plgpu.wait_smem_to_gmem(0)
 
 
+def input_plan(info, keys, page_entries: int | None, **plan_args) -> dict:
+    """`plan` for checked inputs (``info``: `check_indexer_inputs`' result), or ValueError where this kernel does
+    not apply: it needs page-blocked keys and one query per request. The dispatch asks it whether ``auto`` can
+    run this kernel; the launch wrapper takes its launch plan from it."""
+    if page_entries is None or info.multi:
+        raise ValueError("indexer_scores(impl='mosaic'): needs page-blocked keys (page_entries=) and one query "
+                         "per request (q [B, H, D], lengths [B])")
+    return plan(info.batch, info.heads, info.dim, keys.shape[1], page_entries, **plan_args)
+
+
 def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: str = "none", interpret=False,
                           block_n: int | None = None, blocks_per_cta: int | None = None, stages: int | None = None):
     """Mosaic GPU launch wrapper; same contract as :func:`pallas_kernels.indexer_scores` for the supported case:
@@ -218,13 +228,10 @@ def indexer_scores_mosaic(q, weights, keys, lengths, *, page_entries: int, act: 
     ``[batch, n_pages * page_entries]``. Anything else raises ValueError (see `plan`). `interpret`: False, or
     an ``InterpretGPUParams`` (or True for the default one) to run on the CPU."""
     info = check_indexer_inputs(q, weights, keys, lengths, act, page_entries)
-    if page_entries is None or info.multi:
-        raise ValueError("indexer_scores(impl='mosaic'): needs page-blocked keys (page_entries=) and one query "
-                         "per request (q [B, H, D], lengths [B])")
+    cfg = input_plan(info, keys, page_entries, block_n=block_n, blocks_per_cta=blocks_per_cta, stages=stages)
     b, h, d, n = info.batch, info.heads, info.dim, info.n_entries
     p = page_entries
     n_pages = keys.shape[1]
-    cfg = plan(b, h, d, n_pages, p, block_n=block_n, blocks_per_cta=blocks_per_cta, stages=stages)
     rows_per_page = p + SCALE_BYTES * p // d
     k_rows = keys.reshape(b, n_pages, rows_per_page, d)             # free: pages are whole rows of D bytes
     split = q.dtype != jnp.bfloat16
